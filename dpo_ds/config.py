@@ -1,0 +1,208 @@
+"""Every setting of every phase, defined once as a dataclass field (default + help).
+
+The command line, the JSON job file (`--config job.json`) and the saved `OUT/config.json`
+are all derived from these fields: defaults < job file < flags. No torch import here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+
+from dpo_ds.errors import ConfigError, UserError
+
+
+def opt(default, help, choices=None, required=False):
+    return field(default=default, metadata={"help": help, "choices": choices, "required": required})
+
+
+@dataclass
+class PrepareConfig:
+    dataset: str = opt(None, "ultrafeedback | hh_rlhf | orca_dpo | a local .jsonl/.json/.parquet file "
+                             "of {prompt, chosen, rejected}", required=True)
+    output_dir: str = opt(None, "where train/, eval/ and prepare_report.json go", required=True)
+    tokenizer: str = opt(None, "tokenizer path or name (normally the SFT model directory)", required=True)
+    data_files: list = opt(None, "local copies of a named dataset in its hub format; SPLIT=PATH names the "
+                                 "split, otherwise it is read from the file name (test* -> test split)")
+    max_length: int = opt(1024, "prompt + response tokens, at most")
+    max_prompt_length: int = opt(512, "prompt tokens at most; longer prompts keep their end")
+    eval_fraction: float = opt(0.05, "held-out fraction when the dataset has no test split of its own")
+    seed: int = opt(42, "seed of the train/eval split")
+    num_proc: int = opt(1, "tokenizer processes")
+    on_bad_row: str = opt("error", "stop at the first bad row, or skip and list it in the report",
+                          choices=["error", "skip"])
+    trust_remote_code: bool = opt(False, "allow code shipped with the tokenizer to run")
+
+    def check(self):
+        _positive(self, "max_length", "max_prompt_length", "num_proc")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"--max_prompt_length {self.max_prompt_length} must be below --max_length "
+                              f"{self.max_length}, or no response token fits")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"--eval_fraction {self.eval_fraction} must be in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt(None, "SFT checkpoint directory (HF format, safetensors)", required=True)
+    data: str = opt(None, "prepared data directory (output of dpo_ds.prepare)", required=True)
+    attn_implementation: str = opt("auto", "auto picks flash_attention_2 when flash-attn and CUDA are "
+                                           "present, sdpa otherwise", choices=["auto", "flash_attention_2",
+                                                                               "sdpa", "eager"])
+    logp_chunk_size: int = opt(1024, "response tokens per lm_head chunk in the log-prob computation")
+    trust_remote_code: bool = opt(False, "allow code shipped with the model to run")
+    local_rank: int = opt(-1, "set by the deepspeed launcher; ignored (LOCAL_RANK is read instead)")
+
+
+@dataclass
+class PrecomputeConfig(ModelConfig):
+    output_dir: str = opt(None, "cache directory (manifest.json + <split>/shard-*.arrow)", required=True)
+    batch_size: int = opt(8, "preference pairs per forward (chosen and rejected go together)")
+    dtype: str = opt("auto", "model dtype; auto = bf16 on CUDA, fp32 on CPU. Values are accumulated in fp32",
+                     choices=["auto", "bf16", "fp16", "fp32"])
+    deepspeed: str = opt(None, "ZeRO-3 inference config (ds_configs/zero3_inference.json) to shard the "
+                               "model across ranks; without it every rank holds a full copy")
+    shard_size: int = opt(1024, "examples per Arrow shard: the unit of resume")
+    splits: list = opt(None, "splits to compute (default: every split of --data)")
+
+    def check(self):
+        _positive(self, "batch_size", "shard_size", "logp_chunk_size")
+
+
+@dataclass
+class LossConfig:
+    beta: float = opt(0.1, "KL strength: higher keeps the policy closer to the reference")
+    loss_type: str = opt("sigmoid", "sigmoid (DPO), ipo (length-normalised, squared), hinge (SLiC)",
+                         choices=["sigmoid", "ipo", "hinge"])
+    label_smoothing: float = opt(0.0, "assumed label noise (conservative DPO, sigmoid only)")
+
+
+@dataclass
+class TrainConfig(LossConfig, ModelConfig):
+    ref_cache: str = opt(None, "reference cache directory (output of dpo_ds.precompute)", required=True)
+    output_dir: str = opt(None, "run directory: metrics, checkpoints/, final/", required=True)
+    deepspeed: str = opt(None, "DeepSpeed JSON config, e.g. ds_configs/zero3.json", required=True)
+    config: str = opt(None, "JSON job file; flags override its values")
+    learning_rate: float = opt(5e-7, "peak learning rate")
+    lr_schedule: str = opt("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
+    max_steps: int = opt(1000, "optimizer steps")
+    warmup_steps: int = opt(50, "linear warm-up steps")
+    micro_batch_size: int = opt(2, "preference pairs per device per forward")
+    grad_accum: int = opt(8, "micro-batches per optimizer step")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping")
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward (ZeRO-3 safe variant)")
+    log_every: int = opt(10, "steps between train metric lines")
+    eval_every: int = opt(100, "steps between evaluations (and one at the end); 0 = only at the end")
+    save_every: int = opt(100, "steps between DeepSpeed checkpoints; 0 = only at the end")
+    resume: str = opt("auto", "auto: continue from the latest complete checkpoint in OUT/checkpoints; "
+                              "never: refuse to start over an existing run", choices=["auto", "never"])
+    seed: int = opt(42, "data order and initialisation of everything random")
+
+    def check(self):
+        _positive(self, "learning_rate", "max_steps", "micro_batch_size", "grad_accum", "beta",
+                  "log_every", "logp_chunk_size")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ConfigError(f"--warmup_steps {self.warmup_steps} must be between 0 and --max_steps "
+                              f"{self.max_steps}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label_smoothing {self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError("--label_smoothing only applies to --loss_type sigmoid")
+
+
+@dataclass
+class EvalConfig(LossConfig, ModelConfig):
+    ref_cache: str = opt(None, "reference cache directory (output of dpo_ds.precompute)", required=True)
+    split: str = opt("eval", "which prepared split to score")
+    batch_size: int = opt(8, "preference pairs per forward")
+    dtype: str = opt("auto", "model dtype", choices=["auto", "bf16", "fp16", "fp32"])
+    output: str = opt(None, "write the metrics to this JSON file too")
+
+    def check(self):
+        _positive(self, "batch_size", "beta", "logp_chunk_size")
+
+
+def _positive(cfg, *names):
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{name} must be positive, got {getattr(cfg, name)}")
+
+
+def _kind(tp):
+    """The plain type a field's annotation stands for: int, float, str, bool or list."""
+    tp = typing.get_origin(tp) or tp
+    return {"int": int, "float": float, "str": str, "bool": bool, "list": list}.get(
+        tp if isinstance(tp, str) else tp.__name__, str)
+
+
+def build_parser(cls, prog=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind, meta = _kind(f.type), f.metadata
+        kw = dict(dest=f.name, help=meta["help"], default=argparse.SUPPRESS)
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            kw["nargs"] = "+"
+        else:
+            kw["type"] = kind
+            kw["choices"] = meta["choices"]
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if f.name == "local_rank" else [])
+        parser.add_argument(*names, **kw)
+    return parser
+
+
+def parse(cls, argv=None, prog=None):
+    """Defaults, then the `--config` JSON job file (if the class has one), then flags; then `check()`."""
+    args = vars(build_parser(cls, prog).parse_args(argv))
+    values = {}
+    if args.get("config"):
+        values.update(load_job_file(cls, args["config"]))
+    values.update(args)
+    cfg = cls(**values)
+    missing = [f"--{f.name}" for f in dataclasses.fields(cls)
+               if f.metadata["required"] and getattr(cfg, f.name) in (None, "")]
+    if missing:
+        raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
+
+
+def load_job_file(cls, path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
+    known = {f.name: _kind(f.type) for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"--config {path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+        kind = known[key]
+        ok = value is None or isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if not ok or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
+    values.pop("config", None)
+    return values
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def main_guard(fn):
+    """Run a phase's main: a ConfigError or user-facing error is printed as one line, not a traceback."""
+    try:
+        return fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,118 @@
+"""The embedded default: a tiny Qwen3 causal LM, its locally trained tokenizer, and a synthetic
+preference dataset whose preference is learnable and checkable. No hub is needed.
+
+    python -m dpo_ds.tiny --output_dir runs/demo/tiny            # model + tokenizer + data
+    python -m dpo_ds.tiny --output_dir DIR --num_examples 2000
+
+Writes DIR/model (an HF checkpoint: config, safetensors, tokenizer with a chat template) and
+DIR/prefs.jsonl (`{"prompt", "chosen", "rejected"}` rows).
+
+The task: "sort ascending: 7 3 9" or "sort descending: 7 3 9". The chosen response is the correctly
+sorted list, the rejected one another order of the same numbers; `is_correct` checks a response.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+ORDERS = ("ascending", "descending")
+
+
+def make_pair(rng: random.Random, max_items: int = 6, max_value: int = 40) -> dict:
+    numbers = rng.sample(range(max_value), rng.randint(3, max_items))
+    order = rng.choice(ORDERS)
+    chosen = sorted(numbers, reverse=order == "descending")
+    rejected = chosen[:]
+    while rejected == chosen:
+        rng.shuffle(rejected)
+    words = lambda xs: " ".join(map(str, xs))  # noqa: E731
+    return {"prompt": f"sort {order}: {words(numbers)}", "chosen": words(chosen), "rejected": words(rejected)}
+
+
+def is_correct(prompt: str, response: str) -> bool:
+    """True when `response` is the prompt's numbers in the order the prompt asks for."""
+    order, numbers = prompt.removeprefix("sort ").split(": ")
+    want = sorted(map(int, numbers.split()), reverse=order == "descending")
+    try:
+        return [int(x) for x in response.split()] == want
+    except ValueError:
+        return False
+
+
+def make_dataset(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [make_pair(rng) for _ in range(n)]
+
+
+def write_jsonl(rows, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE, model_max_length=512)
+
+
+def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 128, layers: int = 4):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 3,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=hidden_size // 4, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=2, pad_token_id=0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def build(output_dir: str, num_examples: int = 1000, seed: int = 0, hidden_size: int = 128, layers: int = 4):
+    rows = make_dataset(num_examples, seed)
+    write_jsonl(rows, os.path.join(output_dir, "prefs.jsonl"))
+    corpus = [" ".join(r.values()) for r in rows] + ["sort ascending: descending", "user assistant system"]
+    tokenizer = build_tokenizer(corpus)
+    model = build_model(len(tokenizer), seed, hidden_size, layers)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model_dir = os.path.join(output_dir, "model")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny model ({n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}) -> {model_dir}; "
+          f"{num_examples} preference pairs -> {os.path.join(output_dir, 'prefs.jsonl')}")
+    return model_dir
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--num_examples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden_size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    a = p.parse_args(argv)
+    build(a.output_dir, a.num_examples, a.seed, a.hidden_size, a.layers)
+
+
+if __name__ == "__main__":
+    main()
