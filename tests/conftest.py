@@ -1,0 +1,54 @@
+"""Shared fixtures: one tiny model + synthetic data per test session, built locally (no hub)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny Qwen3 checkpoint and 240 synthetic preference pairs: (model_dir, prefs.jsonl)."""
+    from dpo_ds import tiny as T
+
+    out = tmp_path_factory.mktemp("tiny")
+    model_dir = T.build(str(out), num_examples=240, seed=0)
+    return model_dir, str(out / "prefs.jsonl")
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny, tmp_path_factory):
+    """The tiny data prepared with the tiny tokenizer (train 216 / eval 24)."""
+    from dpo_ds import config as C, prepare
+
+    out = str(tmp_path_factory.mktemp("prepared"))
+    model_dir, prefs = tiny
+    prepare.run(C.PrepareConfig(dataset=prefs, tokenizer=model_dir, output_dir=out, eval_fraction=0.1))
+    return out
+
+
+def run_module(module, *args, launcher=None, check=True, env=None, timeout=600):
+    """Run `python -m module args` (or under `deepspeed --num_gpus N`) and return the CompletedProcess."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    if launcher:
+        cmd = ["deepspeed", "--num_gpus", str(launcher), "--master_port", str(free_port()), "--module",
+               module, *map(str, args)]
+    full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env["PATH"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
