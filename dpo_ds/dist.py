@@ -1,0 +1,89 @@
+"""The only reader of RANK / WORLD_SIZE / LOCAL_RANK: process-group set-up and small collectives.
+
+Launched by `deepspeed`, `torchrun` or as one plain process (then a one-rank group on a free local
+port, so the same DeepSpeed code path runs everywhere). Rank-0 side effects are explicit at call sites:
+`if dist.is_main(): write(...)` followed by `dist.barrier()` on every rank.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init(timeout_minutes: int = 60) -> None:
+    """Join (or, for one plain process, create) the process group: nccl on CUDA, gloo on the CPU."""
+    if tdist.is_available() and tdist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # one plain process
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                             timeout=timedelta(minutes=timeout_minutes))
+
+
+def active() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
+
+
+def all_reduce(values, op: str = "sum") -> torch.Tensor:
+    """Reduce a small float64 vector across ranks (sum or max); identity on one rank."""
+    t = torch.as_tensor(values, dtype=torch.float64).clone()
+    if active():
+        backend_device = device() if tdist.get_backend() == "nccl" else torch.device("cpu")
+        t = t.to(backend_device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def print0(*args, **kw) -> None:
+    if is_main():
+        print(*args, **kw, flush=True)
+
+
+def shutdown() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()

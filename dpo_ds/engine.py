@@ -1,0 +1,212 @@
+"""The only importer of deepspeed: config injection, model loading (ZeRO-3 aware), engines, checkpoints,
+and the export of a gathered HF checkpoint."""
+from __future__ import annotations
+
+import copy
+import glob
+import importlib.util
+import json
+import math
+import os
+import shutil
+
+import torch
+
+from dpo_ds import dist
+from dpo_ds.errors import ConfigError, UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_HF_DS_CONFIG = None  # transformers reads ZeRO-3 from a live HfDeepSpeedConfig: keep it referenced
+
+
+# ---------------------------------------------------------------- configuration
+
+def read_ds_config(path: str) -> dict:
+    if not path or not os.path.isfile(path):
+        raise ConfigError(f"--deepspeed {path}: no such DeepSpeed config file (see ds_configs/)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--deepspeed {path}: not valid JSON ({e})") from None
+
+
+def inject(ds: dict, path: str, key: str, value):
+    """Set `key` unless the file pins a different number; 'auto' or absent means: take the job's."""
+    given = ds.get(key, "auto")
+    if given != "auto" and given != value:
+        raise ConfigError(f"--deepspeed {path}: {key} is {given}, but the job implies {value}; set it to "
+                          f"\"auto\" (the job's flags define batch sizes, once)")
+    ds[key] = value
+
+
+def train_ds_config(path: str, micro_batch_size: int, grad_accum: int, max_grad_norm: float) -> dict:
+    """The DeepSpeed config with the job's batch sizes injected (the JSON may only say "auto" or agree)."""
+    ds = copy.deepcopy(read_ds_config(path))
+    world = dist.world_size()
+    inject(ds, path, "train_micro_batch_size_per_gpu", micro_batch_size)
+    inject(ds, path, "gradient_accumulation_steps", grad_accum)
+    inject(ds, path, "train_batch_size", micro_batch_size * grad_accum * world)
+    inject(ds, path, "gradient_clipping", max_grad_norm)
+    ds.setdefault("steps_per_print", 10 ** 9)  # our own logger reports; keep DeepSpeed's quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def inference_ds_config(path: str, batch_size: int) -> dict:
+    ds = copy.deepcopy(read_ds_config(path))
+    ds["train_micro_batch_size_per_gpu"] = batch_size  # required by DeepSpeed even without training
+    ds["train_batch_size"] = batch_size * dist.world_size()
+    ds.pop("gradient_accumulation_steps", None)
+    ds.setdefault("steps_per_print", 10 ** 9)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def ds_dtype(ds: dict) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def attn_implementation(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+# ---------------------------------------------------------------- models
+
+def init_distributed() -> None:
+    """The process group (dist.init), then DeepSpeed's communication layer on top of it."""
+    import deepspeed
+
+    dist.init()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def check_model_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise UserError(f"--model {path}: no such directory (expected an HF checkpoint)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"--model {path}: no config.json; is it an HF checkpoint (save_pretrained)?")
+    if not glob.glob(os.path.join(path, "*.safetensors")):
+        raise UserError(f"--model {path}: no *.safetensors weights (pickle checkpoints are not loaded; "
+                        f"convert with save_pretrained(..., safe_serialization=True))")
+
+
+def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
+               ds_config: dict | None = None):
+    """An HF causal LM from safetensors. With a ZeRO-3 `ds_config` it is built under `zero.Init`
+    (transformers' HfDeepSpeedConfig route), so no rank ever holds the whole model."""
+    global _HF_DS_CONFIG
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    check_model_dir(path)
+    if ds_config:
+        init_distributed()
+    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config and zero_stage(ds_config) == 3 else None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(attn),
+                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise UserError(f"--model {path}: final_logit_softcapping is not supported by the chunked log-probs")
+    return model
+
+
+def inference_engine(model, ds_config: dict):
+    """A ZeRO-3 engine without optimizer: a sharded inference model (call `.module` submodules)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def lr_lambda(warmup_steps: int, max_steps: int, schedule: str):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return max(0.0, 1 - progress) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def training_engine(model, ds_config: dict, learning_rate: float, weight_decay: float, warmup_steps: int,
+                    max_steps: int, schedule: str):
+    """ZeRO engine with AdamW (DeepSpeed's own when the config names one, e.g. CPU-Adam for offload)
+    and a warm-up-then-decay schedule; both are checkpointed by DeepSpeed."""
+    import deepspeed
+
+    optimizer = None
+    if "optimizer" in ds_config:
+        ds_config["optimizer"].setdefault("params", {}).update(lr=learning_rate, weight_decay=weight_decay)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.999))
+    schedule_fn = lr_lambda(warmup_steps, max_steps, schedule)
+    engine, *_ = deepspeed.initialize(  # the scheduler is stepped by engine.step() and checkpointed with it
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule_fn))
+    return engine
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing: works under ZeRO-3 with the installed versions (tests/test_train.py)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+# ---------------------------------------------------------------- checkpoints and export
+
+def save_checkpoint(engine, ckpt_dir: str, tag: str, client_state: dict) -> None:
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)  # writes 'latest' last
+
+
+def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
+    """Continue from the newest complete checkpoint; None when there is none."""
+    if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
+        return None
+    _, client_state = engine.load_checkpoint(ckpt_dir, load_lr_scheduler_states=True)
+    return client_state
+
+
+def export_hf(engine, source_dir: str, out_dir: str) -> None:
+    """Gather the full weights (ZeRO-3 partitions them: a plain save writes empty tensors) and write an
+    HF checkpoint (safetensors) with the source tokenizer files copied byte for byte."""
+    module = engine.module
+    if zero_stage(engine.config if isinstance(engine.config, dict) else {}) == 3 or hasattr(
+            engine, "_zero3_consolidated_16bit_state_dict"):
+        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 \
+            else module.state_dict()
+    else:
+        state = module.state_dict()
+    if dist.is_main():
+        tmp = out_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        for name in os.listdir(source_dir):
+            if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+                shutil.copy2(os.path.join(source_dir, name), tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    dist.barrier()

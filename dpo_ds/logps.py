@@ -1,0 +1,62 @@
+"""Per-sequence response log-probs without a `[batch, seq, vocab]` fp32 tensor.
+
+The backbone gives hidden states; only positions whose next token is a response token (label != -100)
+go through `lm_head`, in chunks of `chunk_size` tokens, each chunk as `logit[target] - logsumexp(logits)`
+in fp32 and, when gradients are on, under its own activation checkpoint, so backward keeps
+`[chunk, vocab]` at a time, never `[B, T, V]`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from dpo_ds import dist
+from dpo_ds.encode import IGNORE
+
+
+def _chunk_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """hidden [N, H], targets [N] -> log p(target) [N], fp32."""
+    logits = lm_head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask, labels [B, T] -> (summed response log-probs [B] fp32, response tokens [B]).
+
+    `model` is an HF causal LM (or a DeepSpeed engine's `.module`): the backbone and `lm_head` are called as
+    modules, so ZeRO-3 gathers their parameters. Under ZeRO-3 every rank must call `lm_head` equally often,
+    so the chunk count is agreed across ranks (ranks with fewer tokens run empty chunks).
+    """
+    B, T = input_ids.shape
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    mask = targets != IGNORE                                   # [B, T-1]: position t predicts token t+1
+    rows = mask.nonzero()[:, 0]                                # sequence of each response token
+    h, tgt = hidden[:, :-1][mask], targets[mask]               # [N, H], [N]
+    n_chunks = math.ceil(h.shape[0] / chunk_size)
+    if dist.active():
+        n_chunks = int(dist.all_reduce([n_chunks], op="max")[0])
+    lm_head = model.get_output_embeddings()
+    pieces = []
+    for i in range(max(n_chunks, 1)):
+        hc, tc = h[i * chunk_size:(i + 1) * chunk_size], tgt[i * chunk_size:(i + 1) * chunk_size]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_logps, lm_head, hc, tc, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(lm_head, hc, tc))
+    token_logps = torch.cat(pieces)
+    logps = torch.zeros(B, dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
+    return logps, mask.sum(1)
+
+
+def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Reference implementation for tests and benchmarks: full log_softmax over [B, T, V] in float64."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.double()
+    logp = logits[:, :-1].log_softmax(-1)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(1)
