@@ -46,6 +46,9 @@ def init(timeout_minutes: int = 60) -> None:
                           MASTER_PORT=str(port))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+    elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks on one host share its cores; oversubscription halves speed
+        per_host = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, per_host)))
     tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                              timeout=timedelta(minutes=timeout_minutes))
 

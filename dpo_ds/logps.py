@@ -23,12 +23,12 @@ def _chunk_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int = 1024, sync_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids, attention_mask, labels [B, T] -> (summed response log-probs [B] fp32, response tokens [B]).
 
     `model` is an HF causal LM (or a DeepSpeed engine's `.module`): the backbone and `lm_head` are called as
-    modules, so ZeRO-3 gathers their parameters. Under ZeRO-3 every rank must call `lm_head` equally often,
-    so the chunk count is agreed across ranks (ranks with fewer tokens run empty chunks).
+    modules, so ZeRO-3 gathers their parameters. Under ZeRO-3 every rank must call `lm_head` equally often:
+    with `sync_ranks` the chunk count is agreed across ranks (ranks with fewer tokens run empty chunks).
     """
     B, T = input_ids.shape
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -37,7 +37,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     rows = mask.nonzero()[:, 0]                                # sequence of each response token
     h, tgt = hidden[:, :-1][mask], targets[mask]               # [N, H], [N]
     n_chunks = math.ceil(h.shape[0] / chunk_size)
-    if dist.active():
+    if sync_ranks and dist.active():
         n_chunks = int(dist.all_reduce([n_chunks], op="max")[0])
     lm_head = model.get_output_embeddings()
     pieces = []

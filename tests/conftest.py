@@ -38,7 +38,10 @@ def run_module(module, *args, launcher=None, check=True, env=None, timeout=600):
     if launcher:
         cmd = ["deepspeed", "--num_gpus", str(launcher), "--master_port", str(free_port()), "--module",
                module, *map(str, args)]
-    full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    # an in-process phase may have set up a one-rank group: a child must not join it
+    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    full_env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    full_env.update({"PYTHONPATH": ROOT, **(env or {})})
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env["PATH"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
     if check and p.returncode != 0:

@@ -1,0 +1,49 @@
+"""Batches of preference pairs: length grouping, and collation with chosen and rejected in one tensor."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dpo_ds.encode import IGNORE
+
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def pair_lengths(ds) -> np.ndarray:
+    """Padded length of each pair: max(len(chosen), len(rejected))."""
+    c = np.fromiter((len(x) for x in ds["chosen_input_ids"]), dtype=np.int64, count=len(ds))
+    r = np.fromiter((len(x) for x in ds["rejected_input_ids"]), dtype=np.int64, count=len(ds))
+    return np.maximum(c, r)
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """B pairs -> input_ids, attention_mask, labels [2B, T] (rows 0..B-1 chosen, B..2B-1 rejected),
+    example_id [B], and the cached reference values [B] when the rows carry them."""
+    seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
+    labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    label_t = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        input_ids[i, :len(s)] = torch.as_tensor(s)
+        label_t[i, :len(l)] = torch.as_tensor(l)
+        mask[i, :len(s)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+             "example_id": torch.tensor([r["example_id"] for r in rows], dtype=torch.long)}
+    for col in REF_COLUMNS:
+        if col in rows[0]:
+            batch[col] = torch.tensor([r[col] for r in rows], dtype=torch.float32)
+    return batch
+
+
+def padding_fraction(batch: dict) -> tuple[int, int]:
+    """(real tokens, padded slots) of a collated batch."""
+    real = int(batch["attention_mask"].sum())
+    return real, batch["attention_mask"].numel()
+
+
+def dummy_batch(pad_id: int, eos_id: int) -> dict:
+    """A one-token batch for ranks with no work left, so collective forwards stay in step under ZeRO-3."""
+    return collate([{"example_id": -1, "chosen_input_ids": [pad_id, eos_id], "chosen_labels": [IGNORE, eos_id],
+                     "rejected_input_ids": [pad_id, eos_id], "rejected_labels": [IGNORE, eos_id]}], pad_id)

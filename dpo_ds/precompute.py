@@ -1,0 +1,145 @@
+"""Phase 1: run the frozen SFT (reference) model once over every prepared split and cache its log-probs.
+
+    deepspeed --num_gpus N --module dpo_ds.precompute --model SFT_DIR --data PREPARED_DIR --output_dir CACHE_DIR \
+        [--batch_size 8] [--dtype bf16] [--deepspeed ds_configs/zero3_inference.json]
+    python -m dpo_ds.precompute ...            # one plain process (also works under torchrun)
+
+Examples are sorted by length and cut into shards of --shard_size; shard n belongs to rank n % world_size,
+so the plan (and every value) does not depend on the number of ranks. Rerunning the same command after a
+crash reuses complete shards and computes the rest.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dpo_ds import config as C, dist, engine as E, ref_cache as R
+from dpo_ds.batching import collate, dummy_batch, pair_lengths
+from dpo_ds.fingerprint import tokenizer_fingerprint
+from dpo_ds.logps import sequence_logps
+from dpo_ds.prepare import load_split, load_tokenizer, read_report
+
+
+def shard_plan(ds, shard_size: int) -> list[np.ndarray]:
+    """Row indices of each shard: longest pairs first (an out-of-memory shows up at once), ties by position."""
+    lengths = pair_lengths(ds)
+    order = np.lexsort((np.arange(len(ds)), -lengths))
+    return [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
+
+
+def batches_of(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+@torch.no_grad()
+def compute_batch(model, batch: dict, device, chunk_size: int, sync_ranks: bool) -> dict:
+    """Reference values of one collated batch: chosen and rejected in one forward."""
+    B = batch["example_id"].numel()
+    logps, n_tokens = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                     batch["labels"].to(device), chunk_size, sync_ranks)
+    logps, n_tokens = logps.cpu().numpy(), n_tokens.cpu().numpy()
+    return {"example_id": batch["example_id"].numpy(), "ref_chosen_logps": logps[:B], "ref_rejected_logps": logps[B:],
+            "chosen_tokens": n_tokens[:B], "rejected_tokens": n_tokens[B:]}
+
+
+def load_reference(cfg: C.PrecomputeConfig, dtype: torch.dtype):
+    """(module to call, device): a ZeRO-3 inference engine when --deepspeed is given, else a full copy."""
+    if cfg.deepspeed:
+        ds = E.inference_ds_config(cfg.deepspeed, cfg.batch_size)
+        model = E.load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code, ds_config=ds)
+        return E.inference_engine(model, ds).module, dist.device()
+    model = E.load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code)
+    return model.to(dist.device()).eval(), dist.device()
+
+
+def run_split(model, device, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id: int, stats: dict) -> int:
+    """Compute this rank's missing shards of one split; returns the split's shard count."""
+    shards = shard_plan(ds, cfg.shard_size)
+    done = R.complete_shards(cache_dir, split)
+    mine = [n for n in range(len(shards)) if n % dist.world_size() == dist.rank() and n not in done]
+    n_forwards = sum(math.ceil(len(shards[n]) / cfg.batch_size) for n in mine)
+    zero3 = bool(cfg.deepspeed)
+    if zero3:  # every ZeRO-3 forward is collective: ranks with less work run dummy batches to stay in step
+        n_forwards = int(dist.all_reduce([n_forwards], op="max")[0])
+    bar = tqdm(total=sum(len(shards[n]) for n in mine), desc=f"precompute {split} (rank 0)", unit="ex",
+               disable=not dist.is_main(), mininterval=2.0)
+    for n in mine:
+        parts = []
+        for rows in batches_of(shards[n], cfg.batch_size):
+            batch = collate([ds[int(i)] for i in rows], pad_id)
+            parts.append(compute_batch(model, batch, device, cfg.logp_chunk_size, zero3))
+            real, slots = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+            stats["tokens"] += real
+            stats["slots"] += slots
+            stats["examples"] += len(rows)
+            n_forwards -= 1
+            bar.update(len(rows))
+            bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.time() - stats['start']):.0f}")
+        R.write_shard(cache_dir, split, dist.rank(), n, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    for _ in range(n_forwards):
+        compute_batch(model, dummy_batch(pad_id, eos_id), device, cfg.logp_chunk_size, zero3)
+    bar.close()
+    return len(shards)
+
+
+def run(cfg: C.PrecomputeConfig) -> dict | None:
+    dist.init()
+    report = read_report(cfg.data)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    if tok_fp != report["tokenizer_fingerprint"]:
+        raise C.UserError(f"--data {cfg.data} was prepared with a different tokenizer ({report['tokenizer']}) than "
+                          f"--model {cfg.model}'s; prepare it again with --tokenizer {cfg.model}")
+    E.check_model_dir(cfg.model)
+    splits = cfg.splits or list(report["counts"])
+    datasets_ = {s: load_split(cfg.data, s) for s in splits}
+    dtype = E.resolve_dtype(cfg.dtype)
+    fp = R.fingerprint(cfg.model, tok_fp, report, {v: k for k, v in E.DTYPES.items()}[dtype])
+    fp["splits"] = splits
+    state = R.start(cfg.output_dir, fp)
+    dist.barrier()  # every rank has read the directory before rank 0 writes into it
+    if state == "complete":
+        dist.print0(f"{cfg.output_dir}: already complete for this model and data; verify with "
+                    f"`python -m dpo_ds.ref_cache verify {cfg.output_dir} --data {cfg.data}`")
+        return None
+    if dist.is_main():
+        R.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size})
+    dist.barrier()
+    dist.print0(f"precompute: {'resuming' if state == 'resume' else 'starting'} {cfg.output_dir} "
+                f"({dist.world_size()} rank(s), {dtype}, {'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")
+
+    model, device = load_reference(cfg, dtype)
+    stats = {"tokens": 0, "slots": 0, "examples": 0, "start": time.time()}
+    n_shards = {s: run_split(model, device, cfg, cfg.output_dir, s, datasets_[s], tokenizer.pad_token_id
+                             if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                             tokenizer.eos_token_id, stats) for s in splits}
+    elapsed = time.time() - stats["start"]
+    tokens, slots, examples = dist.all_reduce([stats["tokens"], stats["slots"], stats["examples"]]).tolist()
+    elapsed = float(dist.all_reduce([elapsed], op="max")[0])
+    dist.barrier()  # every shard is in place before the manifest lists them
+    manifest = None
+    if dist.is_main():
+        run_stats = {"world_size": dist.world_size(), "seconds": elapsed, "examples": int(examples),
+                     "tokens": int(tokens), "tokens_per_s": tokens / max(elapsed, 1e-9),
+                     "examples_per_s": examples / max(elapsed, 1e-9),
+                     "padding_fraction": 1 - tokens / slots if slots else 0.0,
+                     "resumed": state == "resume"}
+        manifest = R.write_manifest(cfg.output_dir, fp, n_shards, run_stats)
+        print(f"precompute: wrote {cfg.output_dir}/manifest.json: "
+              f"{ {s: e['rows'] for s, e in manifest['splits'].items()} } examples, "
+              f"{run_stats['tokens_per_s']:.0f} tokens/s, padding {100 * run_stats['padding_fraction']:.1f}%")
+    dist.barrier()
+    return manifest
+
+
+def main(argv=None):
+    C.main_guard(lambda: run(C.parse(C.PrecomputeConfig, argv, prog="python -m dpo_ds.precompute")))
+
+
+if __name__ == "__main__":
+    main()

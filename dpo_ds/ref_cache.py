@@ -1,0 +1,255 @@
+"""The reference log-prob cache: Arrow shards, their manifest, and the verified reader.
+
+    python -m dpo_ds.ref_cache verify CACHE_DIR --data PREPARED_DIR [--model SFT_DIR]
+
+Layout: CACHE_DIR/plan.json (the fingerprint, written first), CACHE_DIR/<split>/shard-<rank>-<n>.arrow
+(+ .json sidecar with rows and sha256, written after the shard is renamed into place), and
+CACHE_DIR/manifest.json, written last and atomically by rank 0. Without a manifest there is no cache.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import pyarrow as pa
+
+from dpo_ds.errors import CacheError, UserError
+from dpo_ds.fingerprint import model_fingerprint, sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST, PLAN = "manifest.json", "plan.json"
+SCHEMA = pa.schema([("example_id", pa.int64()), ("ref_chosen_logps", pa.float32()),
+                    ("ref_rejected_logps", pa.float32()), ("chosen_tokens", pa.int32()),
+                    ("rejected_tokens", pa.int32())])
+SHARD_RE = re.compile(r"shard-(\d+)-(\d+)\.arrow$")
+
+
+def fingerprint(model_dir: str, tokenizer_fp: str, data_report: dict, dtype: str) -> dict:
+    """Everything the cached values depend on."""
+    return {"format_version": FORMAT_VERSION, "model": model_fingerprint(model_dir), "tokenizer": tokenizer_fp,
+            "data": data_report["fingerprint"], "dtype": dtype}
+
+
+def describe_difference(want: dict, have: dict) -> str:
+    names = {"model": "reference model (config or weights)", "tokenizer": "tokenizer", "data": "prepared data",
+             "dtype": "dtype", "format_version": "cache format version"}
+    return ", ".join(names[k] for k in names if want.get(k) != have.get(k)) or "nothing"
+
+
+def atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- writing (precompute)
+
+def shard_path(cache_dir: str, split: str, rank: int, n: int) -> str:
+    return os.path.join(cache_dir, split, f"shard-{rank:05d}-{n:05d}.arrow")
+
+
+def write_shard(cache_dir: str, split: str, rank: int, n: int, columns: dict) -> dict:
+    """Write one shard under a temporary name, rename it into place, then record rows and sha256."""
+    path = shard_path(cache_dir, split, rank, n)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in SCHEMA}, schema=SCHEMA)
+    tmp = path + ".tmp"
+    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
+        writer.write_table(table)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    meta = {"file": os.path.basename(path), "shard": n, "rows": table.num_rows, "sha256": sha256_file(path)}
+    atomic_json(path[:-len(".arrow")] + ".json", meta)
+    return meta
+
+
+def complete_shards(cache_dir: str, split: str) -> dict:
+    """{shard index: sidecar} for shards whose file is in place and hashes as recorded."""
+    done = {}
+    for side in glob.glob(os.path.join(cache_dir, split, "shard-*.json")):
+        meta = read_json(side)
+        path = os.path.join(cache_dir, split, meta["file"])
+        if os.path.isfile(path) and sha256_file(path) == meta["sha256"]:
+            done[meta["shard"]] = meta
+    return done
+
+
+def start(cache_dir: str, fp: dict) -> str:
+    """Check CACHE_DIR can hold this computation: 'new', 'resume' or 'complete'. Refuses a directory that
+    was started (or finished) from a different model, tokenizer, data or dtype."""
+    for name in (MANIFEST, PLAN):
+        path = os.path.join(cache_dir, name)
+        if os.path.isfile(path):
+            have = read_json(path)["fingerprint"]
+            if have != fp:
+                raise CacheError(f"{cache_dir} holds a cache of a different computation ({describe_difference(fp, have)} "
+                                 f"differ); use a new --output_dir, or delete it to recompute")
+            return "complete" if name == MANIFEST else "resume"
+    if os.path.isdir(cache_dir) and os.listdir(cache_dir):
+        raise CacheError(f"--output_dir {cache_dir} exists, is not empty and is not a reference cache")
+    return "new"
+
+
+def write_plan(cache_dir: str, fp: dict, plan: dict) -> None:
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_json(os.path.join(cache_dir, PLAN), {"fingerprint": fp, **plan})
+
+
+def write_manifest(cache_dir: str, fp: dict, splits: dict, stats: dict) -> dict:
+    manifest = {"fingerprint": fp, "splits": {}, "stats": stats}
+    for split, n_shards in splits.items():
+        shards = complete_shards(cache_dir, split)
+        missing = sorted(set(range(n_shards)) - set(shards))
+        if missing:
+            raise CacheError(f"{cache_dir}/{split}: shards {missing[:10]} are not complete; rerun to finish them")
+        metas = [shards[n] for n in range(n_shards)]
+        manifest["splits"][split] = {"rows": sum(m["rows"] for m in metas), "shards": metas}
+    atomic_json(os.path.join(cache_dir, MANIFEST), manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------- reading (train, evaluate)
+
+def read_shard(path: str) -> pa.Table:
+    with pa.memory_map(path) as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+class RefCache:
+    """A verified cache: `values(split, example_ids)` are the reference columns in that order."""
+
+    def __init__(self, cache_dir: str, manifest: dict, tables: dict):
+        self.cache_dir, self.manifest, self.tables = cache_dir, manifest, tables
+
+    def values(self, split: str, example_ids) -> dict:
+        table = self.tables[split]
+        ids = table.column("example_id").to_numpy()
+        order = np.argsort(ids)
+        pos = order[np.searchsorted(ids, np.asarray(example_ids), sorter=order)]
+        return {name: table.column(name).to_numpy()[pos] for name in SCHEMA.names}
+
+    def attach(self, ds, split: str):
+        """The prepared split with its `ref_chosen_logps` / `ref_rejected_logps` columns added."""
+        vals = self.values(split, ds["example_id"])
+        for name in ("ref_chosen_logps", "ref_rejected_logps"):
+            ds = ds.add_column(name, vals[name].tolist())
+        return ds
+
+
+def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, splits=None) -> RefCache:
+    """Open and verify: manifest, format, fingerprint against the prepared data (and its tokenizer, and
+    the model when given), shard hashes and row counts, no extra shards, every example exactly once."""
+    from dpo_ds.prepare import load_split, read_report
+
+    if not os.path.isdir(cache_dir):
+        raise CacheError(f"--ref_cache {cache_dir}: no such directory; run dpo_ds.precompute first")
+    path = os.path.join(cache_dir, MANIFEST)
+    if not os.path.isfile(path):
+        hint = " (an unfinished run: rerun the same precompute command to complete it)" \
+            if os.path.isfile(os.path.join(cache_dir, PLAN)) else ""
+        raise CacheError(f"{cache_dir}: no {MANIFEST}, so not a complete reference cache{hint}")
+    manifest = read_json(path)
+    fp = manifest["fingerprint"]
+    if fp.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{cache_dir}: cache format {fp.get('format_version')}, this code reads {FORMAT_VERSION}; "
+                         f"recompute it")
+    report = read_report(data_dir)
+    if fp["data"] != report["fingerprint"]:
+        raise CacheError(f"{cache_dir} was computed from other prepared data than {data_dir} (data fingerprint "
+                         f"{fp['data'][:12]} != {report['fingerprint'][:12]}); rerun dpo_ds.precompute on it")
+    if fp["tokenizer"] != report["tokenizer_fingerprint"]:
+        raise CacheError(f"{cache_dir} was computed with another tokenizer than {data_dir} was prepared with")
+    if model_dir is not None:
+        from dpo_ds.prepare import load_tokenizer
+        from dpo_ds.fingerprint import tokenizer_fingerprint
+
+        if tokenizer_fingerprint(load_tokenizer(model_dir)) != fp["tokenizer"]:
+            raise CacheError(f"the tokenizer of --model {model_dir} differs from the one the cache and data used")
+        if model_fingerprint(model_dir) != fp["model"]:
+            raise CacheError(f"{cache_dir} holds the log-probs of another reference model than --model "
+                             f"{model_dir} (config or weights differ); precompute with this model")
+    tables = {}
+    for split in splits or manifest["splits"]:
+        if split not in manifest["splits"]:
+            raise CacheError(f"{cache_dir}: no split {split!r} (cached: {', '.join(manifest['splits'])})")
+        tables[split] = verified_split(cache_dir, split, manifest["splits"][split], load_split(data_dir, split))
+    return RefCache(cache_dir, manifest, tables)
+
+
+def verified_split(cache_dir: str, split: str, entry: dict, prepared) -> pa.Table:
+    listed = {m["file"] for m in entry["shards"]}
+    extra = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cache_dir, split, "shard-*.arrow"))
+                   if os.path.basename(p) not in listed)
+    if extra:
+        raise CacheError(f"{cache_dir}/{split}: shard files not in the manifest: {', '.join(extra[:5])}")
+    parts = []
+    for meta in entry["shards"]:
+        path = os.path.join(cache_dir, split, meta["file"])
+        if not os.path.isfile(path):
+            raise CacheError(f"{cache_dir}/{split}: shard {meta['file']} is missing")
+        if sha256_file(path) != meta["sha256"]:
+            raise CacheError(f"{cache_dir}/{split}: shard {meta['file']} does not match its sha256 "
+                             f"(modified or corrupt); recompute the cache")
+        table = read_shard(path)
+        if table.num_rows != meta["rows"]:
+            raise CacheError(f"{cache_dir}/{split}: shard {meta['file']} has {table.num_rows} rows, manifest says "
+                             f"{meta['rows']}")
+        parts.append(table)
+    table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
+    cached = table.column("example_id").to_numpy()
+    want = np.asarray(prepared["example_id"], dtype=np.int64)
+    uniq, counts = np.unique(cached, return_counts=True)
+    if (counts > 1).any():
+        raise CacheError(f"{cache_dir}/{split}: example_ids cached more than once: {uniq[counts > 1][:10].tolist()}")
+    missing, unknown = np.setdiff1d(want, uniq), np.setdiff1d(uniq, want)
+    if missing.size or unknown.size:
+        raise CacheError(f"{cache_dir}/{split}: {missing.size} prepared examples missing from the cache "
+                         f"{missing[:5].tolist()}, {unknown.size} cached examples not in the prepared data "
+                         f"{unknown[:5].tolist()}")
+    return table
+
+
+def summary(cache: RefCache) -> str:
+    lines = [f"reference cache {cache.cache_dir}: OK (format {FORMAT_VERSION}, dtype {cache.manifest['fingerprint']['dtype']})"]
+    for split, table in cache.tables.items():
+        c, r = table.column("ref_chosen_logps").to_numpy(), table.column("ref_rejected_logps").to_numpy()
+        lines.append(f"  {split}: {table.num_rows} examples in {len(cache.manifest['splits'][split]['shards'])} shards; "
+                     f"ref_chosen_logps mean {c.mean():.3f} [min {c.min():.3f}, max {c.max():.3f}], "
+                     f"ref_rejected_logps mean {r.mean():.3f} [min {r.min():.3f}, max {r.max():.3f}]")
+    s = cache.manifest.get("stats", {})
+    if s:
+        lines.append(f"  run: {s.get('world_size')} rank(s), {s.get('tokens_per_s', 0):.0f} tokens/s, "
+                     f"{s.get('examples_per_s', 0):.1f} examples/s, padding {100 * s.get('padding_fraction', 0):.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dpo_ds.ref_cache", description="Verify a reference cache.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("verify", help="check manifest, hashes, coverage and fingerprint; print a summary")
+    v.add_argument("cache_dir")
+    v.add_argument("--data", required=True, help="the prepared data directory the cache must match")
+    v.add_argument("--model", help="also check the cache was computed from this model")
+    a = p.parse_args(argv)
+    try:
+        print(summary(open_cache(a.cache_dir, a.data, a.model)))
+    except UserError as e:
+        print(f"error: {e}", file=os.sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
