@@ -89,13 +89,13 @@ def run_split(model, device, cfg, cache_dir: str, split: str, ds, pad_id: int, e
 
 def run(cfg: C.PrecomputeConfig) -> dict | None:
     dist.init()
+    E.check_model_dir(cfg.model)
     report = read_report(cfg.data)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     tok_fp = tokenizer_fingerprint(tokenizer)
     if tok_fp != report["tokenizer_fingerprint"]:
         raise C.UserError(f"--data {cfg.data} was prepared with a different tokenizer ({report['tokenizer']}) than "
                           f"--model {cfg.model}'s; prepare it again with --tokenizer {cfg.model}")
-    E.check_model_dir(cfg.model)
     splits = cfg.splits or list(report["counts"])
     datasets_ = {s: load_split(cfg.data, s) for s in splits}
     dtype = E.resolve_dtype(cfg.dtype)

@@ -55,3 +55,13 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cache(tiny, prepared, tmp_path_factory):
+    """The reference cache of the tiny model over the prepared tiny data (one process)."""
+    from dpo_ds import config as C, precompute
+
+    out = str(tmp_path_factory.mktemp("cache") / "c")
+    precompute.run(C.PrecomputeConfig(model=tiny[0], data=prepared, output_dir=out, batch_size=8, shard_size=64))
+    return out

@@ -1,0 +1,188 @@
+"""Phase 1: the reference cache is exact, rank- and batch-independent, resumable and verified.
+    scripts/test.sh tests/test_precompute.py
+"""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dpo_ds import config as C, precompute, prepare, ref_cache as R, tiny as T
+from dpo_ds.errors import CacheError, UserError
+from dpo_ds.logps import naive_sequence_logps
+from conftest import ROOT, run_module
+
+
+def cached(cache_dir, data_dir, split="train"):
+    ds = datasets.load_from_disk(os.path.join(data_dir, split))
+    return ds, R.open_cache(cache_dir, data_dir).values(split, ds["example_id"])
+
+
+def test_values_equal_naive_float64(tiny, prepared, cache):
+    model = AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.float64).eval()
+    for split in ("train", "eval"):
+        ds, vals = cached(cache, prepared, split)
+        for i in range(0, len(ds), 7):  # one sequence at a time, full log_softmax in float64
+            row = ds[i]
+            for side in ("chosen", "rejected"):
+                ids = torch.tensor([row[f"{side}_input_ids"]])
+                labels = torch.tensor([row[f"{side}_labels"]])
+                with torch.no_grad():
+                    want = naive_sequence_logps(model, ids, torch.ones_like(ids), labels).item()
+                got = float(vals[f"ref_{side}_logps"][i])
+                assert abs(got - want) <= 1e-4 * abs(want), (split, i, side, got, want)
+                assert vals[f"{side}_tokens"][i] == sum(x != -100 for x in row[f"{side}_labels"][1:])
+
+
+def test_batch_size_does_not_change_values(tiny, prepared, cache, tmp_path):
+    out = str(tmp_path / "b3")
+    precompute.run(C.PrecomputeConfig(model=tiny[0], data=prepared, output_dir=out, batch_size=3, shard_size=50))
+    _, a = cached(cache, prepared)
+    _, b = cached(out, prepared)
+    np.testing.assert_allclose(a["ref_chosen_logps"], b["ref_chosen_logps"], rtol=1e-5)
+    np.testing.assert_allclose(a["ref_rejected_logps"], b["ref_rejected_logps"], rtol=1e-5)
+
+
+def test_two_ranks_zero3_match_one_rank(tiny, prepared, cache, tmp_path):
+    out = tmp_path / "two"
+    p = run_module("dpo_ds.precompute", "--model", tiny[0], "--data", prepared, "--output_dir", out,
+                   "--batch_size", 8, "--shard_size", 64, "--deepspeed", os.path.join(ROOT, "ds_configs/zero3_inference.json"),
+                   launcher=2)
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["stats"]["world_size"] == 2
+    files = {m["file"] for m in manifest["splits"]["train"]["shards"]}
+    assert any(f.startswith("shard-00001-") for f in files), "rank 1 wrote shards"
+    _, one = cached(cache, prepared)
+    _, two = cached(str(out), prepared)
+    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        np.testing.assert_allclose(one[k], two[k], rtol=1e-5)
+    v = run_module("dpo_ds.ref_cache", "verify", out, "--data", prepared, "--model", tiny[0])
+    assert "OK" in v.stdout and "2 rank(s)" in v.stdout and "train: 216 examples" in v.stdout
+
+
+def test_sigkill_then_rerun_gives_identical_cache(tiny, prepared, cache, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "dpo_ds.precompute", "--model", tiny[0], "--data", prepared,
+            "--output_dir", str(out), "--batch_size", "1", "--shard_size", "16"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK")}
+    proc = subprocess.Popen(args, cwd=ROOT, env={**env, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(glob.glob(str(out / "train" / "shard-*.json"))) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    with pytest.raises(CacheError, match="no manifest.json.*rerun the same precompute command"):
+        R.open_cache(str(out), prepared)
+    done_before = R.complete_shards(str(out), "train")
+    assert 0 < len(done_before) < 14
+    p = run_module("dpo_ds.precompute", *args[3:])
+    assert "resuming" in p.stdout
+    for split in ("train", "eval"):
+        _, a = cached(str(out), prepared, split)
+        _, b = cached(cache, prepared, split)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    for n, meta in done_before.items():  # complete shards were reused, not recomputed
+        assert R.complete_shards(str(out), "train")[n] == meta
+    p = run_module("dpo_ds.precompute", *args[3:])
+    assert "already complete" in p.stdout
+
+
+@pytest.fixture
+def cache_copy(cache, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(cache, dst)
+    return dst
+
+
+def test_tampered_shard_refused(prepared, cache_copy):
+    shard = sorted(glob.glob(str(cache_copy / "train" / "shard-*.arrow")))[0]
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(CacheError, match=r"does not match its sha256"):
+        R.open_cache(str(cache_copy), prepared)
+
+
+def test_missing_shard_refused(prepared, cache_copy):
+    os.remove(sorted(glob.glob(str(cache_copy / "train" / "shard-*.arrow")))[1])
+    with pytest.raises(CacheError, match="is missing"):
+        R.open_cache(str(cache_copy), prepared)
+
+
+def test_extra_shard_refused(prepared, cache_copy):
+    shard = sorted(glob.glob(str(cache_copy / "train" / "shard-*.arrow")))[0]
+    shutil.copy(shard, str(cache_copy / "train" / "shard-00007-00099.arrow"))
+    with pytest.raises(CacheError, match="not in the manifest: shard-00007-00099.arrow"):
+        R.open_cache(str(cache_copy), prepared)
+
+
+def test_duplicate_rows_refused(prepared, cache_copy):
+    """A shard that repeats another's examples (and a manifest updated to match) is still refused."""
+    entry = json.load(open(cache_copy / "manifest.json"))
+    shards = entry["splits"]["train"]["shards"]
+    src = cache_copy / "train" / shards[0]["file"]
+    for meta in shards[1:2]:
+        shutil.copy(src, cache_copy / "train" / meta["file"])
+        meta.update(rows=shards[0]["rows"], sha256=shards[0]["sha256"])
+    json.dump(entry, open(cache_copy / "manifest.json", "w"))
+    with pytest.raises(CacheError, match="cached more than once"):
+        R.open_cache(str(cache_copy), prepared)
+
+
+def test_stale_fingerprints_refused(tiny, prepared, cache, tmp_path):
+    model_dir, prefs = tiny
+    # another model (same tokenizer, other weights)
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other)
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        m.model.norm.weight.mul_(1.01)
+    m.save_pretrained(other, safe_serialization=True)
+    with pytest.raises(CacheError, match="another reference model"):
+        R.open_cache(cache, prepared, model_dir=str(other))
+    # rerunning precompute into the same directory with the other model refuses instead of mixing
+    with pytest.raises(CacheError, match=r"different computation \(reference model"):
+        precompute.run(C.PrecomputeConfig(model=str(other), data=prepared, output_dir=cache))
+    # other data / other max_length
+    for name, kw in (("other_data", {"eval_fraction": 0.2}), ("other_max_length", {"max_length": 24})):
+        d = str(tmp_path / name)
+        prepare.run(C.PrepareConfig(dataset=prefs, tokenizer=model_dir, output_dir=d, **{"eval_fraction": 0.1, **kw}))
+        with pytest.raises(CacheError, match="other prepared data"):
+            R.open_cache(cache, d)
+    # other tokenizer: the data prepared with it no longer matches either the cache or the model
+    tok_dir = tmp_path / "other_tok"
+    T.build(str(tok_dir), num_examples=50, seed=3)
+    d = str(tmp_path / "other_tok_data")
+    prepare.run(C.PrepareConfig(dataset=prefs, tokenizer=str(tok_dir / "model"), output_dir=d, eval_fraction=0.1))
+    with pytest.raises(CacheError, match="other prepared data"):
+        R.open_cache(cache, d)
+    with pytest.raises(UserError, match="prepared with a different tokenizer"):
+        precompute.run(C.PrecomputeConfig(model=model_dir, data=d, output_dir=str(tmp_path / "x")))
+    with pytest.raises(CacheError, match="tokenizer of --model"):
+        R.open_cache(cache, prepared, model_dir=str(tok_dir / "model"))
+
+
+def test_bad_arguments_are_clear(tiny, prepared, tmp_path):
+    p = run_module("dpo_ds.precompute", "--model", tmp_path / "nope", "--data", prepared, "--output_dir", tmp_path / "o",
+                   check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "nope: no such directory" in p.stderr
+    os.makedirs(tmp_path / "empty")
+    p = run_module("dpo_ds.precompute", "--model", tiny[0], "--data", tmp_path / "empty", "--output_dir", tmp_path / "o",
+                   check=False)
+    assert p.returncode == 2 and "no prepare_report.json" in p.stderr and "Traceback" not in p.stderr
+    p = run_module("dpo_ds.precompute", "--model", tiny[0], "--data", prepared, check=False)
+    assert p.returncode == 2 and "--output_dir" in p.stderr
+    p = run_module("dpo_ds.ref_cache", "verify", tmp_path / "empty", "--data", prepared, check=False)
+    assert p.returncode == 2 and "no manifest.json" in p.stderr
