@@ -60,3 +60,13 @@ def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tens
     mask = targets != IGNORE
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(1)
+
+
+def pair_logps(model, batch: dict, chunk_size: int = 1024, sync_ranks: bool = False):
+    """A collated batch (chosen rows, then rejected rows) -> chosen_logps, rejected_logps, chosen_tokens,
+    rejected_tokens, each [B]: chosen and rejected go through one forward."""
+    B = batch["example_id"].numel()
+    device = dist.device()
+    logps, n_tokens = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                     batch["labels"].to(device), chunk_size, sync_ranks)
+    return logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]

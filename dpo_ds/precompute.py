@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dpo_ds import config as C, dist, engine as E, ref_cache as R
 from dpo_ds.batching import collate, dummy_batch, pair_lengths
 from dpo_ds.fingerprint import tokenizer_fingerprint
-from dpo_ds.logps import sequence_logps
+from dpo_ds.logps import pair_logps
 from dpo_ds.prepare import load_split, load_tokenizer, read_report
 
 
@@ -37,27 +37,24 @@ def batches_of(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def compute_batch(model, batch: dict, device, chunk_size: int, sync_ranks: bool) -> dict:
+def compute_batch(model, batch: dict, chunk_size: int, sync_ranks: bool) -> dict:
     """Reference values of one collated batch: chosen and rejected in one forward."""
-    B = batch["example_id"].numel()
-    logps, n_tokens = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                     batch["labels"].to(device), chunk_size, sync_ranks)
-    logps, n_tokens = logps.cpu().numpy(), n_tokens.cpu().numpy()
-    return {"example_id": batch["example_id"].numpy(), "ref_chosen_logps": logps[:B], "ref_rejected_logps": logps[B:],
-            "chosen_tokens": n_tokens[:B], "rejected_tokens": n_tokens[B:]}
+    values = pair_logps(model, batch, chunk_size, sync_ranks)
+    names = ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens")
+    return {"example_id": batch["example_id"].numpy(), **{k: v.cpu().numpy() for k, v in zip(names, values)}}
 
 
 def load_reference(cfg: C.PrecomputeConfig, dtype: torch.dtype):
-    """(module to call, device): a ZeRO-3 inference engine when --deepspeed is given, else a full copy."""
+    """The module to call: a ZeRO-3 inference engine's when --deepspeed is given, else a full copy."""
     if cfg.deepspeed:
         ds = E.inference_ds_config(cfg.deepspeed, cfg.batch_size)
         model = E.load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code, ds_config=ds)
-        return E.inference_engine(model, ds).module, dist.device()
+        return E.inference_engine(model, ds).module
     model = E.load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code)
-    return model.to(dist.device()).eval(), dist.device()
+    return model.to(dist.device()).eval()
 
 
-def run_split(model, device, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id: int, stats: dict) -> int:
+def run_split(model, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id: int, stats: dict) -> int:
     """Compute this rank's missing shards of one split; returns the split's shard count."""
     shards = shard_plan(ds, cfg.shard_size)
     done = R.complete_shards(cache_dir, split)
@@ -72,7 +69,7 @@ def run_split(model, device, cfg, cache_dir: str, split: str, ds, pad_id: int, e
         parts = []
         for rows in batches_of(shards[n], cfg.batch_size):
             batch = collate([ds[int(i)] for i in rows], pad_id)
-            parts.append(compute_batch(model, batch, device, cfg.logp_chunk_size, zero3))
+            parts.append(compute_batch(model, batch, cfg.logp_chunk_size, zero3))
             real, slots = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
             stats["tokens"] += real
             stats["slots"] += slots
@@ -82,7 +79,7 @@ def run_split(model, device, cfg, cache_dir: str, split: str, ds, pad_id: int, e
             bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.time() - stats['start']):.0f}")
         R.write_shard(cache_dir, split, dist.rank(), n, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     for _ in range(n_forwards):
-        compute_batch(model, dummy_batch(pad_id, eos_id), device, cfg.logp_chunk_size, zero3)
+        compute_batch(model, dummy_batch(pad_id, eos_id), cfg.logp_chunk_size, zero3)
     bar.close()
     return len(shards)
 
@@ -113,9 +110,9 @@ def run(cfg: C.PrecomputeConfig) -> dict | None:
     dist.print0(f"precompute: {'resuming' if state == 'resume' else 'starting'} {cfg.output_dir} "
                 f"({dist.world_size()} rank(s), {dtype}, {'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")
 
-    model, device = load_reference(cfg, dtype)
+    model = load_reference(cfg, dtype)
     stats = {"tokens": 0, "slots": 0, "examples": 0, "start": time.time()}
-    n_shards = {s: run_split(model, device, cfg, cfg.output_dir, s, datasets_[s], tokenizer.pad_token_id
+    n_shards = {s: run_split(model, cfg, cfg.output_dir, s, datasets_[s], tokenizer.pad_token_id
                              if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                              tokenizer.eos_token_id, stats) for s in splits}
     elapsed = time.time() - stats["start"]

@@ -1,0 +1,82 @@
+"""DPO metrics of any saved model on a prepared split, against the cached reference.
+
+    python -m dpo_ds.evaluate --model MODEL_DIR --data PREPARED_DIR --ref_cache CACHE_DIR [--split eval] [--output FILE.json]
+
+`logps/win_rate` (the model's own log-prob prefers chosen) needs no reference, so it is meaningful for the
+SFT model too, whose implicit rewards against itself are zero by definition.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from dpo_ds import config as C, dist, engine as E
+from dpo_ds.batching import collate, dummy_batch, pair_lengths
+from dpo_ds.fingerprint import tokenizer_fingerprint
+from dpo_ds.logps import pair_logps
+from dpo_ds.loss import dpo_loss, finalize, metric_sums
+from dpo_ds.prepare import load_split, load_tokenizer, read_report
+from dpo_ds.ref_cache import open_cache
+
+
+@torch.no_grad()
+def evaluate(model, ds, loss_cfg: C.LossConfig, batch_size: int, chunk_size: int, pad_id: int, eos_id: int,
+             sync_ranks: bool = False) -> dict:
+    """Metrics over the whole split `ds` (with ref columns), its pairs dealt across ranks by length.
+    `sync_ranks` (ZeRO-3) keeps every rank's forward count equal with dummy batches."""
+    order = np.argsort(-pair_lengths(ds), kind="stable")[dist.rank()::dist.world_size()]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    n_dummy = (int(dist.all_reduce([len(batches)], op="max")[0]) - len(batches)) if sync_ranks else 0
+    sums = torch.zeros(len(metric_sums(*[torch.zeros(1)] * 5, 1.0)), dtype=torch.float64)
+    for rows in batches:
+        batch = collate([ds[int(i)] for i in rows], pad_id)
+        pc, pr, nc, nr = pair_logps(model, batch, chunk_size, sync_ranks)
+        rc, rr = batch["ref_chosen_logps"].to(pc.device), batch["ref_rejected_logps"].to(pc.device)
+        losses = dpo_loss(pc, pr, rc, rr, loss_cfg.beta, loss_cfg.loss_type, loss_cfg.label_smoothing, nc, nr)
+        sums += metric_sums(losses, pc, pr, rc, rr, loss_cfg.beta)
+    for _ in range(n_dummy):
+        pair_logps(model, dummy_batch(pad_id, eos_id), chunk_size, sync_ranks)
+    return finalize(dist.all_reduce(sums))
+
+
+def pad_and_eos(tokenizer) -> tuple[int, int]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad, tokenizer.eos_token_id
+
+
+def format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v))
+
+
+def run(cfg: C.EvalConfig) -> dict:
+    dist.init()
+    E.check_model_dir(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    if tokenizer_fingerprint(tokenizer) != read_report(cfg.data)["tokenizer_fingerprint"]:
+        raise C.UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
+    cache = open_cache(cfg.ref_cache, cfg.data, splits=[cfg.split])
+    ds = cache.attach(load_split(cfg.data, cfg.split), cfg.split)
+    model = E.load_model(cfg.model, E.resolve_dtype(cfg.dtype), cfg.attn_implementation, cfg.trust_remote_code)
+    model = model.to(dist.device()).eval()
+    metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),
+               **evaluate(model, ds, cfg, cfg.batch_size, cfg.logp_chunk_size, *pad_and_eos(tokenizer))}
+    if dist.is_main():
+        print(f"evaluate {cfg.model} on {cfg.split} ({len(ds)} pairs): {format_metrics(metrics)}")
+        if cfg.output:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
+            with open(cfg.output, "w") as f:
+                json.dump(metrics, f, indent=2)
+    dist.barrier()
+    return metrics
+
+
+def main(argv=None):
+    C.main_guard(lambda: run(C.parse(C.EvalConfig, argv, prog="python -m dpo_ds.evaluate")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Metrics out: OUT/metrics.jsonl (one JSON object per line), TensorBoard, and OUT/report.png.
+
+    python -m dpo_ds.report OUT          # (re)draw OUT/report.png from OUT/metrics.jsonl
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+class MetricsLog:
+    """Rank 0's writer. On resume from step S, lines past S (written after that checkpoint by the run that
+    died) are dropped, so the file reads as one uninterrupted run; TensorBoard purges them likewise."""
+
+    def __init__(self, out_dir: str, resume_step: int = 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        row = {"step": step, "split": split, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+PANELS = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"),
+          (("rewards/chosen", "rewards/rejected"), "rewards (β·log π/π_ref)"), ("rewards/margins", "reward margin"))
+
+
+def plot(out_dir: str) -> str:
+    """Training and eval curves: loss, reward accuracy, chosen/rejected rewards, margins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for ax, (keys, title) in zip(axes.flat, PANELS):
+        for key in (keys if isinstance(keys, tuple) else (keys,)):
+            for split, style in (("train", "-"), ("eval", "o--")):
+                pts = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{split} {key.split('/')[-1]}", markersize=4)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"DPO run {os.path.basename(os.path.abspath(out_dir))}")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "report.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    print(plot(sys.argv[1]))
