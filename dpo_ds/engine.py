@@ -191,19 +191,18 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
 
 
 def export_hf(engine, source_dir: str, out_dir: str) -> None:
-    """Gather the full weights (ZeRO-3 partitions them: a plain save writes empty tensors) and write an
-    HF checkpoint (safetensors) with the source tokenizer files copied byte for byte."""
-    module = engine.module
-    if zero_stage(engine.config if isinstance(engine.config, dict) else {}) == 3 or hasattr(
-            engine, "_zero3_consolidated_16bit_state_dict"):
-        state = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 \
-            else module.state_dict()
+    """Gather the full weights (ZeRO-3 partitions them: a plain save writes empty tensors) and write the
+    wrapped LM (`engine.module.lm`) as an HF checkpoint (safetensors), tokenizer files copied byte for byte."""
+    lm = engine.module.lm
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective; the full dict lands on rank 0
     else:
-        state = module.state_dict()
+        state = engine.module.state_dict()
     if dist.is_main():
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
         tmp = out_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         for name in os.listdir(source_dir):
             if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
                 shutil.copy2(os.path.join(source_dir, name), tmp)

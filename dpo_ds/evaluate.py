@@ -17,14 +17,14 @@ import torch
 from dpo_ds import config as C, dist, engine as E
 from dpo_ds.batching import collate, dummy_batch, pair_lengths
 from dpo_ds.fingerprint import tokenizer_fingerprint
-from dpo_ds.logps import pair_logps
+from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.loss import dpo_loss, finalize, metric_sums
 from dpo_ds.prepare import load_split, load_tokenizer, read_report
 from dpo_ds.ref_cache import open_cache
 
 
 @torch.no_grad()
-def evaluate(model, ds, loss_cfg: C.LossConfig, batch_size: int, chunk_size: int, pad_id: int, eos_id: int,
+def evaluate(logps_fn, ds, loss_cfg: C.LossConfig, batch_size: int, pad_id: int, eos_id: int,
              sync_ranks: bool = False) -> dict:
     """Metrics over the whole split `ds` (with ref columns), its pairs dealt across ranks by length.
     `sync_ranks` (ZeRO-3) keeps every rank's forward count equal with dummy batches."""
@@ -34,12 +34,12 @@ def evaluate(model, ds, loss_cfg: C.LossConfig, batch_size: int, chunk_size: int
     sums = torch.zeros(len(metric_sums(*[torch.zeros(1)] * 5, 1.0)), dtype=torch.float64)
     for rows in batches:
         batch = collate([ds[int(i)] for i in rows], pad_id)
-        pc, pr, nc, nr = pair_logps(model, batch, chunk_size, sync_ranks)
+        pc, pr, nc, nr = pair_logps(logps_fn, batch)
         rc, rr = batch["ref_chosen_logps"].to(pc.device), batch["ref_rejected_logps"].to(pc.device)
         losses = dpo_loss(pc, pr, rc, rr, loss_cfg.beta, loss_cfg.loss_type, loss_cfg.label_smoothing, nc, nr)
         sums += metric_sums(losses, pc, pr, rc, rr, loss_cfg.beta)
     for _ in range(n_dummy):
-        pair_logps(model, dummy_batch(pad_id, eos_id), chunk_size, sync_ranks)
+        pair_logps(logps_fn, dummy_batch(pad_id, eos_id))
     return finalize(dist.all_reduce(sums))
 
 
@@ -61,9 +61,9 @@ def run(cfg: C.EvalConfig) -> dict:
     cache = open_cache(cfg.ref_cache, cfg.data, splits=[cfg.split])
     ds = cache.attach(load_split(cfg.data, cfg.split), cfg.split)
     model = E.load_model(cfg.model, E.resolve_dtype(cfg.dtype), cfg.attn_implementation, cfg.trust_remote_code)
-    model = model.to(dist.device()).eval()
+    logps_fn = SequenceLogps(model.to(dist.device()).eval(), cfg.logp_chunk_size)
     metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),
-               **evaluate(model, ds, cfg, cfg.batch_size, cfg.logp_chunk_size, *pad_and_eos(tokenizer))}
+               **evaluate(logps_fn, ds, cfg, cfg.batch_size, *pad_and_eos(tokenizer))}
     if dist.is_main():
         print(f"evaluate {cfg.model} on {cfg.split} ({len(ds)} pairs): {format_metrics(metrics)}")
         if cfg.output:

@@ -62,11 +62,25 @@ def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tens
     return (picked * mask).sum(1)
 
 
-def pair_logps(model, batch: dict, chunk_size: int = 1024, sync_ranks: bool = False):
+class SequenceLogps(torch.nn.Module):
+    """A causal LM whose forward returns `sequence_logps`. This is the module handed to DeepSpeed, so every
+    call goes through the engine's forward: ZeRO-3 needs that bookkeeping for gradient accumulation to
+    accumulate (calling submodules of `engine.module` directly silently keeps only the last micro-batch)."""
+
+    def __init__(self, lm, chunk_size: int = 1024, sync_ranks: bool = False):
+        super().__init__()
+        self.lm, self.chunk_size, self.sync_ranks = lm, chunk_size, sync_ranks
+
+    def forward(self, input_ids, attention_mask, labels):
+        return sequence_logps(self.lm, input_ids, attention_mask, labels, self.chunk_size, self.sync_ranks)
+
+
+def pair_logps(logps_fn, batch: dict):
     """A collated batch (chosen rows, then rejected rows) -> chosen_logps, rejected_logps, chosen_tokens,
-    rejected_tokens, each [B]: chosen and rejected go through one forward."""
+    rejected_tokens, each [B]: chosen and rejected go through one forward. `logps_fn` is a SequenceLogps
+    or a DeepSpeed engine wrapping one."""
     B = batch["example_id"].numel()
     device = dist.device()
-    logps, n_tokens = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                     batch["labels"].to(device), chunk_size, sync_ranks)
+    logps, n_tokens = logps_fn(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                               labels=batch["labels"].to(device))
     return logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]

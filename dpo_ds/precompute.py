@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dpo_ds import config as C, dist, engine as E, ref_cache as R
 from dpo_ds.batching import collate, dummy_batch, pair_lengths
 from dpo_ds.fingerprint import tokenizer_fingerprint
-from dpo_ds.logps import pair_logps
+from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.prepare import load_split, load_tokenizer, read_report
 
 
@@ -37,31 +37,30 @@ def batches_of(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def compute_batch(model, batch: dict, chunk_size: int, sync_ranks: bool) -> dict:
+def compute_batch(logps_fn, batch: dict) -> dict:
     """Reference values of one collated batch: chosen and rejected in one forward."""
-    values = pair_logps(model, batch, chunk_size, sync_ranks)
+    values = pair_logps(logps_fn, batch)
     names = ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens")
     return {"example_id": batch["example_id"].numpy(), **{k: v.cpu().numpy() for k, v in zip(names, values)}}
 
 
 def load_reference(cfg: C.PrecomputeConfig, dtype: torch.dtype):
-    """The module to call: a ZeRO-3 inference engine's when --deepspeed is given, else a full copy."""
+    """The log-prob function: a ZeRO-3 inference engine when --deepspeed is given, else a full copy per rank."""
     if cfg.deepspeed:
         ds = E.inference_ds_config(cfg.deepspeed, cfg.batch_size)
         model = E.load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code, ds_config=ds)
-        return E.inference_engine(model, ds).module
+        return E.inference_engine(SequenceLogps(model, cfg.logp_chunk_size, sync_ranks=True), ds)
     model = E.load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code)
-    return model.to(dist.device()).eval()
+    return SequenceLogps(model.to(dist.device()).eval(), cfg.logp_chunk_size)
 
 
-def run_split(model, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id: int, stats: dict) -> int:
+def run_split(logps_fn, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id: int, stats: dict) -> int:
     """Compute this rank's missing shards of one split; returns the split's shard count."""
     shards = shard_plan(ds, cfg.shard_size)
     done = R.complete_shards(cache_dir, split)
     mine = [n for n in range(len(shards)) if n % dist.world_size() == dist.rank() and n not in done]
     n_forwards = sum(math.ceil(len(shards[n]) / cfg.batch_size) for n in mine)
-    zero3 = bool(cfg.deepspeed)
-    if zero3:  # every ZeRO-3 forward is collective: ranks with less work run dummy batches to stay in step
+    if cfg.deepspeed:  # every ZeRO-3 forward is collective: ranks with less work run dummy batches to stay in step
         n_forwards = int(dist.all_reduce([n_forwards], op="max")[0])
     bar = tqdm(total=sum(len(shards[n]) for n in mine), desc=f"precompute {split} (rank 0)", unit="ex",
                disable=not dist.is_main(), mininterval=2.0)
@@ -69,7 +68,7 @@ def run_split(model, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id: i
         parts = []
         for rows in batches_of(shards[n], cfg.batch_size):
             batch = collate([ds[int(i)] for i in rows], pad_id)
-            parts.append(compute_batch(model, batch, cfg.logp_chunk_size, zero3))
+            parts.append(compute_batch(logps_fn, batch))
             real, slots = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
             stats["tokens"] += real
             stats["slots"] += slots
@@ -79,7 +78,7 @@ def run_split(model, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id: i
             bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.time() - stats['start']):.0f}")
         R.write_shard(cache_dir, split, dist.rank(), n, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
     for _ in range(n_forwards):
-        compute_batch(model, dummy_batch(pad_id, eos_id), cfg.logp_chunk_size, zero3)
+        compute_batch(logps_fn, dummy_batch(pad_id, eos_id))
     bar.close()
     return len(shards)
 
@@ -110,9 +109,9 @@ def run(cfg: C.PrecomputeConfig) -> dict | None:
     dist.print0(f"precompute: {'resuming' if state == 'resume' else 'starting'} {cfg.output_dir} "
                 f"({dist.world_size()} rank(s), {dtype}, {'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")
 
-    model = load_reference(cfg, dtype)
+    logps_fn = load_reference(cfg, dtype)
     stats = {"tokens": 0, "slots": 0, "examples": 0, "start": time.time()}
-    n_shards = {s: run_split(model, cfg, cfg.output_dir, s, datasets_[s], tokenizer.pad_token_id
+    n_shards = {s: run_split(logps_fn, cfg, cfg.output_dir, s, datasets_[s], tokenizer.pad_token_id
                              if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                              tokenizer.eos_token_id, stats) for s in splits}
     elapsed = time.time() - stats["start"]

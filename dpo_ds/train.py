@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dpo_ds import config as C, dist, engine as E
 from dpo_ds.batching import collate, pair_lengths
 from dpo_ds.evaluate import evaluate, format_metrics, pad_and_eos
-from dpo_ds.logps import pair_logps
+from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.loss import dpo_loss, finalize, metric_sums
 from dpo_ds.prepare import load_split, load_tokenizer
 from dpo_ds.ref_cache import open_cache
@@ -48,12 +48,12 @@ def my_micro_batches(rows: np.ndarray, lengths: np.ndarray, micro: int, grad_acc
     return [chunks[j] for j in range(dist.rank(), len(chunks), dist.world_size())]
 
 
-def train_step(engine, ds, micro_batches, cfg: C.TrainConfig, pad_id: int, step: int, sync: bool):
+def train_step(engine, ds, micro_batches, cfg: C.TrainConfig, pad_id: int, step: int):
     """One optimizer step over this rank's micro-batches -> (metric sums, real tokens)."""
     sums, tokens = 0, 0
     for rows in micro_batches:
         batch = collate([ds[int(i)] for i in rows], pad_id)
-        pc, pr, nc, nr = pair_logps(engine.module, batch, cfg.logp_chunk_size, sync)
+        pc, pr, nc, nr = pair_logps(engine, batch)
         rc, rr = batch["ref_chosen_logps"].to(pc.device), batch["ref_rejected_logps"].to(pc.device)
         losses = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing, nc, nr)
         loss = losses.mean()
@@ -119,9 +119,9 @@ def run(cfg: C.TrainConfig) -> dict:
     model = E.load_model(cfg.model, E.ds_dtype(ds_config), cfg.attn_implementation, cfg.trust_remote_code, ds_config)
     if cfg.gradient_checkpointing:
         E.enable_gradient_checkpointing(model)
-    engine = E.training_engine(model, ds_config, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
-                               cfg.max_steps, cfg.lr_schedule)
-    sync = E.zero_stage(ds_config) == 3
+    sync = E.zero_stage(ds_config) == 3  # ZeRO-3 forwards are collective: keep ranks' lm_head calls in step
+    engine = E.training_engine(SequenceLogps(model, cfg.logp_chunk_size, sync), ds_config, cfg.learning_rate,
+                               cfg.weight_decay, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
     start = (E.load_checkpoint(engine, ckpt_dir) or {}).get("step", 0) if resuming else 0
     log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
@@ -130,7 +130,7 @@ def run(cfg: C.TrainConfig) -> dict:
 
     def run_eval(step):
         engine.eval()
-        metrics = evaluate(engine.module, eval_ds, cfg, cfg.micro_batch_size, cfg.logp_chunk_size, pad_id, eos_id, sync)
+        metrics = evaluate(engine, eval_ds, cfg, cfg.micro_batch_size, pad_id, eos_id, sync)
         engine.train()
         if log:
             log.write(step, "eval", metrics)
@@ -146,7 +146,7 @@ def run(cfg: C.TrainConfig) -> dict:
         lr = engine.get_lr()[0]
         rows = global_batch(step, len(train_ds), global_size, cfg.seed)
         sums, tokens = train_step(engine, train_ds, my_micro_batches(rows, lengths, cfg.micro_batch_size,
-                                                                     cfg.grad_accum), cfg, pad_id, step, sync)
+                                                                     cfg.grad_accum), cfg, pad_id, step)
         window, window_tokens = window + sums, window_tokens + tokens
         done = step + 1
         bar.update(1)
