@@ -53,8 +53,11 @@ def train_ds_config(path: str, micro_batch_size: int, grad_accum: int, max_grad_
     return ds
 
 
-def inference_ds_config(path: str, batch_size: int) -> dict:
+def inference_ds_config(path: str, batch_size: int, dtype: torch.dtype) -> dict:
+    """A ZeRO-3 config for a model that only runs forward; its precision is --dtype's."""
     ds = copy.deepcopy(read_ds_config(path))
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    ds["fp16"] = {"enabled": dtype == torch.float16}
     ds["train_micro_batch_size_per_gpu"] = batch_size  # required by DeepSpeed even without training
     ds["train_batch_size"] = batch_size * dist.world_size()
     ds.pop("gradient_accumulation_steps", None)

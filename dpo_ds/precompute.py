@@ -47,7 +47,7 @@ def compute_batch(logps_fn, batch: dict) -> dict:
 def load_reference(cfg: C.PrecomputeConfig, dtype: torch.dtype):
     """The log-prob function: a ZeRO-3 inference engine when --deepspeed is given, else a full copy per rank."""
     if cfg.deepspeed:
-        ds = E.inference_ds_config(cfg.deepspeed, cfg.batch_size)
+        ds = E.inference_ds_config(cfg.deepspeed, cfg.batch_size, dtype)
         model = E.load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code, ds_config=ds)
         return E.inference_engine(SequenceLogps(model, cfg.logp_chunk_size, sync_ranks=True), ds)
     model = E.load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code)

@@ -65,7 +65,7 @@ def plot(out_dir: str) -> str:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"DPO run {os.path.basename(os.path.abspath(out_dir))}")
+    fig.suptitle(f"DPO run {os.path.relpath(out_dir)}  (train: lines, eval: dots)")
     fig.tight_layout()
     path = os.path.join(out_dir, "report.png")
     fig.savefig(path, dpi=110)

@@ -138,6 +138,8 @@ def run(cfg: C.TrainConfig) -> dict:
         return metrics
 
     lengths = pair_lengths(train_ds)
+    if start == 0 and cfg.eval_every:
+        run_eval(0)  # the SFT model's own point on the eval curves: loss ln 2, rewards 0
     engine.train()
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not dist.is_main(),
                mininterval=2.0)
