@@ -48,13 +48,19 @@ def my_micro_batches(rows: np.ndarray, lengths: np.ndarray, micro: int, grad_acc
     return [chunks[j] for j in range(dist.rank(), len(chunks), dist.world_size())]
 
 
-def train_step(engine, ds, micro_batches, cfg: C.TrainConfig, pad_id: int, step: int):
-    """One optimizer step over this rank's micro-batches -> (metric sums, real tokens)."""
+def cached_reference(batch: dict):
+    """The reference side of the loss, as phase 1 cached it (columns joined by example_id)."""
+    return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+
+
+def train_step(engine, ds, micro_batches, cfg: C.TrainConfig, pad_id: int, step: int, reference=cached_reference):
+    """One optimizer step over this rank's micro-batches -> (metric sums, real tokens). `reference(batch)`
+    gives (ref_chosen_logps, ref_rejected_logps); scripts/bench.py swaps in a live reference model."""
     sums, tokens = 0, 0
     for rows in micro_batches:
         batch = collate([ds[int(i)] for i in rows], pad_id)
         pc, pr, nc, nr = pair_logps(engine, batch)
-        rc, rr = batch["ref_chosen_logps"].to(pc.device), batch["ref_rejected_logps"].to(pc.device)
+        rc, rr = (t.to(pc.device) for t in reference(batch))
         losses = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing, nc, nr)
         loss = losses.mean()
         if dist.all_reduce([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:

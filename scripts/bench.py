@@ -1,0 +1,289 @@
+#!/usr/bin/env python
+"""python scripts/bench.py [--out runs/bench] [--hidden 256 --layers 6 --examples 1200 --steps 30 --ranks 2]
+
+Benchmarks (not tests): prints a table and writes OUT/bench.json. Same model, data and steps, side by side:
+  1. training step: cached reference (one model) vs the two-model baseline (the same loop with a frozen
+     reference model run online every step, sharded with ZeRO-3 like the policy, as peers without a cache do):
+     median step time and peak resident memory per rank.              target: step time <= 0.75x baseline
+  2. precompute throughput vs a bare `model(input_ids)` forward over the same tokens packed without padding,
+     and the padding fraction.                                          target: >= 0.9x
+  3. log-prob memory at vocabulary 151,936 and sequence 2048 (forward + backward): chunked vs the naive
+     full log_softmax.                                                  target: >= 8x lower peak
+  4. amortisation: wall time of precompute + K training runs (a beta sweep) vs K baseline runs.
+Defaults finish in a few minutes on 2 CPU cores; scale up with the flags on a GPU machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- workers (run in their own processes)
+
+def worker_train(a) -> None:
+    """One short training run under the launcher; --mode cached or baseline. Rank 0 writes a JSON line."""
+    import torch
+
+    from dpo_ds import config as C, dist, engine as E
+    from dpo_ds.batching import pair_lengths
+    from dpo_ds.logps import SequenceLogps, pair_logps
+    from dpo_ds.prepare import load_split
+    from dpo_ds.ref_cache import open_cache
+    from dpo_ds.train import cached_reference, global_batch, my_micro_batches, train_step
+
+    E.init_distributed()
+    cfg = C.TrainConfig(model=a.model, data=a.data, ref_cache=a.cache, output_dir=a.out, deepspeed=a.ds,
+                        beta=a.beta, learning_rate=1e-4, max_steps=a.steps, warmup_steps=0,
+                        micro_batch_size=a.micro, grad_accum=a.accum)
+    ds_cfg = E.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
+    t_start = time.time()
+    ds = load_split(cfg.data, "train")
+    if a.mode == "cached":
+        ds = open_cache(cfg.ref_cache, cfg.data, model_dir=cfg.model, splits=["train"]).attach(ds, "train")
+    model = E.load_model(cfg.model, torch.float32, ds_config=ds_cfg)
+    E.enable_gradient_checkpointing(model)
+    engine = E.training_engine(SequenceLogps(model, cfg.logp_chunk_size, True), ds_cfg, cfg.learning_rate, 0.0, 0,
+                               cfg.max_steps, "constant")
+    reference = cached_reference
+    if a.mode == "baseline":  # the second model: frozen, sharded like the policy, run on every micro-batch
+        inf_cfg = E.inference_ds_config(os.path.join(ROOT, "ds_configs", "zero3_inference.json"), a.micro, torch.float32)
+        ref = E.inference_engine(SequenceLogps(E.load_model(cfg.model, torch.float32, ds_config=inf_cfg),
+                                               cfg.logp_chunk_size, True), inf_cfg)
+
+        def reference(batch):
+            with torch.no_grad():
+                rc, rr, _, _ = pair_logps(ref, batch)
+            return rc, rr
+    engine.train()
+    lengths, size = pair_lengths(ds), a.micro * a.accum * dist.world_size()
+    times, losses = [], []
+    for step in range(cfg.max_steps):
+        t0 = time.time()
+        micro = my_micro_batches(global_batch(step, len(ds), size, cfg.seed), lengths, a.micro, a.accum)
+        sums, _ = train_step(engine, ds, micro, cfg, 0, step, reference)
+        times.append(float(dist.all_reduce([time.time() - t0], op="max")[0]))
+        losses.append(float(sums[0] / sums[-1]))
+    rss = float(dist.all_reduce([peak_rss_mb()], op="max")[0])
+    if dist.is_main():
+        warm = times[min(3, len(times) - 1):]
+        with open(a.result, "a") as f:
+            f.write(json.dumps({"mode": a.mode, "beta": a.beta, "median_step_s": statistics.median(warm),
+                                "peak_rss_mb_per_rank": rss, "wall_s": time.time() - t_start,
+                                "first_loss": losses[0]}) + "\n")
+
+
+def worker_logp_memory(a) -> None:
+    """Peak memory of one log-prob forward + backward at a Qwen-class vocabulary, in a fresh process."""
+    import torch
+
+    from dpo_ds.logps import _chunk_logps, sequence_logps  # noqa: F401  (chunked path under test)
+
+    torch.manual_seed(0)
+    B, T, H, V = a.batch, a.seq, a.hidden, a.vocab
+
+    class Backbone(torch.nn.Module):  # stands in for the transformer: hidden states that need gradients
+        def __init__(self):
+            super().__init__()
+            self.h = torch.nn.Parameter(torch.randn(B, T, H) * 0.02)
+
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"last_hidden_state": self.h})()
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.lm_head = Backbone(), torch.nn.Linear(H, V, bias=False)
+
+        def get_decoder(self):
+            return self.backbone
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    lm = LM()
+    ids = torch.randint(0, V, (B, T))
+    labels = ids.clone()
+    labels[:, : T // 4] = -100
+    base = peak_rss_mb()  # ru_maxrss never falls: what follows must exceed what set-up already touched
+    t0 = time.time()
+    if a.mode == "chunked":
+        logps, _ = sequence_logps(lm, ids, torch.ones_like(ids), labels, chunk_size=a.chunk)
+    else:  # the naive way: full [B, T, V] fp32 logits and log_softmax, kept for backward
+        logits = lm.lm_head(lm.backbone.h).float()
+        logp = logits[:, :-1].log_softmax(-1)
+        tgt = labels[:, 1:]
+        logps = (logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt != -100)).sum(1)
+    logps.sum().backward()
+    print(json.dumps({"mode": a.mode, "peak_mb": peak_rss_mb() - base, "seconds": time.time() - t0,
+                      "logps0": float(logps[0])}))
+
+
+def worker_bare_forward(a) -> None:
+    """Tokens/s of a bare model(input_ids) over every prepared token, packed into rows without padding."""
+    import numpy as np
+    import torch
+
+    from dpo_ds import engine as E
+    from dpo_ds.prepare import load_split, read_report
+
+    model = E.load_model(a.model, torch.float32).eval()
+    stream = np.concatenate([np.asarray(x) for s in read_report(a.data)["counts"] for side in ("chosen", "rejected")
+                             for x in load_split(a.data, s)[f"{side}_input_ids"]])
+    rows = torch.as_tensor(stream[: len(stream) // a.row * a.row].reshape(-1, a.row))
+    t0 = time.time()
+    with torch.no_grad():
+        for i in range(0, len(rows), a.batch):
+            model(input_ids=rows[i:i + a.batch])
+    print(json.dumps({"tokens": int(rows.numel()), "tokens_per_s": rows.numel() / (time.time() - t0)}))
+
+
+# ---------------------------------------------------------------- the driver
+
+def sh(cmd, **kw) -> str:
+    env = {**os.environ, "PYTHONPATH": ROOT, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+    if p.returncode != 0:
+        sys.exit(f"bench step failed: {' '.join(map(str, cmd))}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def last_json(text: str) -> dict:
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def launch(a, *args) -> str:
+    return sh(["deepspeed", "--num_gpus", str(a.ranks), "--master_port", str(a.port), __file__, *map(str, args)])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--examples", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--accum", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--sweep", type=float, nargs="+", default=[0.05, 0.1, 0.2], help="betas of the amortisation sweep")
+    p.add_argument("--ds", default=os.path.join(ROOT, "ds_configs", "zero3_cpu.json"))
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--logp_batch", type=int, default=2)
+    p.add_argument("--port", type=int, default=29533)
+    a = p.parse_args()
+    out = os.path.abspath(a.out)
+    os.makedirs(out, exist_ok=True)
+    model, data, cache = f"{out}/model/model", f"{out}/data", f"{out}/cache"
+    py = sys.executable
+    print(f"[bench] model hidden {a.hidden} x {a.layers} layers, {a.examples} pairs, {a.ranks} ranks, {a.steps} steps")
+    sh([py, "-m", "dpo_ds.tiny", "--output_dir", f"{out}/model", "--num_examples", str(a.examples),
+        "--hidden_size", str(a.hidden), "--layers", str(a.layers)])
+    sh([py, "-m", "dpo_ds.prepare", "--dataset", f"{out}/model/prefs.jsonl", "--tokenizer", model,
+        "--output_dir", data, "--eval_fraction", "0.05"])
+
+    # 2. precompute vs bare forward (one process each, same tokens)
+    sh(["rm", "-rf", cache])
+    t0 = time.time()
+    sh(["deepspeed", "--num_gpus", str(a.ranks), "--master_port", str(a.port), "--module", "dpo_ds.precompute",
+        "--model", model, "--data", data, "--output_dir", cache, "--batch_size", "16", "--shard_size", "256"])
+    precompute_wall = time.time() - t0
+    stats = json.load(open(f"{cache}/manifest.json"))["stats"]
+    sh(["rm", "-rf", f"{cache}-1"])
+    sh([py, "-m", "dpo_ds.precompute", "--model", model, "--data", data, "--output_dir", f"{cache}-1",
+        "--batch_size", "16", "--shard_size", "256"])
+    one_rank = json.load(open(f"{cache}-1/manifest.json"))["stats"]
+    bare = last_json(sh([py, __file__, "--worker", "bare", "--model", model, "--data", data, "--batch", "16"]))
+
+    # 1 + 4. training steps and the beta sweep, cached vs two-model baseline
+    result = f"{out}/train_runs.jsonl"
+    open(result, "w").close()
+    for mode in ("cached", "baseline"):
+        for beta in a.sweep:
+            launch(a, "--worker", "train", "--mode", mode, "--beta", beta, "--model", model, "--data", data,
+                   "--cache", cache, "--out", f"{out}/run", "--ds", a.ds, "--steps", a.steps, "--micro", a.micro,
+                   "--accum", a.accum, "--result", result)
+    runs = [json.loads(line) for line in open(result)]
+    pick = lambda mode, beta: next(r for r in runs if r["mode"] == mode and r["beta"] == beta)  # noqa: E731
+    mid = a.sweep[len(a.sweep) // 2]
+    cached, baseline = pick("cached", mid), pick("baseline", mid)
+
+    # 3. log-prob memory
+    mem = {m: last_json(sh([py, __file__, "--worker", "logp_memory", "--mode", m, "--vocab", str(a.vocab),
+                            "--seq", str(a.seq), "--batch", str(a.logp_batch)]))
+           for m in ("naive", "chunked")}
+
+    report = {
+        "machine": {"cpus": os.cpu_count(), "ranks": a.ranks, "device": "cpu" if not _cuda() else "cuda"},
+        "settings": vars(a),
+        "train_step": {"cached": cached, "baseline": baseline,
+                       "step_time_ratio": cached["median_step_s"] / baseline["median_step_s"],
+                       "rss_ratio": cached["peak_rss_mb_per_rank"] / baseline["peak_rss_mb_per_rank"]},
+        "precompute": {"tokens_per_s": one_rank["tokens_per_s"], "bare_forward_tokens_per_s": bare["tokens_per_s"],
+                       "ratio": one_rank["tokens_per_s"] / bare["tokens_per_s"],
+                       "padding_fraction": one_rank["padding_fraction"],
+                       f"tokens_per_s_{a.ranks}_ranks": stats["tokens_per_s"]},
+        "logp_memory": {**mem, "ratio": mem["naive"]["peak_mb"] / max(mem["chunked"]["peak_mb"], 1e-9)},
+        "amortisation": {"precompute_s": precompute_wall,
+                         "cached_runs_s": sum(r["wall_s"] for r in runs if r["mode"] == "cached"),
+                         "baseline_runs_s": sum(r["wall_s"] for r in runs if r["mode"] == "baseline"), "k": len(a.sweep)},
+    }
+    am = report["amortisation"]
+    am["ratio"] = (am["precompute_s"] + am["cached_runs_s"]) / am["baseline_runs_s"]
+    with open(f"{out}/bench.json", "w") as f:
+        json.dump(report, f, indent=2)
+    ts, pc, lm = report["train_step"], report["precompute"], report["logp_memory"]
+    rows = [
+        ("train step, median s (cached / two-model)", f"{cached['median_step_s']:.3f} / {baseline['median_step_s']:.3f}",
+         f"{ts['step_time_ratio']:.2f}x", "<= 0.75x"),
+        ("peak RSS per rank, MB (cached / two-model)",
+         f"{cached['peak_rss_mb_per_rank']:.0f} / {baseline['peak_rss_mb_per_rank']:.0f}", f"{ts['rss_ratio']:.2f}x", ""),
+        ("precompute tok/s (1 rank) / bare forward", f"{pc['tokens_per_s']:.0f} / {pc['bare_forward_tokens_per_s']:.0f}",
+         f"{pc['ratio']:.2f}x", ">= 0.9x"),
+        ("precompute padding", f"{100 * pc['padding_fraction']:.1f}%", "", ""),
+        (f"log-prob peak MB, V={a.vocab} T={a.seq} B={a.logp_batch} (naive / chunked)",
+         f"{lm['naive']['peak_mb']:.0f} / {lm['chunked']['peak_mb']:.0f}", f"{lm['ratio']:.1f}x lower", ">= 8x"),
+        (f"precompute + {am['k']} runs vs {am['k']} two-model runs, s",
+         f"{am['precompute_s'] + am['cached_runs_s']:.0f} / {am['baseline_runs_s']:.0f}", f"{am['ratio']:.2f}x", ""),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print(f"\n{'measure':<{w}}  {'value':>22}  {'ratio':>12}  target")
+    for r in rows:
+        print(f"{r[0]:<{w}}  {r[1]:>22}  {r[2]:>12}  {r[3]}")
+    print(f"\n-> {out}/bench.json")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        w = argparse.ArgumentParser()
+        w.add_argument("--worker")
+        w.add_argument("--local_rank", type=int, default=-1)
+        for name, kind, default in (("mode", str, None), ("beta", float, 0.1), ("model", str, None), ("data", str, None),
+                                    ("cache", str, None), ("out", str, None), ("ds", str, None), ("steps", int, 20),
+                                    ("micro", int, 4), ("accum", int, 2), ("result", str, None), ("vocab", int, 151936),
+                                    ("seq", int, 2048), ("batch", int, 2), ("hidden", int, 256), ("chunk", int, 1024),
+                                    ("row", int, 256)):
+            w.add_argument(f"--{name}", type=kind, default=default)
+        args = w.parse_args()
+        {"train": worker_train, "logp_memory": worker_logp_memory, "bare": worker_bare_forward}[args.worker](args)
+    else:
+        main()
