@@ -23,7 +23,7 @@ def _chunk_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = 1024, sync_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int = 256, sync_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids, attention_mask, labels [B, T] -> (summed response log-probs [B] fp32, response tokens [B]).
 
     `model` is an HF causal LM (or a DeepSpeed engine's `.module`): the backbone and `lm_head` are called as
@@ -67,7 +67,7 @@ class SequenceLogps(torch.nn.Module):
     call goes through the engine's forward: ZeRO-3 needs that bookkeeping for gradient accumulation to
     accumulate (calling submodules of `engine.module` directly silently keeps only the last micro-batch)."""
 
-    def __init__(self, lm, chunk_size: int = 1024, sync_ranks: bool = False):
+    def __init__(self, lm, chunk_size: int = 256, sync_ranks: bool = False):
         super().__init__()
         self.lm, self.chunk_size, self.sync_ranks = lm, chunk_size, sync_ranks
 

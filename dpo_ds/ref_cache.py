@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -247,7 +248,7 @@ def main(argv=None):
     try:
         print(summary(open_cache(a.cache_dir, a.data, a.model)))
     except UserError as e:
-        print(f"error: {e}", file=os.sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -24,7 +24,7 @@ from dpo_ds.batching import collate, pair_lengths
 from dpo_ds.evaluate import evaluate, format_metrics, pad_and_eos
 from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.loss import dpo_loss, finalize, metric_sums
-from dpo_ds.prepare import load_split, load_tokenizer
+from dpo_ds.prepare import load_split, load_tokenizer, read_report
 from dpo_ds.ref_cache import open_cache
 from dpo_ds.report import MetricsLog, plot
 
@@ -105,9 +105,12 @@ def run(cfg: C.TrainConfig) -> dict:
     E.init_distributed()
     E.check_model_dir(cfg.model)
     ds_config = E.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
-    cache = open_cache(cfg.ref_cache, cfg.data, model_dir=cfg.model, splits=["train", "eval"])
+    splits = [s for s in ("train", "eval") if s in read_report(cfg.data)["counts"]]
+    cache = open_cache(cfg.ref_cache, cfg.data, model_dir=cfg.model, splits=splits)
     train_ds = cache.attach(load_split(cfg.data, "train"), "train")
-    eval_ds = cache.attach(load_split(cfg.data, "eval"), "eval")
+    eval_ds = cache.attach(load_split(cfg.data, "eval"), "eval") if "eval" in splits else None
+    if eval_ds is None:
+        dist.print0(f"train: {cfg.data} has no eval split (prepared with --eval_fraction 0): no evaluation")
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.world_size()
     if len(train_ds) < global_size:
         raise C.UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
@@ -131,10 +134,12 @@ def run(cfg: C.TrainConfig) -> dict:
     start = (E.load_checkpoint(engine, ckpt_dir) or {}).get("step", 0) if resuming else 0
     log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
-                f"{len(eval_ds)} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
+                f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
                 f"ZeRO stage {E.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}")
 
     def run_eval(step):
+        if eval_ds is None:
+            return {}
         engine.eval()
         metrics = evaluate(engine, eval_ds, cfg, cfg.micro_batch_size, pad_id, eos_id, sync)
         engine.train()

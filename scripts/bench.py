@@ -25,6 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from dpo_ds.config import ModelConfig  # noqa: E402  (no torch import)
 
 
 def peak_rss_mb() -> float:
@@ -54,7 +55,8 @@ def worker_train(a) -> None:
     if a.mode == "cached":
         ds = open_cache(cfg.ref_cache, cfg.data, model_dir=cfg.model, splits=["train"]).attach(ds, "train")
     model = E.load_model(cfg.model, torch.float32, ds_config=ds_cfg)
-    E.enable_gradient_checkpointing(model)
+    if a.gradient_checkpointing:
+        E.enable_gradient_checkpointing(model)
     engine = E.training_engine(SequenceLogps(model, cfg.logp_chunk_size, True), ds_cfg, cfg.learning_rate, 0.0, 0,
                                cfg.max_steps, "constant")
     reference = cached_reference
@@ -184,6 +186,8 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--logp_batch", type=int, default=2)
     p.add_argument("--port", type=int, default=29533)
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="in both the cached and the two-model runs")
     a = p.parse_args()
     out = os.path.abspath(a.out)
     os.makedirs(out, exist_ok=True)
@@ -215,7 +219,7 @@ def main():
         for beta in a.sweep:
             launch(a, "--worker", "train", "--mode", mode, "--beta", beta, "--model", model, "--data", data,
                    "--cache", cache, "--out", f"{out}/run", "--ds", a.ds, "--steps", a.steps, "--micro", a.micro,
-                   "--accum", a.accum, "--result", result)
+                   "--accum", a.accum, "--result", result, "--gradient_checkpointing", int(a.gradient_checkpointing))
     runs = [json.loads(line) for line in open(result)]
     pick = lambda mode, beta: next(r for r in runs if r["mode"] == mode and r["beta"] == beta)  # noqa: E731
     mid = a.sweep[len(a.sweep) // 2]
@@ -243,6 +247,8 @@ def main():
     }
     am = report["amortisation"]
     am["ratio"] = (am["precompute_s"] + am["cached_runs_s"]) / am["baseline_runs_s"]
+    saved_per_step = baseline["median_step_s"] - cached["median_step_s"]
+    am["break_even_steps_per_run"] = am["precompute_s"] / (am["k"] * saved_per_step) if saved_per_step > 0 else None
     with open(f"{out}/bench.json", "w") as f:
         json.dump(report, f, indent=2)
     ts, pc, lm = report["train_step"], report["precompute"], report["logp_memory"]
@@ -258,6 +264,7 @@ def main():
          f"{lm['naive']['peak_mb']:.0f} / {lm['chunked']['peak_mb']:.0f}", f"{lm['ratio']:.1f}x lower", ">= 8x"),
         (f"precompute + {am['k']} runs vs {am['k']} two-model runs, s",
          f"{am['precompute_s'] + am['cached_runs_s']:.0f} / {am['baseline_runs_s']:.0f}", f"{am['ratio']:.2f}x", ""),
+        (f"  break-even run length (K={am['k']}), steps", f"{am['break_even_steps_per_run'] or float('nan'):.0f}", "", ""),
     ]
     w = max(len(r[0]) for r in rows)
     print(f"\n{'measure':<{w}}  {'value':>22}  {'ratio':>12}  target")
@@ -280,9 +287,10 @@ if __name__ == "__main__":
         for name, kind, default in (("mode", str, None), ("beta", float, 0.1), ("model", str, None), ("data", str, None),
                                     ("cache", str, None), ("out", str, None), ("ds", str, None), ("steps", int, 20),
                                     ("micro", int, 4), ("accum", int, 2), ("result", str, None), ("vocab", int, 151936),
-                                    ("seq", int, 2048), ("batch", int, 2), ("hidden", int, 256), ("chunk", int, 1024),
-                                    ("row", int, 256)):
+                                    ("seq", int, 2048), ("batch", int, 2), ("hidden", int, 256), ("row", int, 256)):
             w.add_argument(f"--{name}", type=kind, default=default)
+        w.add_argument("--chunk", type=int, default=ModelConfig.logp_chunk_size)  # the shipped default
+        w.add_argument("--gradient_checkpointing", type=int, default=1)
         args = w.parse_args()
         {"train": worker_train, "logp_memory": worker_logp_memory, "bare": worker_bare_forward}[args.worker](args)
     else:
