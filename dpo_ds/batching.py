@@ -16,6 +16,12 @@ def pair_lengths(ds) -> np.ndarray:
     return np.maximum(c, r)
 
 
+def take(ds, rows) -> list[dict]:
+    """Rows of a datasets.Dataset as dicts, read in one Arrow take (not one lookup per row)."""
+    cols = ds[[int(i) for i in rows]]
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+
 def collate(rows: list[dict], pad_id: int) -> dict:
     """B pairs -> input_ids, attention_mask, labels [2B, T] (rows 0..B-1 chosen, B..2B-1 rejected),
     example_id [B], and the cached reference values [B] when the rows carry them."""

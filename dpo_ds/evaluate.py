@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dpo_ds import config as C, dist, engine as E
-from dpo_ds.batching import collate, dummy_batch, pair_lengths
+from dpo_ds.batching import collate, take, dummy_batch, pair_lengths
 from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.loss import dpo_loss, finalize, metric_sums
@@ -33,7 +33,7 @@ def evaluate(logps_fn, ds, loss_cfg: C.LossConfig, batch_size: int, pad_id: int,
     n_dummy = (int(dist.all_reduce([len(batches)], op="max")[0]) - len(batches)) if sync_ranks else 0
     sums = torch.zeros(len(metric_sums(*[torch.zeros(1)] * 5, 1.0)), dtype=torch.float64)
     for rows in batches:
-        batch = collate([ds[int(i)] for i in rows], pad_id)
+        batch = collate(take(ds, rows), pad_id)
         pc, pr, nc, nr = pair_logps(logps_fn, batch)
         rc, rr = batch["ref_chosen_logps"].to(pc.device), batch["ref_rejected_logps"].to(pc.device)
         losses = dpo_loss(pc, pr, rc, rr, loss_cfg.beta, loss_cfg.loss_type, loss_cfg.label_smoothing, nc, nr)

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import config as C, dist, engine as E, ref_cache as R
-from dpo_ds.batching import collate, dummy_batch, pair_lengths
+from dpo_ds.batching import collate, take, dummy_batch, pair_lengths
 from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.prepare import load_split, load_tokenizer, read_report
@@ -65,9 +65,10 @@ def run_split(logps_fn, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id
     bar = tqdm(total=sum(len(shards[n]) for n in mine), desc=f"precompute {split} (rank 0)", unit="ex",
                disable=not dist.is_main(), mininterval=2.0)
     for n in mine:
+        R.remove_partial_shard(cache_dir, split, n)  # e.g. renamed but unrecorded when the last run died
         parts = []
         for rows in batches_of(shards[n], cfg.batch_size):
-            batch = collate([ds[int(i)] for i in rows], pad_id)
+            batch = collate(take(ds, rows), pad_id)
             parts.append(compute_batch(logps_fn, batch))
             real, slots = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
             stats["tokens"] += real
@@ -76,7 +77,13 @@ def run_split(logps_fn, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id
             n_forwards -= 1
             bar.update(len(rows))
             bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.time() - stats['start']):.0f}")
-        R.write_shard(cache_dir, split, dist.rank(), n, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        bad = ~np.isfinite(columns["ref_chosen_logps"]) | ~np.isfinite(columns["ref_rejected_logps"])
+        if bad.any():
+            raise C.UserError(f"the reference model gave non-finite log-probs for example_ids "
+                              f"{columns['example_id'][bad][:5].tolist()} ({split}); try --dtype fp32/bf16 "
+                              f"(fp16 overflows) or check the model's weights")
+        R.write_shard(cache_dir, split, dist.rank(), n, columns)
     for _ in range(n_forwards):
         compute_batch(logps_fn, dummy_batch(pad_id, eos_id))
     bar.close()
@@ -103,6 +110,11 @@ def run(cfg: C.PrecomputeConfig) -> dict | None:
         dist.print0(f"{cfg.output_dir}: already complete for this model and data; verify with "
                     f"`python -m dpo_ds.ref_cache verify {cfg.output_dir} --data {cfg.data}`")
         return None
+    if state == "resume":
+        planned = R.read_json(os.path.join(cfg.output_dir, R.PLAN))["shard_size"]
+        if planned != cfg.shard_size:
+            raise C.UserError(f"{cfg.output_dir} was started with --shard_size {planned}; resume it with the same "
+                              f"value (its complete shards hold those examples)")
     if dist.is_main():
         R.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size})
     dist.barrier()

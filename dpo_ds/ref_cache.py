@@ -88,6 +88,12 @@ def complete_shards(cache_dir: str, split: str) -> dict:
     return done
 
 
+def remove_partial_shard(cache_dir: str, split: str, n: int) -> None:
+    """Delete what an interrupted run left of shard n (any rank's name), so no stray file survives."""
+    for path in glob.glob(os.path.join(cache_dir, split, f"shard-*-{n:05d}.*")):
+        os.remove(path)
+
+
 def start(cache_dir: str, fp: dict) -> str:
     """Check CACHE_DIR can hold this computation: 'new', 'resume' or 'complete'. Refuses a directory that
     was started (or finished) from a different model, tokenizer, data or dtype."""

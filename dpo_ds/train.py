@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import config as C, dist, engine as E
-from dpo_ds.batching import collate, pair_lengths
+from dpo_ds.batching import collate, take, pair_lengths
 from dpo_ds.evaluate import evaluate, format_metrics, pad_and_eos
 from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.loss import dpo_loss, finalize, metric_sums
@@ -58,7 +58,7 @@ def train_step(engine, ds, micro_batches, cfg: C.TrainConfig, pad_id: int, step:
     gives (ref_chosen_logps, ref_rejected_logps); scripts/bench.py swaps in a live reference model."""
     sums, tokens = 0, 0
     for rows in micro_batches:
-        batch = collate([ds[int(i)] for i in rows], pad_id)
+        batch = collate(take(ds, rows), pad_id)
         pc, pr, nc, nr = pair_logps(engine, batch)
         rc, rr = (t.to(pc.device) for t in reference(batch))
         losses = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing, nc, nr)
@@ -92,8 +92,20 @@ def check_resumable(cfg: C.TrainConfig, ckpt_dir: str) -> bool:
     return True
 
 
+def rng_path(ckpt_dir: str, tag: str) -> str:
+    return os.path.join(ckpt_dir, tag, f"rng_rank{dist.rank():05d}.pt")
+
+
 def save(engine, ckpt_dir: str, step: int, keep: int = 2) -> None:
-    E.save_checkpoint(engine, ckpt_dir, f"step-{step:07d}", {"step": step})
+    """A DeepSpeed checkpoint plus each rank's RNG state (dropout, if the model has any, continues exactly;
+    the data order needs none: it is a function of seed and step)."""
+    tag = f"step-{step:07d}"
+    os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, rng_path(ckpt_dir, tag))  # before DeepSpeed writes `latest`, which marks it complete
+    E.save_checkpoint(engine, ckpt_dir, tag, {"step": step})
     if dist.is_main():  # keep the newest `keep` checkpoints
         tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step-"))
         for tag in tags[:-keep]:
@@ -132,6 +144,11 @@ def run(cfg: C.TrainConfig) -> dict:
     engine = E.training_engine(SequenceLogps(model, cfg.logp_chunk_size, sync), ds_config, cfg.learning_rate,
                                cfg.weight_decay, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
     start = (E.load_checkpoint(engine, ckpt_dir) or {}).get("step", 0) if resuming else 0
+    if start and os.path.isfile(rng_path(ckpt_dir, f"step-{start:07d}")):
+        rng = torch.load(rng_path(ckpt_dir, f"step-{start:07d}"), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "

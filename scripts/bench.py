@@ -134,7 +134,9 @@ def worker_logp_memory(a) -> None:
 
 
 def worker_bare_forward(a) -> None:
-    """Tokens/s of a bare model(input_ids) over every prepared token, packed into rows without padding."""
+    """Tokens/s of a bare model(input_ids) over every prepared token, packed into rows without padding:
+    rows as long as the median sequence, 2 x --batch of them per forward (the token count of a precompute
+    batch of --batch pairs, chosen and rejected)."""
     import numpy as np
     import torch
 
@@ -144,11 +146,12 @@ def worker_bare_forward(a) -> None:
     model = E.load_model(a.model, torch.float32).eval()
     stream = np.concatenate([np.asarray(x) for s in read_report(a.data)["counts"] for side in ("chosen", "rejected")
                              for x in load_split(a.data, s)[f"{side}_input_ids"]])
-    rows = torch.as_tensor(stream[: len(stream) // a.row * a.row].reshape(-1, a.row))
+    row = int(np.median([len(x) for x in load_split(a.data, "train")["chosen_input_ids"]]))
+    rows = torch.as_tensor(stream[: len(stream) // row * row].reshape(-1, row))
     t0 = time.time()
     with torch.no_grad():
-        for i in range(0, len(rows), a.batch):
-            model(input_ids=rows[i:i + a.batch])
+        for i in range(0, len(rows), 2 * a.batch):
+            model(input_ids=rows[i:i + 2 * a.batch])
     print(json.dumps({"tokens": int(rows.numel()), "tokens_per_s": rows.numel() / (time.time() - t0)}))
 
 
@@ -287,7 +290,7 @@ if __name__ == "__main__":
         for name, kind, default in (("mode", str, None), ("beta", float, 0.1), ("model", str, None), ("data", str, None),
                                     ("cache", str, None), ("out", str, None), ("ds", str, None), ("steps", int, 20),
                                     ("micro", int, 4), ("accum", int, 2), ("result", str, None), ("vocab", int, 151936),
-                                    ("seq", int, 2048), ("batch", int, 2), ("hidden", int, 256), ("row", int, 256)):
+                                    ("seq", int, 2048), ("batch", int, 2), ("hidden", int, 256)):
             w.add_argument(f"--{name}", type=kind, default=default)
         w.add_argument("--chunk", type=int, default=ModelConfig.logp_chunk_size)  # the shipped default
         w.add_argument("--gradient_checkpointing", type=int, default=1)

@@ -174,6 +174,14 @@ def test_stale_fingerprints_refused(tiny, prepared, cache, tmp_path):
         R.open_cache(cache, prepared, model_dir=str(tok_dir / "model"))
 
 
+def test_resume_with_other_shard_size_refused(tiny, prepared, cache, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(cache, out)
+    os.remove(out / "manifest.json")  # an unfinished run, as far as the directory can tell
+    with pytest.raises(UserError, match="started with --shard_size 64"):
+        precompute.run(C.PrecomputeConfig(model=tiny[0], data=prepared, output_dir=str(out), shard_size=32))
+
+
 def test_bad_arguments_are_clear(tiny, prepared, tmp_path):
     p = run_module("dpo_ds.precompute", "--model", tmp_path / "nope", "--data", prepared, "--output_dir", tmp_path / "o",
                    check=False)

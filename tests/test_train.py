@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -153,3 +154,29 @@ def test_job_file_and_flag_precedence(tmp_path):
     json.dump({"max_steps": "many"}, open(job, "w"))
     with pytest.raises(ConfigError, match="max_steps must be int"):
         C.parse(C.TrainConfig, ["--config", str(job)])
+
+
+def test_non_finite_loss_stops_before_the_update(tmp_path):
+    """train_step's guard: a NaN loss raises a clear error and never reaches backward/step."""
+    import numpy as np
+
+    calls = []
+
+    class Engine:
+        def __call__(self, input_ids, attention_mask, labels):
+            n = input_ids.shape[0]
+            return torch.full((n,), float("nan")), torch.ones(n, dtype=torch.long)
+
+        def backward(self, loss):
+            calls.append("backward")
+
+        def step(self):
+            calls.append("step")
+
+    row = {"example_id": 0, "chosen_input_ids": [1, 2, 3], "chosen_labels": [-100, 2, 3],
+           "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4],
+           "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
+    cfg = C.TrainConfig(model="m", data="d", ref_cache="r", output_dir=str(tmp_path), deepspeed="z")
+    with pytest.raises(UserError, match="non-finite loss at step 5.*checkpoints is intact"):
+        train.train_step(Engine(), datasets.Dataset.from_list([row]), [np.array([0])], cfg, pad_id=0, step=4)
+    assert calls == []
