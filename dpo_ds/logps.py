@@ -31,6 +31,8 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     with `sync_ranks` the chunk count is agreed across ranks (ranks with fewer tokens run empty chunks).
     """
     B, T = input_ids.shape
+    if bool(attention_mask.all()):  # no padding: let attention take its causal fast path
+        attention_mask = None
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:]
     mask = targets != IGNORE                                   # [B, T-1]: position t predicts token t+1
