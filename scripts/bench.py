@@ -149,7 +149,7 @@ def worker_bare_forward(a) -> None:
     row = int(np.median([len(x) for x in load_split(a.data, "train")["chosen_input_ids"]]))
     rows = torch.as_tensor(stream[: len(stream) // row * row].reshape(-1, row))
     with torch.no_grad():
-        model(input_ids=rows[:2 * a.batch])  # warm-up, as precompute's timer starts after its first batch too
+        model(input_ids=rows[:2 * a.batch])  # one-time set-up excluded (precompute's figure includes it)
     t0 = time.time()
     with torch.no_grad():
         for i in range(0, len(rows), 2 * a.batch):
