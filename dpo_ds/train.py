@@ -113,16 +113,44 @@ def save(engine, ckpt_dir: str, step: int, keep: int = 2) -> None:
     dist.barrier()
 
 
-def run(cfg: C.TrainConfig) -> dict:
-    E.init_distributed()
-    E.check_model_dir(cfg.model)
-    ds_config = E.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
+def restore(engine, ckpt_dir: str) -> int:
+    """Load the newest complete checkpoint and this rank's RNG state; the step to continue from."""
+    start = (E.load_checkpoint(engine, ckpt_dir) or {}).get("step", 0)
+    if start and os.path.isfile(rng_path(ckpt_dir, f"step-{start:07d}")):
+        rng = torch.load(rng_path(ckpt_dir, f"step-{start:07d}"), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return start
+
+
+def load_data(cfg: C.TrainConfig):
+    """(train, eval or None) with the verified cache's reference columns joined by example_id."""
     splits = [s for s in ("train", "eval") if s in read_report(cfg.data)["counts"]]
     cache = open_cache(cfg.ref_cache, cfg.data, model_dir=cfg.model, splits=splits)
     train_ds = cache.attach(load_split(cfg.data, "train"), "train")
     eval_ds = cache.attach(load_split(cfg.data, "eval"), "eval") if "eval" in splits else None
     if eval_ds is None:
         dist.print0(f"train: {cfg.data} has no eval split (prepared with --eval_fraction 0): no evaluation")
+    return train_ds, eval_ds
+
+
+def build_engine(cfg: C.TrainConfig, ds_config: dict):
+    """The policy under DeepSpeed (built under zero.Init for ZeRO-3), wrapped so forwards return log-probs."""
+    torch.manual_seed(cfg.seed)
+    model = E.load_model(cfg.model, E.ds_dtype(ds_config), cfg.attn_implementation, cfg.trust_remote_code, ds_config)
+    if cfg.gradient_checkpointing:
+        E.enable_gradient_checkpointing(model)
+    sync = E.zero_stage(ds_config) == 3  # ZeRO-3 forwards are collective: keep ranks' lm_head calls in step
+    return E.training_engine(SequenceLogps(model, cfg.logp_chunk_size, sync), ds_config, cfg.learning_rate,
+                             cfg.weight_decay, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule), sync
+
+
+def run(cfg: C.TrainConfig) -> dict:
+    E.init_distributed()
+    E.check_model_dir(cfg.model)
+    ds_config = E.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
+    train_ds, eval_ds = load_data(cfg)
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.world_size()
     if len(train_ds) < global_size:
         raise C.UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
@@ -136,19 +164,8 @@ def run(cfg: C.TrainConfig) -> dict:
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             json.dump({"train": C.to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size()}, f, indent=2)
 
-    torch.manual_seed(cfg.seed)
-    model = E.load_model(cfg.model, E.ds_dtype(ds_config), cfg.attn_implementation, cfg.trust_remote_code, ds_config)
-    if cfg.gradient_checkpointing:
-        E.enable_gradient_checkpointing(model)
-    sync = E.zero_stage(ds_config) == 3  # ZeRO-3 forwards are collective: keep ranks' lm_head calls in step
-    engine = E.training_engine(SequenceLogps(model, cfg.logp_chunk_size, sync), ds_config, cfg.learning_rate,
-                               cfg.weight_decay, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
-    start = (E.load_checkpoint(engine, ckpt_dir) or {}).get("step", 0) if resuming else 0
-    if start and os.path.isfile(rng_path(ckpt_dir, f"step-{start:07d}")):
-        rng = torch.load(rng_path(ckpt_dir, f"step-{start:07d}"), weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    engine, sync = build_engine(cfg, ds_config)
+    start = restore(engine, ckpt_dir) if resuming else 0
     log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
