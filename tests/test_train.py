@@ -180,3 +180,18 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
     with pytest.raises(UserError, match="non-finite loss at step 5.*checkpoints is intact"):
         train.train_step(Engine(), datasets.Dataset.from_list([row]), [np.array([0])], cfg, pad_id=0, step=4)
     assert calls == []
+
+
+def test_zero2_path_exports_the_trained_model(tiny, prepared, cache, tmp_path):
+    """ZeRO-2 keeps full parameters per rank: the export takes the module's own state_dict (no gather)."""
+    z2 = tmp_path / "zero2_fp32.json"
+    cfg = {k: v for k, v in json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json"))).items() if k != "bf16"}
+    json.dump(cfg, open(z2, "w"))
+    out = tmp_path / "z2"
+    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out, deepspeed=z2, max_steps=2))
+    final_eval = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "eval"][-1]
+    run_module("dpo_ds.evaluate", "--model", out / "final", "--data", prepared, "--ref_cache", cache,
+               "--output", out / "eval.json")
+    exported = json.load(open(out / "eval.json"))
+    assert exported["loss"] == pytest.approx(final_eval["loss"], abs=1e-5)
+    assert exported["loss"] != pytest.approx(math.log(2), abs=1e-4)
