@@ -182,13 +182,15 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
     assert calls == []
 
 
-def test_zero2_path_exports_the_trained_model(tiny, prepared, cache, tmp_path):
-    """ZeRO-2 keeps full parameters per rank: the export takes the module's own state_dict (no gather)."""
-    z2 = tmp_path / "zero2_fp32.json"
-    cfg = {k: v for k, v in json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json"))).items() if k != "bf16"}
-    json.dump(cfg, open(z2, "w"))
-    out = tmp_path / "z2"
-    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out, deepspeed=z2, max_steps=2))
+@pytest.mark.parametrize("shipped", ["zero2.json", "zero3_offload.json"])
+def test_other_shipped_configs_train_and_export(tiny, prepared, cache, tmp_path, shipped):
+    """The GPU configs minus bf16 (fp32 on this CPU): ZeRO-2 exports the module's own state_dict, ZeRO-3
+    with CPU offload (DeepSpeed's CPU-Adam) gathers; both exports are the trained model."""
+    path = tmp_path / shipped
+    cfg = {k: v for k, v in json.load(open(os.path.join(ROOT, "ds_configs", shipped))).items() if k != "bf16"}
+    json.dump(cfg, open(path, "w"))
+    out = tmp_path / "run"
+    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out, deepspeed=path, max_steps=2))
     final_eval = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "eval"][-1]
     run_module("dpo_ds.evaluate", "--model", out / "final", "--data", prepared, "--ref_cache", cache,
                "--output", out / "eval.json")
