@@ -43,12 +43,6 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     return batch
 
 
-def padding_fraction(batch: dict) -> tuple[int, int]:
-    """(real tokens, padded slots) of a collated batch."""
-    real = int(batch["attention_mask"].sum())
-    return real, batch["attention_mask"].numel()
-
-
 def dummy_batch(pad_id: int, eos_id: int) -> dict:
     """A one-token batch for ranks with no work left, so collective forwards stay in step under ZeRO-3."""
     return collate([{"example_id": -1, "chosen_input_ids": [pad_id, eos_id], "chosen_labels": [IGNORE, eos_id],

@@ -72,21 +72,6 @@ def all_reduce(values, op: str = "sum") -> torch.Tensor:
     return t.cpu()
 
 
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank."""
-    if not active():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def print0(*args, **kw) -> None:
     if is_main():
         print(*args, **kw, flush=True)
-
-
-def shutdown() -> None:
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
-        tdist.destroy_process_group()
