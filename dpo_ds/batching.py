@@ -16,6 +16,12 @@ def pair_lengths(ds) -> np.ndarray:
     return np.maximum(c, r)
 
 
+def pad_and_eos(tokenizer) -> tuple[int, int]:
+    """Padding id (the EOS when the tokenizer has no pad token: padded positions are masked anyway), EOS id."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad, tokenizer.eos_token_id
+
+
 def take(ds, rows) -> list[dict]:
     """Rows of a datasets.Dataset as dicts, read in one Arrow take (not one lookup per row)."""
     cols = ds[[int(i) for i in rows]]

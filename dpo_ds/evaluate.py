@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dpo_ds import config as C, dist, engine as E
-from dpo_ds.batching import collate, take, dummy_batch, pair_lengths
+from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
 from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.loss import dpo_loss, finalize, metric_sums
@@ -41,11 +41,6 @@ def evaluate(logps_fn, ds, loss_cfg: C.LossConfig, batch_size: int, pad_id: int,
     for _ in range(n_dummy):
         pair_logps(logps_fn, dummy_batch(pad_id, eos_id))
     return finalize(dist.all_reduce(sums))
-
-
-def pad_and_eos(tokenizer) -> tuple[int, int]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pad, tokenizer.eos_token_id
 
 
 def format_metrics(metrics: dict) -> str:

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import config as C, dist, engine as E, ref_cache as R
-from dpo_ds.batching import collate, take, dummy_batch, pair_lengths
+from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
 from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.prepare import load_split, load_tokenizer, read_report
@@ -123,9 +123,8 @@ def run(cfg: C.PrecomputeConfig) -> dict | None:
 
     logps_fn = load_reference(cfg, dtype)
     stats = {"tokens": 0, "slots": 0, "examples": 0, "start": time.time()}
-    n_shards = {s: run_split(logps_fn, cfg, cfg.output_dir, s, datasets_[s], tokenizer.pad_token_id
-                             if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                             tokenizer.eos_token_id, stats) for s in splits}
+    n_shards = {s: run_split(logps_fn, cfg, cfg.output_dir, s, datasets_[s], *pad_and_eos(tokenizer), stats)
+                for s in splits}
     elapsed = time.time() - stats["start"]
     tokens, slots, examples = dist.all_reduce([stats["tokens"], stats["slots"], stats["examples"]]).tolist()
     elapsed = float(dist.all_reduce([elapsed], op="max")[0])

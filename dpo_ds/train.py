@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import config as C, dist, engine as E
-from dpo_ds.batching import collate, take, pair_lengths
-from dpo_ds.evaluate import evaluate, format_metrics, pad_and_eos
+from dpo_ds.batching import collate, pad_and_eos, pair_lengths, take
+from dpo_ds.evaluate import evaluate, format_metrics
 from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.loss import dpo_loss, finalize, metric_sums
 from dpo_ds.prepare import load_split, load_tokenizer, read_report
