@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dpo_ds import config as C, dist, engine as E
 from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
@@ -32,7 +33,8 @@ def evaluate(logps_fn, ds, loss_cfg: C.LossConfig, batch_size: int, pad_id: int,
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     n_dummy = (int(dist.all_reduce([len(batches)], op="max")[0]) - len(batches)) if sync_ranks else 0
     sums = torch.zeros(len(metric_sums(*[torch.zeros(1)] * 5, 1.0)), dtype=torch.float64)
-    for rows in batches:
+    for rows in tqdm(batches, desc="eval (rank 0)", unit="batch", disable=not dist.is_main(), leave=False,
+                     mininterval=2.0):
         batch = collate(take(ds, rows), pad_id)
         pc, pr, nc, nr = pair_logps(logps_fn, batch)
         rc, rr = batch["ref_chosen_logps"].to(pc.device), batch["ref_rejected_logps"].to(pc.device)
