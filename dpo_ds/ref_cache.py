@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from dpo_ds.errors import CacheError, UserError
-from dpo_ds.fingerprint import model_fingerprint, sha256_file
+from dpo_ds.fingerprint import model_fingerprint, sha256_file, tokenizer_fingerprint
+from dpo_ds.prepare import load_split, load_tokenizer, read_report
 
 FORMAT_VERSION = 1
 MANIFEST, PLAN = "manifest.json", "plan.json"
@@ -159,8 +160,6 @@ class RefCache:
 def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, splits=None) -> RefCache:
     """Open and verify: manifest, format, fingerprint against the prepared data (and its tokenizer, and
     the model when given), shard hashes and row counts, no extra shards, every example exactly once."""
-    from dpo_ds.prepare import load_split, read_report
-
     if not os.path.isdir(cache_dir):
         raise CacheError(f"--ref_cache {cache_dir}: no such directory; run dpo_ds.precompute first")
     path = os.path.join(cache_dir, MANIFEST)
@@ -180,9 +179,6 @@ def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, spli
     if fp["tokenizer"] != report["tokenizer_fingerprint"]:
         raise CacheError(f"{cache_dir} was computed with another tokenizer than {data_dir} was prepared with")
     if model_dir is not None:
-        from dpo_ds.prepare import load_tokenizer
-        from dpo_ds.fingerprint import tokenizer_fingerprint
-
         if tokenizer_fingerprint(load_tokenizer(model_dir)) != fp["tokenizer"]:
             raise CacheError(f"the tokenizer of --model {model_dir} differs from the one the cache and data used")
         if model_fingerprint(model_dir) != fp["model"]:
