@@ -91,3 +91,13 @@ def test_cached_reference_equals_two_model_loss_and_gradients(tiny, prepared, ca
     assert cached_loss.item() != pytest.approx(math.log(2), abs=1e-3), "policy must differ from reference"
     for n, p in policy.named_parameters():
         torch.testing.assert_close(cached_grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_pure_modules_stay_light():
+    """House rule: config imports no torch; config, loss, sources, encode import no deepspeed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dpo_ds.config; assert 'torch' not in sys.modules; "
+            "import dpo_ds.loss, dpo_ds.sources, dpo_ds.encode; assert 'deepspeed' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
