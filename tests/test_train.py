@@ -60,24 +60,28 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
 
 
 def test_micro_batch_times_accumulation_invariance(tiny, prepared, cache, tmp_path):
-    """2 x 4 and 4 x 2 see the same 8 pairs: same loss and gradient norm to 1e-6, and the same first update.
+    """2 x 4 and 4 x 2 on one rank, and 4 x 1 on two ZeRO-3 ranks, see the same 8 pairs: same loss and gradient
+    norm to 1e-6, and the same first update.
     Adam's first step is lr * g / (|g| + eps): an entry whose gradient is ~0 can flip sign on rounding, so the
     update is compared as: 99.9% of entries within 1% of lr, cosine > 0.9999. (Before the ZeRO-3 accumulation
     fix in SequenceLogps, 43% of entries differed and the gradient norms were 0.82 vs 1.15.)"""
     runs, lr = {}, 2e-3
-    for micro, accum in ((2, 4), (4, 2)):
-        out = tmp_path / f"m{micro}x{accum}"
+    for ranks, micro, accum in ((1, 2, 4), (1, 4, 2), (2, 4, 1)):  # the last: 2 ZeRO-3 ranks, same 8 pairs
+        out = tmp_path / f"r{ranks}m{micro}x{accum}"
         run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out, micro_batch_size=micro, grad_accum=accum,
-                                               max_steps=1, warmup_steps=0, lr_schedule="constant", learning_rate=lr))
-        runs[micro] = (weights(out), read_metrics(out / "metrics.jsonl")[0])
-    assert runs[2][1]["grad_norm"] == pytest.approx(runs[4][1]["grad_norm"], rel=1e-6)
-    assert runs[2][1]["loss"] == pytest.approx(runs[4][1]["loss"], rel=1e-6)
+                                               max_steps=1, warmup_steps=0, lr_schedule="constant", learning_rate=lr),
+                   launcher=ranks if ranks > 1 else None)
+        runs[ranks, micro] = (weights(out), read_metrics(out / "metrics.jsonl")[0])
     first = load_file(os.path.join(tiny[0], "model.safetensors"))
-    assert max((runs[2][0][k] - first[k]).abs().max().item() for k in first) > 0.5 * lr, "the update is visible"
-    da = torch.cat([(runs[2][0][k] - first[k]).flatten() for k in first])
-    db = torch.cat([(runs[4][0][k] - first[k]).flatten() for k in first])
-    assert ((da - db).abs() > 0.01 * lr).float().mean().item() < 1e-3
-    assert torch.nn.functional.cosine_similarity(da, db, dim=0).item() > 0.9999
+    base = runs[1, 2]
+    assert max((base[0][k] - first[k]).abs().max().item() for k in first) > 0.5 * lr, "the update is visible"
+    da = torch.cat([(base[0][k] - first[k]).flatten() for k in first])
+    for key in ((1, 4), (2, 4)):
+        assert runs[key][1]["grad_norm"] == pytest.approx(base[1]["grad_norm"], rel=1e-6), key
+        assert runs[key][1]["loss"] == pytest.approx(base[1]["loss"], rel=1e-6), key
+        db = torch.cat([(runs[key][0][k] - first[k]).flatten() for k in first])
+        assert ((da - db).abs() > 0.01 * lr).float().mean().item() < 1e-3, key
+        assert torch.nn.functional.cosine_similarity(da, db, dim=0).item() > 0.9999, key
 
 
 def launch(args, out_log):
