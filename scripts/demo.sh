@@ -7,6 +7,7 @@ source "$(dirname "$0")/_venv.sh"
 RUN="${1:-runs/demo}"
 EXAMPLES="${DEMO_EXAMPLES:-2000}"
 STEPS="${DEMO_STEPS:-200}"
+PORT="${DEMO_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 STAGE() { echo; echo "=== $* ==="; }
 rm -rf "$RUN" && mkdir -p "$RUN"
 start=$SECONDS
@@ -19,7 +20,7 @@ python scripts/prepare_dpo.py --dataset "$RUN/tiny/prefs.jsonl" --tokenizer "$RU
   --output_dir "$RUN/data" --eval_fraction 0.1
 
 STAGE "3/6 precompute reference log-probs (deepspeed launcher, 2 ranks)"
-deepspeed --num_gpus 2 --master_port "${DEMO_PORT:-29511}" --module dpo_ds.precompute \
+deepspeed --num_gpus 2 --master_port "$PORT" --module dpo_ds.precompute \
   --model "$RUN/tiny/model" --data "$RUN/data" --output_dir "$RUN/ref_cache" --batch_size 16 --shard_size 256
 python -m dpo_ds.ref_cache verify "$RUN/ref_cache" --data "$RUN/data" --model "$RUN/tiny/model"
 
@@ -28,7 +29,7 @@ python -m dpo_ds.evaluate --model "$RUN/tiny/model" --data "$RUN/data" --ref_cac
   --output "$RUN/eval_before.json"
 
 STAGE "5/6 train (deepspeed launcher, 2 ranks, ZeRO-3, gradient checkpointing, $STEPS steps)"
-deepspeed --num_gpus 2 --master_port "${DEMO_PORT:-29511}" --module dpo_ds.train \
+deepspeed --num_gpus 2 --master_port "$PORT" --module dpo_ds.train \
   --deepspeed ds_configs/zero3_cpu.json --config scripts/demo_job.json --max_steps "$STEPS" \
   --model "$RUN/tiny/model" --data "$RUN/data" --ref_cache "$RUN/ref_cache" --output_dir "$RUN/train"
 
