@@ -122,6 +122,7 @@ class EvalConfig(LossConfig, ModelConfig):
     split: str = opt("eval", "which prepared split to score")
     batch_size: int = opt(8, "preference pairs per forward")
     dtype: str = opt("auto", "model dtype", choices=["auto", "bf16", "fp16", "fp32"])
+    deepspeed: str = opt(None, "ZeRO-3 inference config to shard a model too large for one device")
     output: str = opt(None, "write the metrics to this JSON file too")
 
     def check(self):

@@ -14,6 +14,7 @@ import torch
 
 from dpo_ds import dist
 from dpo_ds.errors import ConfigError, UserError
+from dpo_ds.logps import SequenceLogps
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HF_DS_CONFIG = None  # transformers reads ZeRO-3 from a live HfDeepSpeedConfig: keep it referenced
@@ -137,6 +138,17 @@ def inference_engine(model, ds_config: dict):
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     return engine
+
+
+def inference_logps(cfg, dtype: torch.dtype):
+    """A frozen model's log-prob function (precompute, evaluate): a ZeRO-3 inference engine when
+    `cfg.deepspeed` names a config, else a full copy on each rank."""
+    if cfg.deepspeed:
+        ds = inference_ds_config(cfg.deepspeed, cfg.batch_size, dtype)
+        model = load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code, ds_config=ds)
+        return inference_engine(SequenceLogps(model, cfg.logp_chunk_size, sync_ranks=True), ds)
+    model = load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code)
+    return SequenceLogps(model.to(dist.device()).eval(), cfg.logp_chunk_size)
 
 
 def lr_lambda(warmup_steps: int, max_steps: int, schedule: str):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from dpo_ds import config as C, dist, engine as E
 from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
 from dpo_ds.fingerprint import tokenizer_fingerprint
-from dpo_ds.logps import SequenceLogps, pair_logps
+from dpo_ds.logps import pair_logps
 from dpo_ds.loss import dpo_loss, finalize, metric_sums
 from dpo_ds.prepare import load_split, load_tokenizer, read_report
 from dpo_ds.ref_cache import open_cache
@@ -57,10 +57,9 @@ def run(cfg: C.EvalConfig) -> dict:
         raise C.UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
     cache = open_cache(cfg.ref_cache, cfg.data, splits=[cfg.split])
     ds = cache.attach(load_split(cfg.data, cfg.split), cfg.split)
-    model = E.load_model(cfg.model, E.resolve_dtype(cfg.dtype), cfg.attn_implementation, cfg.trust_remote_code)
-    logps_fn = SequenceLogps(model.to(dist.device()).eval(), cfg.logp_chunk_size)
+    logps_fn = E.inference_logps(cfg, E.resolve_dtype(cfg.dtype))
     metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),
-               **evaluate(logps_fn, ds, cfg, cfg.batch_size, *pad_and_eos(tokenizer))}
+               **evaluate(logps_fn, ds, cfg, cfg.batch_size, *pad_and_eos(tokenizer), sync_ranks=bool(cfg.deepspeed))}
     if dist.is_main():
         print(f"evaluate {cfg.model} on {cfg.split} ({len(ds)} pairs): {format_metrics(metrics)}")
         if cfg.output:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from dpo_ds import config as C, dist, engine as E, ref_cache as R
 from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
 from dpo_ds.fingerprint import tokenizer_fingerprint
-from dpo_ds.logps import SequenceLogps, pair_logps
+from dpo_ds.logps import pair_logps
 from dpo_ds.prepare import load_split, load_tokenizer, read_report
 
 
@@ -42,16 +42,6 @@ def compute_batch(logps_fn, batch: dict) -> dict:
     values = pair_logps(logps_fn, batch)
     names = ("ref_chosen_logps", "ref_rejected_logps", "chosen_tokens", "rejected_tokens")
     return {"example_id": batch["example_id"].numpy(), **{k: v.cpu().numpy() for k, v in zip(names, values)}}
-
-
-def load_reference(cfg: C.PrecomputeConfig, dtype: torch.dtype):
-    """The log-prob function: a ZeRO-3 inference engine when --deepspeed is given, else a full copy per rank."""
-    if cfg.deepspeed:
-        ds = E.inference_ds_config(cfg.deepspeed, cfg.batch_size, dtype)
-        model = E.load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code, ds_config=ds)
-        return E.inference_engine(SequenceLogps(model, cfg.logp_chunk_size, sync_ranks=True), ds)
-    model = E.load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code)
-    return SequenceLogps(model.to(dist.device()).eval(), cfg.logp_chunk_size)
 
 
 def run_split(logps_fn, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id: int, stats: dict) -> int:
@@ -121,7 +111,7 @@ def run(cfg: C.PrecomputeConfig) -> dict | None:
     dist.print0(f"precompute: {'resuming' if state == 'resume' else 'starting'} {cfg.output_dir} "
                 f"({dist.world_size()} rank(s), {dtype}, {'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")
 
-    logps_fn = load_reference(cfg, dtype)
+    logps_fn = E.inference_logps(cfg, dtype)
     stats = {"tokens": 0, "slots": 0, "examples": 0, "start": time.time()}
     n_shards = {s: run_split(logps_fn, cfg, cfg.output_dir, s, datasets_[s], *pad_and_eos(tokenizer), stats)
                 for s in splits}

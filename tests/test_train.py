@@ -55,6 +55,10 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
     for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert exported[k] == pytest.approx(final_eval[k], rel=1e-5, abs=1e-5), k
     assert "logps/win_rate" in p.stdout
+    run_module("dpo_ds.evaluate", "--model", out / "final", "--data", prepared, "--ref_cache", cache,
+               "--output", out / "eval_zero3.json", "--deepspeed", os.path.join(ROOT, "ds_configs/zero3_inference.json"))
+    sharded = json.load(open(out / "eval_zero3.json"))
+    assert sharded["loss"] == pytest.approx(exported["loss"], rel=1e-5)
     w = weights(out)
     assert all(t.numel() > 0 for t in w.values()), "ZeRO-3 export gathered the weights"
 
