@@ -132,7 +132,7 @@ def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_c
 
 
 def inference_engine(model, ds_config: dict):
-    """A ZeRO-3 engine without optimizer: a sharded inference model (call `.module` submodules)."""
+    """A ZeRO-3 engine without optimizer: a sharded inference model, called like the module it wraps."""
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)

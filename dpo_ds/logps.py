@@ -26,8 +26,9 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    chunk_size: int = 256, sync_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids, attention_mask, labels [B, T] -> (summed response log-probs [B] fp32, response tokens [B]).
 
-    `model` is an HF causal LM (or a DeepSpeed engine's `.module`): the backbone and `lm_head` are called as
-    modules, so ZeRO-3 gathers their parameters. Under ZeRO-3 every rank must call `lm_head` equally often:
+    `model` is an HF causal LM: the backbone and `lm_head` are called as modules, so ZeRO-3 gathers their
+    parameters. Under DeepSpeed, call this through an engine wrapping `SequenceLogps`, never on `engine.module`
+    directly (see SequenceLogps). Under ZeRO-3 every rank must call `lm_head` equally often:
     with `sync_ranks` the chunk count is agreed across ranks (ranks with fewer tokens run empty chunks).
     """
     B, T = input_ids.shape
