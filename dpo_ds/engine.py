@@ -126,8 +126,6 @@ def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_c
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config and zero_stage(ds_config) == 3 else None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(attn),
                                                  use_safetensors=True, trust_remote_code=trust_remote_code)
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise UserError(f"--model {path}: final_logit_softcapping is not supported by the chunked log-probs")
     return model
 
 

@@ -14,27 +14,30 @@ from torch.utils.checkpoint import checkpoint
 
 from dpo_ds import dist
 from dpo_ds.encode import IGNORE
+from dpo_ds.head import output_head
 
 
-def _chunk_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """hidden [N, H], targets [N] -> log p(target) [N], fp32."""
-    logits = lm_head(hidden).float()
+    logits = head(hidden)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = 256, sync_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int = 256, sync_ranks: bool = False, head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids, attention_mask, labels [B, T] -> (summed response log-probs [B] fp32, response tokens [B]).
 
     `model` is an HF causal LM: the backbone and `lm_head` are called as modules, so ZeRO-3 gathers their
     parameters. Under DeepSpeed, call this through an engine wrapping `SequenceLogps`, never on `engine.module`
     directly (see SequenceLogps). Under ZeRO-3 every rank must call `lm_head` equally often:
     with `sync_ranks` the chunk count is agreed across ranks (ranks with fewer tokens run empty chunks).
+    `head` is the model's `head.output_head` (built here when not given). No KV cache is built.
     """
+    head = head or output_head(model)
     B, T = input_ids.shape
     if bool(attention_mask.all()):  # no padding: let attention take its causal fast path
         attention_mask = None
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     mask = targets != IGNORE                                   # [B, T-1]: position t predicts token t+1
     rows = mask.nonzero()[:, 0]                                # sequence of each response token
@@ -42,14 +45,13 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     n_chunks = math.ceil(h.shape[0] / chunk_size)
     if sync_ranks and dist.active():
         n_chunks = int(dist.all_reduce([n_chunks], op="max")[0])
-    lm_head = model.get_output_embeddings()
     pieces = []
     for i in range(max(n_chunks, 1)):
         hc, tc = h[i * chunk_size:(i + 1) * chunk_size], tgt[i * chunk_size:(i + 1) * chunk_size]
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logps, lm_head, hc, tc, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, head, hc, tc, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(lm_head, hc, tc))
+            pieces.append(_chunk_logps(head, hc, tc))
     token_logps = torch.cat(pieces)
     logps = torch.zeros(B, dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
     return logps, mask.sum(1)
@@ -73,9 +75,10 @@ class SequenceLogps(torch.nn.Module):
     def __init__(self, lm, chunk_size: int = 256, sync_ranks: bool = False):
         super().__init__()
         self.lm, self.chunk_size, self.sync_ranks = lm, chunk_size, sync_ranks
+        self.head = output_head(lm)  # refuses a model whose logits it cannot reproduce exactly
 
     def forward(self, input_ids, attention_mask, labels):
-        return sequence_logps(self.lm, input_ids, attention_mask, labels, self.chunk_size, self.sync_ranks)
+        return sequence_logps(self.lm, input_ids, attention_mask, labels, self.chunk_size, self.sync_ranks, self.head)
 
 
 def pair_logps(logps_fn, batch: dict):
