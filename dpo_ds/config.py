@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from dpo_ds.errors import ConfigError, UserError
 
 
-def opt(default, help, choices=None, required=False):
-    return field(default=default, metadata={"help": help, "choices": choices, "required": required})
+def opt(default, help, choices=None, required=False, resume=False):
+    """A setting: its default, its help, and whether a resumed run must keep it (`resume`)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "required": required, "resume": resume})
 
 
 @dataclass
@@ -29,13 +30,18 @@ class PrepareConfig:
     data_files: list = opt(None, "local copies of a named dataset in its hub format; SPLIT=PATH names the "
                                  "split, otherwise it is read from the file name (test* -> test split)")
     max_length: int = opt(1024, "prompt + response tokens, at most")
-    max_prompt_length: int = opt(512, "prompt tokens at most; longer prompts keep their end")
+    max_prompt_length: int = opt(None, "prompt tokens at most; longer prompts keep their end "
+                                       "(default: half of --max_length)")
     eval_fraction: float = opt(0.05, "held-out fraction when the dataset has no test split of its own")
     seed: int = opt(42, "seed of the train/eval split")
     num_proc: int = opt(1, "tokenizer processes")
     on_bad_row: str = opt("error", "stop at the first bad row, or skip and list it in the report",
                           choices=["error", "skip"])
     trust_remote_code: bool = opt(False, "allow code shipped with the tokenizer to run")
+
+    def __post_init__(self):
+        if self.max_prompt_length is None and isinstance(self.max_length, int):
+            self.max_prompt_length = self.max_length // 2
 
     def check(self):
         _positive(self, "max_length", "max_prompt_length", "num_proc")
@@ -48,8 +54,8 @@ class PrepareConfig:
 
 @dataclass
 class ModelConfig:
-    model: str = opt(None, "SFT checkpoint directory (HF format, safetensors)", required=True)
-    data: str = opt(None, "prepared data directory (output of dpo_ds.prepare)", required=True)
+    model: str = opt(None, "SFT checkpoint directory (HF format, safetensors)", required=True, resume=True)
+    data: str = opt(None, "prepared data directory (output of dpo_ds.prepare)", required=True, resume=True)
     attn_implementation: str = opt("auto", "auto picks flash_attention_2 when flash-attn and CUDA are "
                                            "present, sdpa otherwise", choices=["auto", "flash_attention_2",
                                                                                "sdpa", "eager"])
@@ -76,24 +82,25 @@ class PrecomputeConfig(ModelConfig):
 
 @dataclass
 class LossConfig:
-    beta: float = opt(0.1, "KL strength: higher keeps the policy closer to the reference")
+    beta: float = opt(0.1, "KL strength: higher keeps the policy closer to the reference", resume=True)
     loss_type: str = opt("sigmoid", "sigmoid (DPO), ipo (length-normalised, squared), hinge (SLiC)",
-                         choices=["sigmoid", "ipo", "hinge"])
-    label_smoothing: float = opt(0.0, "assumed label noise (conservative DPO, sigmoid only)")
+                         choices=["sigmoid", "ipo", "hinge"], resume=True)
+    label_smoothing: float = opt(0.0, "assumed label noise (conservative DPO, sigmoid only)", resume=True)
 
 
 @dataclass
 class TrainConfig(LossConfig, ModelConfig):
-    ref_cache: str = opt(None, "reference cache directory (output of dpo_ds.precompute)", required=True)
+    ref_cache: str = opt(None, "reference cache directory (output of dpo_ds.precompute)", required=True, resume=True)
     output_dir: str = opt(None, "run directory: metrics, checkpoints/, final/", required=True)
     deepspeed: str = opt(None, "DeepSpeed JSON config, e.g. ds_configs/zero3.json", required=True)
     config: str = opt(None, "JSON job file; flags override its values")
-    learning_rate: float = opt(5e-7, "peak learning rate")
-    lr_schedule: str = opt("linear", "decay after warm-up", choices=["linear", "cosine", "constant"])
-    max_steps: int = opt(1000, "optimizer steps")
-    warmup_steps: int = opt(50, "linear warm-up steps")
-    micro_batch_size: int = opt(2, "preference pairs per device per forward")
-    grad_accum: int = opt(8, "micro-batches per optimizer step")
+    learning_rate: float = opt(5e-7, "peak learning rate", resume=True)
+    lr_schedule: str = opt("linear", "decay after warm-up", choices=["linear", "cosine", "constant"], resume=True)
+    max_steps: int = opt(1000, "optimizer steps", resume=True)
+    warmup_steps: int = opt(None, "linear warm-up steps (default: 50, or max_steps / 20 when that is fewer)",
+                            resume=True)
+    micro_batch_size: int = opt(2, "preference pairs per device per forward", resume=True)
+    grad_accum: int = opt(8, "micro-batches per optimizer step", resume=True)
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (ZeRO-3 safe variant)")
@@ -102,7 +109,11 @@ class TrainConfig(LossConfig, ModelConfig):
     save_every: int = opt(100, "steps between DeepSpeed checkpoints; 0 = only at the end")
     resume: str = opt("auto", "auto: continue from the latest complete checkpoint in OUT/checkpoints; "
                               "never: refuse to start over an existing run", choices=["auto", "never"])
-    seed: int = opt(42, "data order and initialisation of everything random")
+    seed: int = opt(42, "data order and initialisation of everything random", resume=True)
+
+    def __post_init__(self):
+        if self.warmup_steps is None and isinstance(self.max_steps, int):
+            self.warmup_steps = min(50, self.max_steps // 20)
 
     def check(self):
         _positive(self, "learning_rate", "max_steps", "micro_batch_size", "grad_accum", "beta",
@@ -142,27 +153,49 @@ def _kind(tp):
         tp if isinstance(tp, str) else tp.__name__, str)
 
 
-def build_parser(cls, prog=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def resume_keys(cls) -> list[str]:
+    """The settings a resumed run must share with the run it continues (marked `resume=True`)."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata["resume"]]
+
+
+def _help(f) -> str:
+    meta = f.metadata
+    if meta["required"]:
+        return f"{meta['help']} (required)"
+    if f.default is None or "default:" in meta["help"] or f.name == "local_rank":
+        return meta["help"]
+    shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+    return f"{meta['help']} (default: {shown})"
+
+
+def build_parser(cls, prog=None, doc=None) -> argparse.ArgumentParser:
+    """Flags from the dataclass: `doc` (the phase module's docstring: what it does, the command) as the
+    description, required flags listed first and marked, every default shown."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    required = parser.add_argument_group("required")
+    optional = parser.add_argument_group("options")
     for f in dataclasses.fields(cls):
         kind, meta = _kind(f.type), f.metadata
-        kw = dict(dest=f.name, help=meta["help"], default=argparse.SUPPRESS)
+        kw = dict(dest=f.name, help=_help(f), default=argparse.SUPPRESS)
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif kind is list:
             kw["nargs"] = "+"
+            kw["metavar"] = f.name.upper()
         else:
             kw["type"] = kind
             kw["choices"] = meta["choices"]
+            kw["metavar"] = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else f.name.upper()
+        if f.name == "local_rank":
+            kw["help"] = argparse.SUPPRESS
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if f.name == "local_rank" else [])
-        parser.add_argument(*names, **kw)
+        (required if meta["required"] else optional).add_argument(*names, **kw)
     return parser
 
 
-def parse(cls, argv=None, prog=None):
+def parse(cls, argv=None, prog=None, doc=None):
     """Defaults, then the `--config` JSON job file (if the class has one), then flags; then `check()`."""
-    args = vars(build_parser(cls, prog).parse_args(argv))
+    args = vars(build_parser(cls, prog, doc).parse_args(argv))
     values = {}
     if args.get("config"):
         values.update(load_job_file(cls, args["config"]))

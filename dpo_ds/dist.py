@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
+from dpo_ds.errors import UserError
+
 
 def rank() -> int:
     return int(os.environ.get("RANK", 0))
@@ -70,6 +72,37 @@ def all_reduce(values, op: str = "sum") -> torch.Tensor:
         t = t.to(backend_device)
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM)
     return t.cpu()
+
+
+def on_main(fn):
+    """Run `fn` on rank 0 alone (one reader of shared storage: hashing weights and shards once, not once per
+    rank) and hand its result to every rank. An error there stops every rank: a UserError with its message
+    on each, anything else re-raised on rank 0 and reported as a UserError on the others."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except UserError as e:
+            error = (type(e), str(e))
+        except Exception as e:  # noqa: BLE001 - the other ranks must not wait forever on a crashed rank 0
+            if not active():
+                raise
+            error = (UserError, f"rank 0 failed: {type(e).__name__}: {e}")
+            _broadcast([None, error])
+            raise
+    if active():
+        result, error = _broadcast([result, error])
+    if error:
+        cls, message = error
+        err = cls.__new__(cls)
+        Exception.__init__(err, message)
+        raise err
+    return result
+
+
+def _broadcast(objects: list) -> list:
+    tdist.broadcast_object_list(objects, src=0)
+    return objects
 
 
 def print0(*args, **kw) -> None:

@@ -84,10 +84,17 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def attn_implementation(requested: str) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def attn_implementation(requested: str, dtype: torch.dtype) -> str:
+    """auto: flash_attention_2 where it can run (CUDA, flash-attn installed, a 16-bit dtype: it rejects fp32),
+    sdpa otherwise."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    if (torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+            and dtype in (torch.bfloat16, torch.float16)):
         return "flash_attention_2"
     return "sdpa"
 
@@ -124,7 +131,7 @@ def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_c
     if ds_config:
         init_distributed()
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config and zero_stage(ds_config) == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(attn),
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(attn, dtype),
                                                  use_safetensors=True, trust_remote_code=trust_remote_code)
     return model
 
@@ -215,7 +222,9 @@ def export_hf(engine, source_dir: str, out_dir: str) -> None:
         state = {k.removeprefix("lm."): v for k, v in state.items()}
         tmp = out_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        use_cache, lm.config.use_cache = lm.config.use_cache, True  # off for training; on for whoever generates
         lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        lm.config.use_cache = use_cache
         for name in os.listdir(source_dir):
             if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
                 shutil.copy2(os.path.join(source_dir, name), tmp)

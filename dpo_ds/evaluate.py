@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 from dpo_ds import config as C, dist, engine as E
 from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
+from dpo_ds.data import load_split, load_tokenizer, read_report
 from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.logps import pair_logps
 from dpo_ds.loss import dpo_loss, finalize, metric_sums
-from dpo_ds.prepare import load_split, load_tokenizer, read_report
 from dpo_ds.ref_cache import open_cache
 
 
@@ -55,7 +55,9 @@ def run(cfg: C.EvalConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != read_report(cfg.data)["tokenizer_fingerprint"]:
         raise C.UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
-    cache = open_cache(cfg.ref_cache, cfg.data, splits=[cfg.split])
+    # the evaluated model need not be the reference (a trained policy is not): no model check here
+    dist.on_main(lambda: open_cache(cfg.ref_cache, cfg.data, splits=[cfg.split]) and None)
+    cache = open_cache(cfg.ref_cache, cfg.data, splits=[cfg.split], verify=False)
     ds = cache.attach(load_split(cfg.data, cfg.split), cfg.split)
     logps_fn = E.inference_logps(cfg, E.resolve_dtype(cfg.dtype))
     metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),
@@ -71,7 +73,7 @@ def run(cfg: C.EvalConfig) -> dict:
 
 
 def main(argv=None):
-    C.main_guard(lambda: run(C.parse(C.EvalConfig, argv, prog="python -m dpo_ds.evaluate")))
+    C.main_guard(lambda: run(C.parse(C.EvalConfig, argv, prog="python -m dpo_ds.evaluate", doc=__doc__)))
 
 
 if __name__ == "__main__":

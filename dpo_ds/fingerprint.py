@@ -19,11 +19,20 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Call-time state of a fast tokenizer: transformers sets both on every call (and a tokenizer.json saved
+# after SFT often carries them), so they say nothing about the ids dpo_ds asks for.
+CALL_STATE = ("truncation", "padding")
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """What the token ids depend on: vocabulary, merges, normalisation, special tokens, chat template.
-    Taken from the loaded tokenizer, so a byte-different but equivalent re-save hashes the same."""
+    Taken from the loaded tokenizer, so a byte-different but equivalent re-save hashes the same, and
+    independent of the tokenizer's call-time truncation/padding state."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = json.loads(backend.to_str()) if backend is not None else sorted(tokenizer.get_vocab().items())
+    if backend is not None:
+        body = {k: v for k, v in json.loads(backend.to_str()).items() if k not in CALL_STATE}
+    else:
+        body = sorted(tokenizer.get_vocab().items())
     return sha256_json({"tokenizer": body, "chat_template": tokenizer.chat_template,
                         "special": tokenizer.special_tokens_map, "eos": tokenizer.eos_token_id})
 

@@ -50,7 +50,8 @@ class OutputHead:
     def __init__(self, lm_head, hidden_scale=None, transform=None, softcap=None):
         self.lm_head, self.hidden_scale, self.transform, self.softcap = lm_head, hidden_scale, transform, softcap
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits in the dtype the model's forward returns them."""
         if self.hidden_scale is not None:
             hidden = hidden * self.hidden_scale
         logits = self.lm_head(hidden)
@@ -58,7 +59,10 @@ class OutputHead:
             logits = self.transform(logits)
         if self.softcap:
             logits = _softcap(self.softcap)(logits)
-        return logits.float()
+        return logits
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logits(hidden).float()
 
 
 def output_head(model) -> OutputHead:

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from dpo_ds import config as C, dist, engine as E, ref_cache as R
 from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
+from dpo_ds.data import load_split, load_tokenizer, read_report, verify_files
 from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.logps import pair_logps
-from dpo_ds.prepare import load_split, load_tokenizer, read_report
 
 
 def shard_plan(ds, shard_size: int) -> list[np.ndarray]:
@@ -47,7 +47,7 @@ def compute_batch(logps_fn, batch: dict) -> dict:
 def run_split(logps_fn, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id: int, stats: dict) -> int:
     """Compute this rank's missing shards of one split; returns the split's shard count."""
     shards = shard_plan(ds, cfg.shard_size)
-    done = R.complete_shards(cache_dir, split)
+    done = dist.on_main(lambda: R.complete_shards(cache_dir, split))  # one rank hashes what is on disk
     mine = [n for n in range(len(shards)) if n % dist.world_size() == dist.rank() and n not in done]
     n_forwards = sum(math.ceil(len(shards[n]) / cfg.batch_size) for n in mine)
     if cfg.deepspeed:  # every ZeRO-3 forward is collective: ranks with less work run dummy batches to stay in step
@@ -80,21 +80,30 @@ def run_split(logps_fn, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id
     return len(shards)
 
 
-def run(cfg: C.PrecomputeConfig) -> dict | None:
-    dist.init()
-    E.check_model_dir(cfg.model)
+def check_inputs(cfg: C.PrecomputeConfig, tokenizer, splits: list, dtype_name: str) -> dict:
+    """The fingerprint of this computation, after checking the data on disk is what its report says and was
+    tokenized by the model's tokenizer. Hashes every weight file and prepared split: run on one rank."""
     report = read_report(cfg.data)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     tok_fp = tokenizer_fingerprint(tokenizer)
     if tok_fp != report["tokenizer_fingerprint"]:
         raise C.UserError(f"--data {cfg.data} was prepared with a different tokenizer ({report['tokenizer']}) than "
                           f"--model {cfg.model}'s; prepare it again with --tokenizer {cfg.model}")
-    splits = cfg.splits or list(report["counts"])
-    datasets_ = {s: load_split(cfg.data, s) for s in splits}
+    unknown = sorted(set(splits) - set(report["counts"]))
+    if unknown:
+        raise C.UserError(f"--splits {' '.join(unknown)}: not in --data {cfg.data} (prepared splits: "
+                          f"{', '.join(report['counts'])})")
+    verify_files(cfg.data, report, splits)
+    return R.fingerprint(cfg.model, tok_fp, report, dtype_name)
+
+
+def run(cfg: C.PrecomputeConfig) -> dict | None:
+    dist.init()
+    E.check_model_dir(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     dtype = E.resolve_dtype(cfg.dtype)
-    fp = R.fingerprint(cfg.model, tok_fp, report, {v: k for k, v in E.DTYPES.items()}[dtype])
-    fp["splits"] = splits
-    state = R.start(cfg.output_dir, fp)
+    requested = cfg.splits or list(read_report(cfg.data)["counts"])
+    fp = dist.on_main(lambda: check_inputs(cfg, tokenizer, requested, E.dtype_name(dtype)))
+    state, splits = R.start(cfg.output_dir, fp, requested)
     dist.barrier()  # every rank has read the directory before rank 0 writes into it
     if state == "complete":
         dist.print0(f"{cfg.output_dir}: already complete for this model and data; verify with "
@@ -106,10 +115,13 @@ def run(cfg: C.PrecomputeConfig) -> dict | None:
             raise C.UserError(f"{cfg.output_dir} was started with --shard_size {planned}; resume it with the same "
                               f"value (its complete shards hold those examples)")
     if dist.is_main():
-        R.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size})
+        R.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
+                                          "split_names": splits})
     dist.barrier()
+    datasets_ = {s: load_split(cfg.data, s) for s in splits}
     dist.print0(f"precompute: {'resuming' if state == 'resume' else 'starting'} {cfg.output_dir} "
-                f"({dist.world_size()} rank(s), {dtype}, {'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")
+                f"({', '.join(splits)}; {dist.world_size()} rank(s), {dtype}, "
+                f"{'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")
 
     logps_fn = E.inference_logps(cfg, dtype)
     stats = {"tokens": 0, "slots": 0, "examples": 0, "start": time.time()}
@@ -135,7 +147,7 @@ def run(cfg: C.PrecomputeConfig) -> dict | None:
 
 
 def main(argv=None):
-    C.main_guard(lambda: run(C.parse(C.PrecomputeConfig, argv, prog="python -m dpo_ds.precompute")))
+    C.main_guard(lambda: run(C.parse(C.PrecomputeConfig, argv, prog="python -m dpo_ds.precompute", doc=__doc__)))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
 """The reference log-prob cache: Arrow shards, their manifest, and the verified reader.
 
-    python -m dpo_ds.ref_cache verify CACHE_DIR --data PREPARED_DIR [--model SFT_DIR]
+    python -m dpo_ds.ref_cache verify CACHE_DIR --data PREPARED_DIR [--model SFT_DIR] [--trust_remote_code]
 
 Layout: CACHE_DIR/plan.json (the fingerprint, written first), CACHE_DIR/<split>/shard-<rank>-<n>.arrow
 (+ .json sidecar with rows and sha256, written after the shard is renamed into place), and
 CACHE_DIR/manifest.json, written last and atomically by rank 0. Without a manifest there is no cache.
+The fingerprint says what the values were computed from (model, tokenizer, data, dtype); which splits a
+cache holds is not part of it: rerunning precompute with more --splits extends a cache.
+
+`open_cache(..., verify=True)` checks everything, hashing every file (one reader: rank 0); `verify=False`
+reads a cache that rank 0 has verified.
 """
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import re
 import sys
@@ -18,9 +22,10 @@ import sys
 import numpy as np
 import pyarrow as pa
 
+from dpo_ds.data import load_split, load_tokenizer, read_report, verify_files
 from dpo_ds.errors import CacheError, UserError
+from dpo_ds.files import atomic_json, read_json
 from dpo_ds.fingerprint import model_fingerprint, sha256_file, tokenizer_fingerprint
-from dpo_ds.prepare import load_split, load_tokenizer, read_report
 
 FORMAT_VERSION = 1
 MANIFEST, PLAN = "manifest.json", "plan.json"
@@ -36,24 +41,15 @@ def fingerprint(model_dir: str, tokenizer_fp: str, data_report: dict, dtype: str
             "data": data_report["fingerprint"], "dtype": dtype}
 
 
+def same_computation(want: dict, have: dict) -> bool:
+    """Fingerprints written before splits left the fingerprint carry a `splits` key: it does not count."""
+    return {k: v for k, v in have.items() if k != "splits"} == want
+
+
 def describe_difference(want: dict, have: dict) -> str:
     names = {"model": "reference model (config or weights)", "tokenizer": "tokenizer", "data": "prepared data",
              "dtype": "dtype", "format_version": "cache format version"}
     return ", ".join(names[k] for k in names if want.get(k) != have.get(k)) or "nothing"
-
-
-def atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------- writing (precompute)
@@ -95,20 +91,26 @@ def remove_partial_shard(cache_dir: str, split: str, n: int) -> None:
         os.remove(path)
 
 
-def start(cache_dir: str, fp: dict) -> str:
-    """Check CACHE_DIR can hold this computation: 'new', 'resume' or 'complete'. Refuses a directory that
-    was started (or finished) from a different model, tokenizer, data or dtype."""
+def start(cache_dir: str, fp: dict, splits) -> tuple[str, list]:
+    """Check CACHE_DIR can hold this computation -> (state, splits to compute). state is 'new', 'resume'
+    or 'complete'; a complete cache asked for splits it lacks is resumed with the union of both. Refuses a
+    directory that was started (or finished) from a different model, tokenizer, data or dtype."""
     for name in (MANIFEST, PLAN):
         path = os.path.join(cache_dir, name)
         if os.path.isfile(path):
-            have = read_json(path)["fingerprint"]
-            if have != fp:
-                raise CacheError(f"{cache_dir} holds a cache of a different computation ({describe_difference(fp, have)} "
-                                 f"differ); use a new --output_dir, or delete it to recompute")
-            return "complete" if name == MANIFEST else "resume"
+            entry = read_json(path)
+            if not same_computation(fp, entry["fingerprint"]):
+                raise CacheError(f"{cache_dir} holds a cache of a different computation "
+                                 f"({describe_difference(fp, entry['fingerprint'])} differ); use a new --output_dir, "
+                                 f"or delete it to recompute")
+            have = list(entry["splits"]) if name == MANIFEST else entry.get("split_names", [])
+            union = sorted(set(have) | set(splits))
+            if name == MANIFEST and set(splits) <= set(have):
+                return "complete", union
+            return "resume", union
     if os.path.isdir(cache_dir) and os.listdir(cache_dir):
         raise CacheError(f"--output_dir {cache_dir} exists, is not empty and is not a reference cache")
-    return "new"
+    return "new", sorted(set(splits))
 
 
 def write_plan(cache_dir: str, fp: dict, plan: dict) -> None:
@@ -157,9 +159,11 @@ class RefCache:
         return ds
 
 
-def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, splits=None) -> RefCache:
-    """Open and verify: manifest, format, fingerprint against the prepared data (and its tokenizer, and
-    the model when given), shard hashes and row counts, no extra shards, every example exactly once."""
+def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, splits=None,
+               trust_remote_code: bool = False, verify: bool = True) -> RefCache:
+    """Open a cache: manifest, format, fingerprint against the prepared data's report, shard row counts, every
+    example exactly once. With `verify` also what needs hashing: the prepared files against their report,
+    the tokenizer and weights of `model_dir` when given, every shard's sha256, no extra shard files."""
     if not os.path.isdir(cache_dir):
         raise CacheError(f"--ref_cache {cache_dir}: no such directory; run dpo_ds.precompute first")
     path = os.path.join(cache_dir, MANIFEST)
@@ -173,37 +177,42 @@ def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, spli
         raise CacheError(f"{cache_dir}: cache format {fp.get('format_version')}, this code reads {FORMAT_VERSION}; "
                          f"recompute it")
     report = read_report(data_dir)
+    splits = list(splits or manifest["splits"])
+    if verify:
+        verify_files(data_dir, report, splits)
     if fp["data"] != report["fingerprint"]:
         raise CacheError(f"{cache_dir} was computed from other prepared data than {data_dir} (data fingerprint "
                          f"{fp['data'][:12]} != {report['fingerprint'][:12]}); rerun dpo_ds.precompute on it")
     if fp["tokenizer"] != report["tokenizer_fingerprint"]:
         raise CacheError(f"{cache_dir} was computed with another tokenizer than {data_dir} was prepared with")
-    if model_dir is not None:
-        if tokenizer_fingerprint(load_tokenizer(model_dir)) != fp["tokenizer"]:
+    if verify and model_dir is not None:
+        if tokenizer_fingerprint(load_tokenizer(model_dir, trust_remote_code)) != fp["tokenizer"]:
             raise CacheError(f"the tokenizer of --model {model_dir} differs from the one the cache and data used")
         if model_fingerprint(model_dir) != fp["model"]:
             raise CacheError(f"{cache_dir} holds the log-probs of another reference model than --model "
                              f"{model_dir} (config or weights differ); precompute with this model")
     tables = {}
-    for split in splits or manifest["splits"]:
+    for split in splits:
         if split not in manifest["splits"]:
-            raise CacheError(f"{cache_dir}: no split {split!r} (cached: {', '.join(manifest['splits'])})")
-        tables[split] = verified_split(cache_dir, split, manifest["splits"][split], load_split(data_dir, split))
+            raise CacheError(f"{cache_dir}: no split {split!r} (cached: {', '.join(manifest['splits'])}); rerun "
+                             f"dpo_ds.precompute with --splits {' '.join(sorted(set(manifest['splits']) | {split}))} "
+                             f"to add it")
+        tables[split] = read_split(cache_dir, split, manifest["splits"][split], load_split(data_dir, split), verify)
     return RefCache(cache_dir, manifest, tables)
 
 
-def verified_split(cache_dir: str, split: str, entry: dict, prepared) -> pa.Table:
+def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) -> pa.Table:
     listed = {m["file"] for m in entry["shards"]}
     extra = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cache_dir, split, "shard-*.arrow"))
                    if os.path.basename(p) not in listed)
-    if extra:
+    if extra and verify:
         raise CacheError(f"{cache_dir}/{split}: shard files not in the manifest: {', '.join(extra[:5])}")
     parts = []
     for meta in entry["shards"]:
         path = os.path.join(cache_dir, split, meta["file"])
         if not os.path.isfile(path):
             raise CacheError(f"{cache_dir}/{split}: shard {meta['file']} is missing")
-        if sha256_file(path) != meta["sha256"]:
+        if verify and sha256_file(path) != meta["sha256"]:
             raise CacheError(f"{cache_dir}/{split}: shard {meta['file']} does not match its sha256 "
                              f"(modified or corrupt); recompute the cache")
         table = read_shard(path)
@@ -246,9 +255,10 @@ def main(argv=None):
     v.add_argument("cache_dir")
     v.add_argument("--data", required=True, help="the prepared data directory the cache must match")
     v.add_argument("--model", help="also check the cache was computed from this model")
+    v.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with the tokenizer to run")
     a = p.parse_args(argv)
     try:
-        print(summary(open_cache(a.cache_dir, a.data, a.model)))
+        print(summary(open_cache(a.cache_dir, a.data, a.model, trust_remote_code=a.trust_remote_code)))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

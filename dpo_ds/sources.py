@@ -103,6 +103,9 @@ def split_hh(transcript: str, name: str, where: str) -> tuple[list[dict], str]:
     for i, m in enumerate(messages):
         if not m["content"]:
             raise DataError(where, f"{name} turn {i + 1}", "is empty")
+    if HH_TURN.search(reply):
+        raise DataError(where, name, "the transcript ends with a Human turn after the last Assistant reply: "
+                                     "there is no response to prefer")
     if not reply.strip():
         raise DataError(where, name, "the last Assistant reply is empty")
     return messages, reply
@@ -215,7 +218,12 @@ def load_hub(source: Source) -> Iterator[tuple[str, str, object]]:
     import datasets
 
     for hub_split, split in source.splits.items():
-        ds = datasets.load_dataset(source.hub_id, split=hub_split)
+        try:
+            ds = datasets.load_dataset(source.hub_id, split=hub_split)
+        except Exception as e:  # noqa: BLE001 - offline, unreachable, renamed: many exception types
+            raise UserError(f"cannot load {source.hub_id} [{hub_split}] from the hub ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); without network, download its files "
+                            f"and pass them with --data_files") from None
         for i, row in enumerate(ds):
             yield split, f"{source.hub_id}[{hub_split}] row {i + 1}", row
 
@@ -239,20 +247,30 @@ def iter_raw(dataset: str, data_files: list | None) -> Iterator[tuple[str, str, 
             yield split, where, row
 
 
-def read_rows(dataset: str, data_files: list | None, skip_bad: bool):
-    """Normalised rows as (example_id, split, row), and the skipped rows [{where, field, reason}]."""
+class BadRows:
+    """What to do with a bad row: stop with its error (the default), or skip it and remember why."""
+
+    def __init__(self, skip: bool):
+        self.skip, self.skipped = skip, []
+
+    def handle(self, e: DataError) -> None:
+        if not self.skip:
+            raise DataError(e.where, e.field, e.reason + " (rerun with --on_bad_row skip to skip such "
+                                                         "rows and list them in the report)") from None
+        self.skipped.append({"where": e.where, "field": e.field, "reason": e.reason})
+
+
+def read_rows(dataset: str, data_files: list | None, bad: BadRows) -> list:
+    """Normalised rows as (example_id, split, where, row); bad rows go to `bad`."""
     normalize = resolve_source(dataset).normalize
-    rows, skipped = [], []
+    rows = []
     for example_id, (split, where, raw) in enumerate(iter_raw(dataset, data_files)):
         try:
             if isinstance(raw, DataError):
                 raise raw
             if not isinstance(raw, dict):
                 raise DataError(where, None, f"expected a JSON object, got {type(raw).__name__}")
-            rows.append((example_id, split, normalize(raw, where)))
+            rows.append((example_id, split, where, normalize(raw, where)))
         except DataError as e:
-            if not skip_bad:
-                raise DataError(e.where, e.field, e.reason + " (rerun with --on_bad_row skip to skip such "
-                                                             "rows and list them in the report)") from None
-            skipped.append({"where": e.where, "field": e.field, "reason": e.reason})
-    return rows, skipped
+            bad.handle(e)
+    return rows

@@ -10,7 +10,6 @@ micro-batches, so the data position is a function of the step: a resumed run con
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -21,16 +20,13 @@ from tqdm import tqdm
 
 from dpo_ds import config as C, dist, engine as E
 from dpo_ds.batching import collate, pad_and_eos, pair_lengths, take
+from dpo_ds.data import load_split, load_tokenizer, read_report
 from dpo_ds.evaluate import evaluate, format_metrics
+from dpo_ds.files import atomic_json, read_json
 from dpo_ds.logps import SequenceLogps, pair_logps
-from dpo_ds.loss import dpo_loss, finalize, metric_sums
-from dpo_ds.prepare import load_split, load_tokenizer, read_report
+from dpo_ds.loss import METRICS, dpo_loss, finalize, metric_sums
 from dpo_ds.ref_cache import open_cache
-from dpo_ds.report import MetricsLog, plot
-
-# settings a resumed run must share with the run it continues
-RESUME_KEYS = ("model", "data", "ref_cache", "seed", "micro_batch_size", "grad_accum", "beta", "loss_type",
-               "label_smoothing", "learning_rate", "lr_schedule", "warmup_steps", "max_steps")
+from dpo_ds.report import MetricsLog, plot, read_metrics
 
 
 def global_batch(step: int, n: int, size: int, seed: int) -> np.ndarray:
@@ -83,9 +79,8 @@ def check_resumable(cfg: C.TrainConfig, ckpt_dir: str) -> bool:
                           f"use a new --output_dir or --resume auto")
     saved_path = os.path.join(cfg.output_dir, "config.json")
     if os.path.isfile(saved_path):
-        with open(saved_path) as f:
-            saved = json.load(f)["train"]
-        changed = [k for k in RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+        saved = read_json(saved_path)["train"]
+        changed = [k for k in C.resume_keys(C.TrainConfig) if saved.get(k) != getattr(cfg, k)]
         if changed:
             raise C.UserError(f"{cfg.output_dir} holds a run with other settings ({', '.join(changed)}); "
                               f"it cannot be resumed with these. Use a new --output_dir")
@@ -96,26 +91,55 @@ def rng_path(ckpt_dir: str, tag: str) -> str:
     return os.path.join(ckpt_dir, tag, f"rng_rank{dist.rank():05d}.pt")
 
 
-def save(engine, ckpt_dir: str, step: int, keep: int = 2) -> None:
+class Window:
+    """The train metrics summed since the last logged line (each rank its own share). Carried across a
+    checkpoint, so a run resumed between two log lines logs the same averages as an uninterrupted one."""
+
+    def __init__(self):
+        self.sums, self.tokens, self.t0 = torch.zeros(len(METRICS) + 1, dtype=torch.float64), 0.0, time.time()
+
+    def add(self, sums, tokens: int) -> None:
+        self.sums, self.tokens = self.sums + sums, self.tokens + tokens
+
+    def reduce(self) -> tuple[torch.Tensor, float, float]:
+        """(summed metrics, tokens, seconds) over every rank: collective."""
+        total = dist.all_reduce(torch.cat([self.sums, torch.tensor([self.tokens])]))
+        return total[:-1], float(total[-1]), time.time() - self.t0
+
+    def state(self) -> dict:
+        sums, tokens, seconds = self.reduce()
+        return {"sums": sums.tolist(), "tokens": tokens, "seconds": seconds}
+
+    def restore(self, state: dict) -> None:
+        if dist.is_main():  # the reduced window lives on rank 0 alone, so the next reduce counts it once
+            self.sums, self.tokens = torch.tensor(state["sums"], dtype=torch.float64), state["tokens"]
+            self.t0 = time.time() - state["seconds"]
+
+
+def save(engine, ckpt_dir: str, step: int, window: Window, keep: int = 2) -> None:
     """A DeepSpeed checkpoint plus each rank's RNG state (dropout, if the model has any, continues exactly;
-    the data order needs none: it is a function of seed and step)."""
+    the data order needs none: it is a function of seed and step) and the open metrics window."""
     tag = f"step-{step:07d}"
     os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, rng_path(ckpt_dir, tag))  # before DeepSpeed writes `latest`, which marks it complete
-    E.save_checkpoint(engine, ckpt_dir, tag, {"step": step})
+    E.save_checkpoint(engine, ckpt_dir, tag, {"step": step, "window": window.state()})
     if dist.is_main():  # keep the newest `keep` checkpoints
         tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step-"))
-        for tag in tags[:-keep]:
-            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+        for old in tags[:-keep]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     dist.barrier()
 
 
-def restore(engine, ckpt_dir: str) -> int:
-    """Load the newest complete checkpoint and this rank's RNG state; the step to continue from."""
-    start = (E.load_checkpoint(engine, ckpt_dir) or {}).get("step", 0)
+def restore(engine, ckpt_dir: str, window: Window) -> int:
+    """Load the newest complete checkpoint, this rank's RNG state and the metrics window; the step to
+    continue from."""
+    client = E.load_checkpoint(engine, ckpt_dir) or {}
+    start = client.get("step", 0)
+    if "window" in client:
+        window.restore(client["window"])
     if start and os.path.isfile(rng_path(ckpt_dir, f"step-{start:07d}")):
         rng = torch.load(rng_path(ckpt_dir, f"step-{start:07d}"), weights_only=True)
         torch.set_rng_state(rng["torch"])
@@ -125,9 +149,11 @@ def restore(engine, ckpt_dir: str) -> int:
 
 
 def load_data(cfg: C.TrainConfig):
-    """(train, eval or None) with the verified cache's reference columns joined by example_id."""
+    """(train, eval or None) with the verified cache's reference columns joined by example_id. Rank 0 alone
+    hashes the data, the cache and the model's weights; the other ranks read what it verified."""
     splits = [s for s in ("train", "eval") if s in read_report(cfg.data)["counts"]]
-    cache = open_cache(cfg.ref_cache, cfg.data, model_dir=cfg.model, splits=splits)
+    dist.on_main(lambda: open_cache(cfg.ref_cache, cfg.data, cfg.model, splits, cfg.trust_remote_code) and None)
+    cache = open_cache(cfg.ref_cache, cfg.data, splits=splits, verify=False)
     train_ds = cache.attach(load_split(cfg.data, "train"), "train")
     eval_ds = cache.attach(load_split(cfg.data, "eval"), "eval") if "eval" in splits else None
     if eval_ds is None:
@@ -146,7 +172,27 @@ def build_engine(cfg: C.TrainConfig, ds_config: dict):
                              cfg.weight_decay, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule), sync
 
 
-def run(cfg: C.TrainConfig) -> dict:
+class Job:
+    """What the loop needs, built by `set_up`."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def evaluate(self, step: int) -> dict:
+        if self.eval_ds is None:
+            return {}
+        self.engine.eval()
+        metrics = evaluate(self.engine, self.eval_ds, self.cfg, self.cfg.micro_batch_size, self.pad_id, self.eos_id,
+                           self.sync)
+        self.engine.train()
+        if self.log:
+            self.log.write(step, "eval", metrics)
+            tqdm.write(f"eval @ {step}: {format_metrics(metrics)}")
+        return metrics
+
+
+def set_up(cfg: C.TrainConfig) -> Job:
+    """Data and cache (verified once), the saved config, the engine, and the checkpoint to continue from."""
     E.init_distributed()
     E.check_model_dir(cfg.model)
     ds_config = E.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
@@ -155,73 +201,84 @@ def run(cfg: C.TrainConfig) -> dict:
     if len(train_ds) < global_size:
         raise C.UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
                           f"({cfg.micro_batch_size} micro x {cfg.grad_accum} accumulation x {dist.world_size()} ranks)")
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    pad_id, eos_id = pad_and_eos(tokenizer)
+    pad_id, eos_id = pad_and_eos(load_tokenizer(cfg.model, cfg.trust_remote_code))
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
     resuming = check_resumable(cfg, ckpt_dir)
+    dist.barrier()  # every rank has read OUT/config.json before rank 0 replaces it
     if dist.is_main():
         os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            json.dump({"train": C.to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size()}, f, indent=2)
-
+        atomic_json(os.path.join(cfg.output_dir, "config.json"),
+                    {"train": C.to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size()})
     engine, sync = build_engine(cfg, ds_config)
-    start = restore(engine, ckpt_dir) if resuming else 0
+    window = Window()
+    start = restore(engine, ckpt_dir, window) if resuming else 0
     log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
                 f"ZeRO stage {E.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}")
+    return Job(cfg=cfg, engine=engine, sync=sync, train_ds=train_ds, eval_ds=eval_ds, pad_id=pad_id, eos_id=eos_id,
+               ckpt_dir=ckpt_dir, start=start, log=log, window=window, global_size=global_size)
 
-    def run_eval(step):
-        if eval_ds is None:
-            return {}
-        engine.eval()
-        metrics = evaluate(engine, eval_ds, cfg, cfg.micro_batch_size, pad_id, eos_id, sync)
-        engine.train()
-        if log:
-            log.write(step, "eval", metrics)
-            tqdm.write(f"eval @ {step}: {format_metrics(metrics)}")
-        return metrics
 
-    lengths = pair_lengths(train_ds)
-    if start == 0 and cfg.eval_every:
-        run_eval(0)  # the SFT model's own point on the eval curves: loss ln 2, rewards 0
+def train_loop(job: Job) -> None:
+    """Steps `job.start` .. max_steps: train lines every --log_every, evals every --eval_every and at the end,
+    checkpoints every --save_every and at the end (after the final eval, so a finished run has nothing left
+    to redo but the export)."""
+    cfg, engine, window = job.cfg, job.engine, job.window
+    lengths = pair_lengths(job.train_ds)
+    if job.start == 0 and cfg.eval_every:
+        job.evaluate(0)  # the SFT model's own point on the eval curves: loss ln 2, rewards 0
     engine.train()
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", disable=not dist.is_main(),
+    bar = tqdm(total=cfg.max_steps, initial=job.start, desc="train", unit="step", disable=not dist.is_main(),
                mininterval=2.0)
-    window, window_tokens, t0 = 0, 0, time.time()
-    for step in range(start, cfg.max_steps):
+    for step in range(job.start, cfg.max_steps):
         lr = engine.get_lr()[0]
-        rows = global_batch(step, len(train_ds), global_size, cfg.seed)
-        sums, tokens = train_step(engine, train_ds, my_micro_batches(rows, lengths, cfg.micro_batch_size,
-                                                                     cfg.grad_accum), cfg, pad_id, step)
-        window, window_tokens = window + sums, window_tokens + tokens
+        rows = global_batch(step, len(job.train_ds), job.global_size, cfg.seed)
+        micro_batches = my_micro_batches(rows, lengths, cfg.micro_batch_size, cfg.grad_accum)
+        window.add(*train_step(engine, job.train_ds, micro_batches, cfg, job.pad_id, step))
         done = step + 1
         bar.update(1)
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            total = dist.all_reduce(torch.cat([torch.as_tensor(window), torch.tensor([float(window_tokens)])]))
-            metrics = {**finalize(total[:-1]), "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                       "tokens_per_s": float(total[-1]) / max(time.time() - t0, 1e-9)}
-            if log:
-                log.write(done, "train", metrics)
+            sums, tokens, seconds = window.reduce()
+            metrics = {**finalize(sums), "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "tokens_per_s": tokens / max(seconds, 1e-9)}
+            if job.log:
+                job.log.write(done, "train", metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-            window, window_tokens, t0 = 0, 0, time.time()
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
-            run_eval(done)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-            save(engine, ckpt_dir, done)
+            job.window = window = Window()
+        if done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0):
+            job.evaluate(done)
+        if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
+            save(engine, job.ckpt_dir, done, window)
     bar.close()
-    final = run_eval(cfg.max_steps)
-    E.export_hf(engine, cfg.model, os.path.join(cfg.output_dir, "final"))
-    if log:
-        log.close()
-        print(f"train: done. final eval: {format_metrics(final)}\n  model -> {cfg.output_dir}/final, "
-              f"curves -> {plot(cfg.output_dir)}, metrics -> {log.path}")
+
+
+def finish(job: Job) -> dict:
+    """Export the final model (unless a finished run already did) and return the final eval metrics."""
+    cfg = job.cfg
+    final_dir = os.path.join(cfg.output_dir, "final")
+    finished_before = job.start == cfg.max_steps
+    if not (finished_before and os.path.isdir(final_dir)):
+        E.export_hf(job.engine, cfg.model, final_dir)
+    evals = [r for r in read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
+             if r["split"] == "eval" and r["step"] == cfg.max_steps]
+    final = {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
+    if job.log:
+        job.log.close()
+        print(f"train: {'already complete' if finished_before else 'done'}. final eval: {format_metrics(final)}\n"
+              f"  model -> {final_dir}, curves -> {plot(cfg.output_dir)}, metrics -> {job.log.path}")
     dist.barrier()
     return final
 
 
+def run(cfg: C.TrainConfig) -> dict:
+    job = set_up(cfg)
+    train_loop(job)
+    return finish(job)
+
+
 def main(argv=None):
-    C.main_guard(lambda: run(C.parse(C.TrainConfig, argv, prog="python -m dpo_ds.train")))
+    C.main_guard(lambda: run(C.parse(C.TrainConfig, argv, prog="python -m dpo_ds.train", doc=__doc__)))
 
 
 if __name__ == "__main__":

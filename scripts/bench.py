@@ -41,7 +41,7 @@ def worker_train(a) -> None:
     from dpo_ds import config as C, dist, engine as E
     from dpo_ds.batching import pair_lengths
     from dpo_ds.logps import SequenceLogps, pair_logps
-    from dpo_ds.prepare import load_split
+    from dpo_ds.data import load_split
     from dpo_ds.ref_cache import open_cache
     from dpo_ds.train import cached_reference, global_batch, my_micro_batches, train_step
 
@@ -141,7 +141,7 @@ def worker_bare_forward(a) -> None:
     import torch
 
     from dpo_ds import engine as E
-    from dpo_ds.prepare import load_split, read_report
+    from dpo_ds.data import load_split, read_report
 
     model = E.load_model(a.model, torch.float32).eval()
     stream = np.concatenate([np.asarray(x) for s in read_report(a.data)["counts"] for side in ("chosen", "rejected")

@@ -197,3 +197,149 @@ def test_tiny_model_loads(tiny):
     from dpo_ds.tiny import is_correct
     rows = [json.loads(line) for line in open(prefs)]
     assert all(is_correct(r["prompt"], r["chosen"]) and not is_correct(r["prompt"], r["rejected"]) for r in rows)
+
+
+# ---------------------------------------------------------------- regressions (issue 8)
+
+def test_tokenizer_fingerprint_ignores_call_state_and_num_proc(tiny, tmp_path):
+    """A tokenizer.json saved with truncation/padding set (common after SFT) and the state the first call
+    leaves behind do not change the fingerprint; neither does --num_proc."""
+    from dpo_ds.fingerprint import tokenizer_fingerprint
+
+    model_dir, prefs = tiny
+    fresh = AutoTokenizer.from_pretrained(model_dir)
+    want = tokenizer_fingerprint(fresh)
+    fresh(["a b c"], truncation=True, max_length=2)
+    assert tokenizer_fingerprint(fresh) == want
+    saved = tmp_path / "tok_with_state"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.backend_tokenizer.enable_truncation(max_length=64)
+    tok.backend_tokenizer.enable_padding(length=64)
+    tok.save_pretrained(saved)
+    assert json.load(open(saved / "tokenizer.json"))["truncation"] is not None
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(saved)) == want
+    one, _ = prep(tmp_path / "one", model_dir, prefs)
+    two, _ = prep(tmp_path / "two", model_dir, prefs, num_proc=2)
+    assert one["fingerprint"] == two["fingerprint"] and one["tokenizer_fingerprint"] == two["tokenizer_fingerprint"]
+
+
+def test_chat_template_errors_are_bad_rows(tiny, tmp_path):
+    """A template that raises (here: for a system turn) names the row; in skip mode the row is reported."""
+    model_dir, _ = tiny
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok_dir = tmp_path / "strict_tok"
+    tok.save_pretrained(tok_dir)
+    system = {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}],
+              "chosen": "a", "rejected": "b"}
+    f = write_jsonl(tmp_path / "sys.jsonl", [GOOD, GOOD, system, GOOD])
+    with pytest.raises(DataError, match=rf"{f} line 3: field 'prompt': the tokenizer's chat template refused it "
+                                        r"\(TemplateError: System role not supported\)"):
+        prep(tmp_path, str(tok_dir), f)
+    report, _ = prep(tmp_path, str(tok_dir), f, on_bad_row="skip", eval_fraction=0.0)
+    assert report["counts"] == {"train": 3} and report["skipped"][0]["where"] == f"{f} line 3"
+    p = run_module("dpo_ds.prepare", "--dataset", f, "--tokenizer", tok_dir, "--output_dir", tmp_path / "cli", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "line 3: field 'prompt'" in p.stderr
+
+
+def test_plain_prompt_keeps_bos_but_not_a_post_processor_eos(tiny, tmp_path):
+    """Without a chat template, a tokenizer whose post-processor wraps a text in BOS ... EOS gives the prompt
+    its BOS only: the one EOS of a row ends the response."""
+    from tokenizers import processors
+
+    model_dir, _ = tiny
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = None
+    bos, eos = "<|endoftext|>", tok.eos_token
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, tok.convert_tokens_to_ids(bos)), (eos, tok.eos_token_id)])
+    plain_dir = tmp_path / "bos_eos_tok"
+    tok.save_pretrained(plain_dir)
+    (plain_dir / "chat_template.jinja").unlink(missing_ok=True)
+    tok = AutoTokenizer.from_pretrained(plain_dir)
+    assert tok("x")["input_ids"][-1] == tok.eos_token_id, "the post-processor appends EOS"
+    f = write_jsonl(tmp_path / "p.jsonl", [GOOD] * 3)
+    _, out = prep(tmp_path, str(plain_dir), f, eval_fraction=0.0)
+    for row in datasets.load_from_disk(os.path.join(out, "train")):
+        ids = row["chosen_input_ids"]
+        assert ids[0] == tok.convert_tokens_to_ids(bos)
+        assert ids.count(tok.eos_token_id) == 1 and ids[-1] == tok.eos_token_id
+
+
+def test_hh_transcript_ending_with_a_human_turn_is_a_bad_row(tiny, tmp_path):
+    model_dir, _ = tiny
+    row = hh_row(*HH[0])
+    row["chosen"] += "\n\nHuman: thanks"
+    f = write_jsonl(tmp_path / "train.jsonl", [hh_row(*HH[1]), row])
+    with pytest.raises(DataError, match=r"line 2: field 'chosen': the transcript ends with a Human turn"):
+        prep(tmp_path, model_dir, "hh_rlhf", [f])
+
+
+def test_unreachable_hub_dataset_is_one_line(tiny, tmp_path):
+    p = run_module("dpo_ds.prepare", "--dataset", "orca_dpo", "--tokenizer", tiny[0], "--output_dir", tmp_path / "o",
+                   check=False, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "cannot load Intel/orca_dpo_pairs [train] from the hub" in p.stderr and "--data_files" in p.stderr
+
+
+def test_stale_report_is_never_read_with_new_splits(tiny, tmp_path, monkeypatch):
+    """A prepare run that dies after rewriting the splits but before its report leaves no report behind, and
+    split files that differ from their report are refused."""
+    from dpo_ds import data
+
+    model_dir, prefs = tiny
+    _, out = prep(tmp_path, model_dir, prefs)
+    data.verify_files(out, data.read_report(out), ["train", "eval"])
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed before the report")
+    monkeypatch.setattr(data, "atomic_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prep(tmp_path, model_dir, prefs, max_length=48)
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="no prepare_report.json"):
+        data.read_report(out)
+    _, out = prep(tmp_path, model_dir, prefs)
+    report = data.read_report(out)
+    arrow = [n for n in os.listdir(os.path.join(out, "train")) if n.endswith(".arrow")][0]
+    with open(os.path.join(out, "train", arrow), "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UserError, match="train differs from what prepare_report.json describes"):
+        data.verify_files(out, report, ["train"])
+
+
+def test_one_flag_alone_never_refuses_a_default():
+    """--max_length alone derives --max_prompt_length; --max_steps alone derives --warmup_steps."""
+    cfg = C.parse(C.PrepareConfig, ["--dataset", "d.jsonl", "--tokenizer", "t", "--output_dir", "o", "--max_length", "256"])
+    assert cfg.max_prompt_length == 128
+    assert C.PrepareConfig(dataset="d", tokenizer="t", output_dir="o").max_prompt_length == 512
+    train = ["--model", "m", "--data", "d", "--ref_cache", "r", "--output_dir", "o", "--deepspeed", "z.json"]
+    assert C.parse(C.TrainConfig, train + ["--max_steps", "5"]).warmup_steps == 0
+    assert C.parse(C.TrainConfig, train).warmup_steps == 50
+    assert C.parse(C.TrainConfig, train + ["--max_steps", "5", "--warmup_steps", "2"]).warmup_steps == 2
+
+
+@pytest.mark.parametrize("module", ["prepare", "precompute", "train", "evaluate"])
+def test_help_reads_like_a_tool(module):
+    p = run_module(f"dpo_ds.{module}", "--help")
+    doc = __import__(f"dpo_ds.{module}", fromlist=["_"]).__doc__.strip().splitlines()[0]
+    assert doc in p.stdout and "Config(" not in p.stdout
+    assert "required:" in p.stdout and "(required)" in p.stdout
+    if module == "train":
+        assert "--model MODEL" in p.stdout and "(default: 5e-07)" in p.stdout and "(default: sigmoid)" in p.stdout
+        assert p.stdout.index("--model") < p.stdout.index("--learning_rate"), "required flags come first"
+
+
+def test_scripts_run_from_a_checkout_without_the_package(tmp_path):
+    """scripts/*.py put the checkout on sys.path themselves (here: run with dpo_ds made unimportable from
+    site-packages by a shadowing empty module on PYTHONPATH, which the script's own path entry precedes)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "dpo_ds").mkdir()
+    (tmp_path / "dpo_ds" / "__init__.py").write_text("raise ImportError('not the checkout')\n")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_dpo.py"), "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert p.returncode == 0 and "prepare" in p.stdout, p.stderr[-2000:]
