@@ -53,7 +53,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         else:
             pieces.append(_chunk_logps(head, hc, tc))
     token_logps = torch.cat(pieces)
-    logps = torch.zeros(B, dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
+    logps = torch.zeros(B, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
     return logps, mask.sum(1)
 
 
