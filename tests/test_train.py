@@ -61,6 +61,7 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
     assert sharded["loss"] == pytest.approx(exported["loss"], rel=1e-5)
     w = weights(out)
     assert all(t.numel() > 0 for t in w.values()), "ZeRO-3 export gathered the weights"
+    assert json.load(open(out / "final" / "config.json"))["use_cache"] is True, "generation may use a KV cache"
 
 
 def test_micro_batch_times_accumulation_invariance(tiny, prepared, cache, tmp_path):
@@ -98,8 +99,11 @@ def launch(args, out_log):
 
 def test_two_rank_run_learns_and_resumes_exactly(tiny, prepared, cache, tmp_path):
     """2-rank ZeRO-3 with gradient checkpointing: SIGKILL after a checkpoint, rerun the same command, and
-    the metrics equal an uninterrupted run's; the eval loss falls and reward accuracy rises."""
-    common = dict(max_steps=12, save_every=4, eval_every=6, micro_batch_size=4, grad_accum=1, warmup_steps=1)
+    the metrics equal an uninterrupted run's (also the train line that spans the resume: logged every 3 steps,
+    checkpointed at 4); the eval loss falls and reward accuracy rises. Rerunning the finished run changes
+    nothing: no second final eval, no second export."""
+    common = dict(max_steps=12, save_every=4, eval_every=6, micro_batch_size=4, grad_accum=1, warmup_steps=1,
+                  log_every=3)
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_module("dpo_ds.train", *train_args(tiny, prepared, cache, full, **common), launcher=2)
 
@@ -124,6 +128,12 @@ def test_two_rank_run_learns_and_resumes_exactly(tiny, prepared, cache, tmp_path
     evals = [r for r in a if r["split"] == "eval"]
     assert evals[-1]["loss"] < math.log(2) - 0.01 and evals[-1]["rewards/accuracies"] > 0.5
     assert evals[-1]["loss"] < evals[0]["loss"]
+
+    exported = os.path.getmtime(killed / "final" / "model.safetensors")
+    p = run_module("dpo_ds.train", *train_args(tiny, prepared, cache, killed, **common), launcher=2)
+    assert "already complete" in p.stdout
+    assert read_metrics(killed / "metrics.jsonl") == b
+    assert os.path.getmtime(killed / "final" / "model.safetensors") == exported
 
 
 def test_refusals_and_clear_errors(tiny, prepared, cache, tmp_path):
