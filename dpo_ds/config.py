@@ -52,6 +52,9 @@ class PrepareConfig:
             raise ConfigError(f"--eval_fraction {self.eval_fraction} must be in [0, 1)")
 
 
+LOGP_CHUNK_SIZE = 256  # response tokens per lm_head chunk, the default of every phase and of dpo_ds.logps
+
+
 @dataclass
 class ModelConfig:
     model: str = opt(None, "SFT checkpoint directory (HF format, safetensors)", required=True, resume=True)
@@ -59,20 +62,25 @@ class ModelConfig:
     attn_implementation: str = opt("auto", "auto picks flash_attention_2 when flash-attn and CUDA are "
                                            "present, sdpa otherwise", choices=["auto", "flash_attention_2",
                                                                                "sdpa", "eager"])
-    logp_chunk_size: int = opt(256, "response tokens per lm_head chunk in the log-prob computation: peak "
+    logp_chunk_size: int = opt(LOGP_CHUNK_SIZE, "response tokens per lm_head chunk in the log-prob computation: peak "
                                     "memory is a few [chunk, vocab] fp32 tensors (256 x 151,936 x 4 B = 156 MB)")
     trust_remote_code: bool = opt(False, "allow code shipped with the model to run")
     local_rank: int = opt(-1, "set by the deepspeed launcher; ignored (LOCAL_RANK is read instead)")
 
 
 @dataclass
-class PrecomputeConfig(ModelConfig):
-    output_dir: str = opt(None, "cache directory (manifest.json + <split>/shard-*.arrow)", required=True)
+class InferenceConfig(ModelConfig):
+    """A frozen model run forward only (precompute, evaluate)."""
     batch_size: int = opt(8, "preference pairs per forward (chosen and rejected go together)")
-    dtype: str = opt("auto", "model dtype; auto = bf16 on CUDA, fp32 on CPU. Values are accumulated in fp32",
+    dtype: str = opt("auto", "model dtype; auto = bf16 on CUDA, fp32 on CPU. Log-probs are accumulated in fp32",
                      choices=["auto", "bf16", "fp16", "fp32"])
-    deepspeed: str = opt(None, "ZeRO-3 inference config (ds_configs/zero3_inference.json) to shard the "
-                               "model across ranks; without it every rank holds a full copy")
+    deepspeed: str = opt(None, "ZeRO-3 inference config (ds_configs/zero3_inference.json) to shard a model "
+                               "too large for one device across ranks; without it every rank holds a full copy")
+
+
+@dataclass
+class PrecomputeConfig(InferenceConfig):
+    output_dir: str = opt(None, "cache directory (manifest.json + <split>/shard-*.arrow)", required=True)
     shard_size: int = opt(1024, "examples per Arrow shard: the unit of resume")
     splits: list = opt(None, "splits to compute (default: every split of --data)")
 
@@ -128,12 +136,9 @@ class TrainConfig(LossConfig, ModelConfig):
 
 
 @dataclass
-class EvalConfig(LossConfig, ModelConfig):
+class EvalConfig(LossConfig, InferenceConfig):
     ref_cache: str = opt(None, "reference cache directory (output of dpo_ds.precompute)", required=True)
     split: str = opt("eval", "which prepared split to score")
-    batch_size: int = opt(8, "preference pairs per forward")
-    dtype: str = opt("auto", "model dtype", choices=["auto", "bf16", "fp16", "fp32"])
-    deepspeed: str = opt(None, "ZeRO-3 inference config to shard a model too large for one device")
     output: str = opt(None, "write the metrics to this JSON file too")
 
     def check(self):

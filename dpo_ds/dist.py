@@ -36,16 +36,23 @@ def device() -> torch.device:
     return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a one-process group, the tests and scripts/demo.sh)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init(timeout_minutes: int = 60) -> None:
     """Join (or, for one plain process, create) the process group: nccl on CUDA, gloo on the CPU."""
     if tdist.is_available() and tdist.is_initialized():
         return
     if "RANK" not in os.environ:  # one plain process
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+                          MASTER_PORT=str(free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks on one host share its cores; oversubscription halves speed

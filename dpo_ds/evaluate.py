@@ -19,6 +19,7 @@ from dpo_ds import config as C, dist, engine as E
 from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
 from dpo_ds.data import load_split, load_tokenizer, read_report
 from dpo_ds.fingerprint import tokenizer_fingerprint
+from dpo_ds.errors import UserError
 from dpo_ds.logps import pair_logps
 from dpo_ds.loss import dpo_loss, finalize, metric_sums
 from dpo_ds.ref_cache import open_cache
@@ -54,7 +55,7 @@ def run(cfg: C.EvalConfig) -> dict:
     E.check_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != read_report(cfg.data)["tokenizer_fingerprint"]:
-        raise C.UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
+        raise UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
     # the evaluated model need not be the reference (a trained policy is not): no model check here
     dist.on_main(lambda: open_cache(cfg.ref_cache, cfg.data, splits=[cfg.split]) and None)
     cache = open_cache(cfg.ref_cache, cfg.data, splits=[cfg.split], verify=False)

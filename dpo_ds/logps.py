@@ -13,6 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from dpo_ds import dist
+from dpo_ds.config import LOGP_CHUNK_SIZE
 from dpo_ds.encode import IGNORE
 from dpo_ds.head import output_head
 
@@ -24,7 +25,7 @@ def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = 256, sync_ranks: bool = False, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int = LOGP_CHUNK_SIZE, sync_ranks: bool = False, head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids, attention_mask, labels [B, T] -> (summed response log-probs [B] fp32, response tokens [B]).
 
     `model` is an HF causal LM: the backbone and `lm_head` are called as modules, so ZeRO-3 gathers their
@@ -72,7 +73,7 @@ class SequenceLogps(torch.nn.Module):
     call goes through the engine's forward: ZeRO-3 needs that bookkeeping for gradient accumulation to
     accumulate (calling submodules of `engine.module` directly silently keeps only the last micro-batch)."""
 
-    def __init__(self, lm, chunk_size: int = 256, sync_ranks: bool = False):
+    def __init__(self, lm, chunk_size: int = LOGP_CHUNK_SIZE, sync_ranks: bool = False):
         super().__init__()
         self.lm, self.chunk_size, self.sync_ranks = lm, chunk_size, sync_ranks
         self.head = output_head(lm)  # refuses a model whose logits it cannot reproduce exactly

@@ -15,6 +15,7 @@ import shutil
 import time
 
 import numpy as np
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -23,6 +24,7 @@ from dpo_ds.batching import collate, pad_and_eos, pair_lengths, take
 from dpo_ds.data import load_split, load_tokenizer, read_report
 from dpo_ds.evaluate import evaluate, format_metrics
 from dpo_ds.files import atomic_json, read_json
+from dpo_ds.errors import UserError
 from dpo_ds.logps import SequenceLogps, pair_logps
 from dpo_ds.loss import METRICS, dpo_loss, finalize, metric_sums
 from dpo_ds.ref_cache import open_cache
@@ -60,7 +62,7 @@ def train_step(engine, ds, micro_batches, cfg: C.TrainConfig, pad_id: int, step:
         losses = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing, nc, nr)
         loss = losses.mean()
         if dist.all_reduce([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
-            raise C.UserError(f"non-finite loss at step {step + 1}; stopped before applying it. The last "
+            raise UserError(f"non-finite loss at step {step + 1}; stopped before applying it. The last "
                               f"checkpoint in {cfg.output_dir}/checkpoints is intact: lower --learning_rate, "
                               f"check the data, or use fp32/bf16 rather than fp16")
         engine.backward(loss)
@@ -75,14 +77,14 @@ def check_resumable(cfg: C.TrainConfig, ckpt_dir: str) -> bool:
     if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         return False
     if cfg.resume == "never":
-        raise C.UserError(f"{cfg.output_dir} already holds a run with checkpoints (--resume never); "
+        raise UserError(f"{cfg.output_dir} already holds a run with checkpoints (--resume never); "
                           f"use a new --output_dir or --resume auto")
     saved_path = os.path.join(cfg.output_dir, "config.json")
     if os.path.isfile(saved_path):
         saved = read_json(saved_path)["train"]
         changed = [k for k in C.resume_keys(C.TrainConfig) if saved.get(k) != getattr(cfg, k)]
         if changed:
-            raise C.UserError(f"{cfg.output_dir} holds a run with other settings ({', '.join(changed)}); "
+            raise UserError(f"{cfg.output_dir} holds a run with other settings ({', '.join(changed)}); "
                               f"it cannot be resumed with these. Use a new --output_dir")
     return True
 
@@ -193,13 +195,14 @@ class Job:
 
 def set_up(cfg: C.TrainConfig) -> Job:
     """Data and cache (verified once), the saved config, the engine, and the checkpoint to continue from."""
+    launched = psutil.Process().create_time()
     E.init_distributed()
     E.check_model_dir(cfg.model)
     ds_config = E.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     train_ds, eval_ds = load_data(cfg)
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.world_size()
     if len(train_ds) < global_size:
-        raise C.UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
+        raise UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
                           f"({cfg.micro_batch_size} micro x {cfg.grad_accum} accumulation x {dist.world_size()} ranks)")
     pad_id, eos_id = pad_and_eos(load_tokenizer(cfg.model, cfg.trust_remote_code))
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
@@ -217,7 +220,7 @@ def set_up(cfg: C.TrainConfig) -> Job:
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
                 f"ZeRO stage {E.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}")
     return Job(cfg=cfg, engine=engine, sync=sync, train_ds=train_ds, eval_ds=eval_ds, pad_id=pad_id, eos_id=eos_id,
-               ckpt_dir=ckpt_dir, start=start, log=log, window=window, global_size=global_size)
+               ckpt_dir=ckpt_dir, start=start, log=log, window=window, global_size=global_size, launched=launched)
 
 
 def train_loop(job: Job) -> None:
@@ -238,6 +241,8 @@ def train_loop(job: Job) -> None:
         window.add(*train_step(engine, job.train_ds, micro_batches, cfg, job.pad_id, step))
         done = step + 1
         bar.update(1)
+        if step == job.start and job.log:  # start-up cost: verification, loading, engine set-up
+            tqdm.write(f"train: first step done {time.time() - job.launched:.1f} s after launch")
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             sums, tokens, seconds = window.reduce()
             metrics = {**finalize(sums), "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),

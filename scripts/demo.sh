@@ -7,7 +7,7 @@ source "$(dirname "$0")/_venv.sh"
 RUN="${1:-runs/demo}"
 EXAMPLES="${DEMO_EXAMPLES:-2000}"
 STEPS="${DEMO_STEPS:-200}"
-PORT="${DEMO_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+PORT="${DEMO_PORT:-$(python -c 'from dpo_ds.dist import free_port; print(free_port())')}"
 STAGE() { echo; echo "=== $* ==="; }
 rm -rf "$RUN" && mkdir -p "$RUN"
 start=$SECONDS

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from dpo_ds.dist import LAUNCHER_VARIABLES, free_port  # noqa: F401  (free_port: for the tests)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,23 +40,19 @@ def run_module(module, *args, launcher=None, check=True, env=None, timeout=600):
     if launcher:
         cmd = ["deepspeed", "--num_gpus", str(launcher), "--master_port", str(free_port()), "--module",
                module, *map(str, args)]
-    # an in-process phase may have set up a one-rank group: a child must not join it
-    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    full_env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    full_env.update({"PYTHONPATH": ROOT, **(env or {})})
-    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env["PATH"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(env), timeout=timeout, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
     return p
 
 
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def child_env(extra=None) -> dict:
+    """The environment for a child process: this checkout importable, the venv's launchers on PATH, and none
+    of the launcher's variables (an in-process phase may have set up a one-rank group a child must not join)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update({"PYTHONPATH": ROOT, **(extra or {})})
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
+    return env
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,12 @@ import math
 import os
 import subprocess
 
-from conftest import ROOT, free_port
+from conftest import ROOT, child_env, free_port
 
 
 def test_demo_pipeline_end_to_end(tmp_path):
     run = tmp_path / "demo"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
-    env.update(DEMO_EXAMPLES="300", DEMO_STEPS="30", DEMO_PORT=str(free_port()))
+    env = child_env({"DEMO_EXAMPLES": "300", "DEMO_STEPS": "30", "DEMO_PORT": str(free_port())})
     p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "demo.sh"), str(run)], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from dpo_ds import config as C, precompute, prepare, ref_cache as R, tiny as T
 from dpo_ds.errors import CacheError, UserError
 from dpo_ds.logps import naive_sequence_logps
-from conftest import ROOT, run_module
+from conftest import ROOT, child_env, free_port, run_module
 
 
 def cached(cache_dir, data_dir, split="train"):
@@ -73,8 +73,7 @@ def test_sigkill_then_rerun_gives_identical_cache(tiny, prepared, cache, tmp_pat
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "dpo_ds.precompute", "--model", tiny[0], "--data", prepared,
             "--output_dir", str(out), "--batch_size", "1", "--shard_size", "16"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK")}
-    proc = subprocess.Popen(args, cwd=ROOT, env={**env, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(glob.glob(str(out / "train" / "shard-*.json"))) < 3:
@@ -270,14 +269,9 @@ def test_only_rank_zero_runs_the_check(tmp_path):
         "        torch.distributed.destroy_process_group()\n"
         "C.main_guard(main)\n")
     log = tmp_path / "calls.txt"
-    from conftest import free_port
-
     def launch(mode):
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(log), mode]
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
-                                                                 "MASTER_ADDR")}
-        env.update(PYTHONPATH=ROOT, PATH=os.path.dirname(sys.executable) + os.pathsep + env["PATH"])
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     p = launch("ok")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert log.read_text() == "rank 0\n"

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import datasets
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 from dpo_ds import config as C, train
 from dpo_ds.errors import CacheError, ConfigError, UserError
 from dpo_ds.report import read_metrics
-from conftest import ROOT, free_port, run_module
+from conftest import ROOT, child_env, free_port, run_module
 
 ZERO3 = os.path.join(ROOT, "ds_configs", "zero3_cpu.json")
 
@@ -91,9 +90,7 @@ def test_micro_batch_times_accumulation_invariance(tiny, prepared, cache, tmp_pa
 
 def launch(args, out_log):
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "dpo_ds.train", *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**env, "PYTHONPATH": ROOT}, stdout=out_log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=out_log, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
