@@ -21,8 +21,9 @@ from dpo_ds.data import load_split, load_tokenizer, read_report
 from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.errors import UserError
 from dpo_ds.logps import pair_logps
-from dpo_ds.loss import dpo_loss, finalize, metric_sums
+from dpo_ds.loss import MetricSums
 from dpo_ds.ref_cache import open_cache
+from dpo_ds.step import batch_losses
 
 
 @torch.no_grad()
@@ -33,17 +34,13 @@ def evaluate(logps_fn, ds, loss_cfg: C.LossConfig, batch_size: int, pad_id: int,
     order = np.argsort(-pair_lengths(ds), kind="stable")[dist.rank()::dist.world_size()]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     n_dummy = (int(dist.all_reduce([len(batches)], op="max")[0]) - len(batches)) if sync_ranks else 0
-    sums = torch.zeros(len(metric_sums(*[torch.zeros(1)] * 5, 1.0)), dtype=torch.float64)
+    sums = MetricSums()
     for rows in tqdm(batches, desc="eval (rank 0)", unit="batch", disable=not dist.is_main(), leave=False,
                      mininterval=2.0):
-        batch = collate(take(ds, rows), pad_id)
-        pc, pr, nc, nr = pair_logps(logps_fn, batch)
-        rc, rr = batch["ref_chosen_logps"].to(pc.device), batch["ref_rejected_logps"].to(pc.device)
-        losses = dpo_loss(pc, pr, rc, rr, loss_cfg.beta, loss_cfg.loss_type, loss_cfg.label_smoothing, nc, nr)
-        sums += metric_sums(losses, pc, pr, rc, rr, loss_cfg.beta)
+        sums = sums + batch_losses(logps_fn, collate(take(ds, rows), pad_id), loss_cfg)[1]
     for _ in range(n_dummy):
         pair_logps(logps_fn, dummy_batch(pad_id, eos_id))
-    return finalize(dist.all_reduce(sums))
+    return sums.all_reduce().mean()
 
 
 def format_metrics(metrics: dict) -> str:

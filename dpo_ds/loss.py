@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dpo_ds import dist
+
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
              ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
@@ -36,20 +38,47 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "
            "logps/chosen", "logps/rejected", "logps/win_rate")
 
 
-def metric_sums(losses, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                beta: float) -> torch.Tensor:
-    """Per-batch sums of every metric in METRICS, then the pair count: add these up over micro-batches
-    and ranks, divide by the count (`finalize`). Names as in TRL."""
-    pc, pr = policy_chosen_logps.detach().float(), policy_rejected_logps.detach().float()
-    chosen_rewards = beta * (pc - ref_chosen_logps)
-    rejected_rewards = beta * (pr - ref_rejected_logps)
-    return torch.stack([
-        losses.detach().float().sum(), chosen_rewards.sum(), rejected_rewards.sum(),
-        (chosen_rewards > rejected_rewards).float().sum(), (chosen_rewards - rejected_rewards).sum(),
-        pc.sum(), pr.sum(), (pc > pr).float().sum(), torch.tensor(float(losses.numel()))]).double().cpu()
+class MetricSums:
+    """Per-pair metrics summed over micro-batches and ranks: `add` a batch, `all_reduce` across ranks, `mean`
+    per pair. Names as in TRL (METRICS), plus `pairs` (the count) and `tokens` (a total, not averaged).
+    Every rank holds the same names in the same order, so an all-reduce lines them up."""
 
+    NAMES = METRICS + ("pairs", "tokens")
 
-def finalize(sums) -> dict:
-    sums = torch.as_tensor(sums, dtype=torch.float64)
-    n = max(float(sums[-1]), 1.0)
-    return {name: float(sums[i]) / n for i, name in enumerate(METRICS)}
+    def __init__(self, values=None):
+        self.values = torch.zeros(len(self.NAMES), dtype=torch.float64) if values is None else \
+            torch.as_tensor(values, dtype=torch.float64).clone()
+
+    @classmethod
+    def of_batch(cls, losses, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                 beta: float, tokens: int = 0) -> "MetricSums":
+        policy_chosen_logps, policy_rejected_logps = policy_chosen_logps.detach().float(), policy_rejected_logps.detach().float()
+        chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+        rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+        named = {
+            "loss": losses.detach().float().sum(),
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": policy_chosen_logps.sum(),
+            "logps/rejected": policy_rejected_logps.sum(),
+            "logps/win_rate": (policy_chosen_logps > policy_rejected_logps).float().sum(),
+            "pairs": losses.numel(),
+            "tokens": tokens,
+        }
+        return cls([float(named[name]) for name in cls.NAMES])
+
+    def __add__(self, other: "MetricSums") -> "MetricSums":
+        return MetricSums(self.values + other.values)
+
+    def __getitem__(self, name: str) -> float:
+        return float(self.values[self.NAMES.index(name)])
+
+    def all_reduce(self) -> "MetricSums":
+        return MetricSums(dist.all_reduce(self.values))
+
+    def mean(self) -> dict:
+        """{metric: mean per pair} for every name in METRICS."""
+        n = max(self["pairs"], 1.0)
+        return {name: self[name] / n for name in METRICS}

@@ -25,10 +25,11 @@ from dpo_ds.data import load_split, load_tokenizer, read_report
 from dpo_ds.evaluate import evaluate, format_metrics
 from dpo_ds.files import atomic_json, read_json
 from dpo_ds.errors import UserError
-from dpo_ds.logps import SequenceLogps, pair_logps
-from dpo_ds.loss import METRICS, dpo_loss, finalize, metric_sums
+from dpo_ds.logps import SequenceLogps
+from dpo_ds.loss import MetricSums
 from dpo_ds.ref_cache import open_cache
 from dpo_ds.report import MetricsLog, plot, read_metrics
+from dpo_ds.step import batch_losses, cached_reference
 
 
 def global_batch(step: int, n: int, size: int, seed: int) -> np.ndarray:
@@ -46,30 +47,22 @@ def my_micro_batches(rows: np.ndarray, lengths: np.ndarray, micro: int, grad_acc
     return [chunks[j] for j in range(dist.rank(), len(chunks), dist.world_size())]
 
 
-def cached_reference(batch: dict):
-    """The reference side of the loss, as phase 1 cached it (columns joined by example_id)."""
-    return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-
-
-def train_step(engine, ds, micro_batches, cfg: C.TrainConfig, pad_id: int, step: int, reference=cached_reference):
-    """One optimizer step over this rank's micro-batches -> (metric sums, real tokens). `reference(batch)`
-    gives (ref_chosen_logps, ref_rejected_logps); scripts/bench.py swaps in a live reference model."""
-    sums, tokens = 0, 0
+def train_step(engine, ds, micro_batches, cfg: C.TrainConfig, pad_id: int, step: int,
+               reference=cached_reference) -> MetricSums:
+    """One optimizer step over this rank's micro-batches -> their metric sums. `reference(batch)` gives
+    (ref_chosen_logps, ref_rejected_logps); scripts/bench.py swaps in a live reference model."""
+    sums = MetricSums()
     for rows in micro_batches:
-        batch = collate(take(ds, rows), pad_id)
-        pc, pr, nc, nr = pair_logps(engine, batch)
-        rc, rr = (t.to(pc.device) for t in reference(batch))
-        losses = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing, nc, nr)
+        losses, batch_sums = batch_losses(engine, collate(take(ds, rows), pad_id), cfg, reference)
         loss = losses.mean()
         if dist.all_reduce([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
             raise UserError(f"non-finite loss at step {step + 1}; stopped before applying it. The last "
-                              f"checkpoint in {cfg.output_dir}/checkpoints is intact: lower --learning_rate, "
-                              f"check the data, or use fp32/bf16 rather than fp16")
+                            f"checkpoint in {cfg.output_dir}/checkpoints is intact: lower --learning_rate, "
+                            f"check the data, or use fp32/bf16 rather than fp16")
         engine.backward(loss)
         engine.step()  # DeepSpeed applies the update (and the lr schedule) at the accumulation boundary
-        sums = sums + metric_sums(losses, pc, pr, rc, rr, cfg.beta)
-        tokens += int(batch["attention_mask"].sum())
-    return sums, tokens
+        sums = sums + batch_sums
+    return sums
 
 
 def check_resumable(cfg: C.TrainConfig, ckpt_dir: str) -> bool:
@@ -98,24 +91,22 @@ class Window:
     checkpoint, so a run resumed between two log lines logs the same averages as an uninterrupted one."""
 
     def __init__(self):
-        self.sums, self.tokens, self.t0 = torch.zeros(len(METRICS) + 1, dtype=torch.float64), 0.0, time.time()
+        self.sums, self.t0 = MetricSums(), time.time()
 
-    def add(self, sums, tokens: int) -> None:
-        self.sums, self.tokens = self.sums + sums, self.tokens + tokens
+    def add(self, sums: MetricSums) -> None:
+        self.sums = self.sums + sums
 
-    def reduce(self) -> tuple[torch.Tensor, float, float]:
-        """(summed metrics, tokens, seconds) over every rank: collective."""
-        total = dist.all_reduce(torch.cat([self.sums, torch.tensor([self.tokens])]))
-        return total[:-1], float(total[-1]), time.time() - self.t0
+    def reduce(self) -> tuple[MetricSums, float]:
+        """(metric sums over every rank, seconds since the window opened): collective."""
+        return self.sums.all_reduce(), time.time() - self.t0
 
     def state(self) -> dict:
-        sums, tokens, seconds = self.reduce()
-        return {"sums": sums.tolist(), "tokens": tokens, "seconds": seconds}
+        sums, seconds = self.reduce()
+        return {"sums": sums.values.tolist(), "seconds": seconds}
 
     def restore(self, state: dict) -> None:
         if dist.is_main():  # the reduced window lives on rank 0 alone, so the next reduce counts it once
-            self.sums, self.tokens = torch.tensor(state["sums"], dtype=torch.float64), state["tokens"]
-            self.t0 = time.time() - state["seconds"]
+            self.sums, self.t0 = MetricSums(state["sums"]), time.time() - state["seconds"]
 
 
 def save(engine, ckpt_dir: str, step: int, window: Window, keep: int = 2) -> None:
@@ -238,15 +229,15 @@ def train_loop(job: Job) -> None:
         lr = engine.get_lr()[0]
         rows = global_batch(step, len(job.train_ds), job.global_size, cfg.seed)
         micro_batches = my_micro_batches(rows, lengths, cfg.micro_batch_size, cfg.grad_accum)
-        window.add(*train_step(engine, job.train_ds, micro_batches, cfg, job.pad_id, step))
+        window.add(train_step(engine, job.train_ds, micro_batches, cfg, job.pad_id, step))
         done = step + 1
         bar.update(1)
         if step == job.start and job.log:  # start-up cost: verification, loading, engine set-up
             tqdm.write(f"train: first step done {time.time() - job.launched:.1f} s after launch")
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            sums, tokens, seconds = window.reduce()
-            metrics = {**finalize(sums), "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                       "tokens_per_s": tokens / max(seconds, 1e-9)}
+            sums, seconds = window.reduce()
+            metrics = {**sums.mean(), "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                       "tokens_per_s": sums["tokens"] / max(seconds, 1e-9)}
             if job.log:
                 job.log.write(done, "train", metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")

@@ -43,7 +43,8 @@ def worker_train(a) -> None:
     from dpo_ds.logps import SequenceLogps, pair_logps
     from dpo_ds.data import load_split
     from dpo_ds.ref_cache import open_cache
-    from dpo_ds.train import cached_reference, global_batch, my_micro_batches, train_step
+    from dpo_ds.step import cached_reference
+    from dpo_ds.train import global_batch, my_micro_batches, train_step
 
     E.init_distributed()
     cfg = C.TrainConfig(model=a.model, data=a.data, ref_cache=a.cache, output_dir=a.out, deepspeed=a.ds,
@@ -75,9 +76,9 @@ def worker_train(a) -> None:
     for step in range(cfg.max_steps):
         t0 = time.time()
         micro = my_micro_batches(global_batch(step, len(ds), size, cfg.seed), lengths, a.micro, a.accum)
-        sums, _ = train_step(engine, ds, micro, cfg, 0, step, reference)
+        sums = train_step(engine, ds, micro, cfg, 0, step, reference)
         times.append(float(dist.all_reduce([time.time() - t0], op="max")[0]))
-        losses.append(float(sums[0] / sums[-1]))
+        losses.append(sums.mean()["loss"])
     rss = float(dist.all_reduce([peak_rss_mb()], op="max")[0])
     if dist.is_main():
         warm = times[min(3, len(times) - 1):]

@@ -8,9 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from dpo_ds import config as C
 from dpo_ds.batching import collate
-from dpo_ds.logps import SequenceLogps, naive_sequence_logps, pair_logps, sequence_logps
-from dpo_ds.loss import dpo_loss, finalize, metric_sums
+from dpo_ds.logps import SequenceLogps, naive_sequence_logps, sequence_logps
+from dpo_ds.loss import MetricSums, dpo_loss
+from dpo_ds.step import batch_losses
 from dpo_ds.ref_cache import open_cache
 
 PC, PR, RC, RR = (torch.tensor(v) for v in ([-10.0, -20.0], [-12.0, -18.0], [-11.0, -19.0], [-11.5, -19.5]))
@@ -38,7 +40,7 @@ def test_label_smoothing_hinge_ipo():
 
 def test_metrics_match_definitions():
     beta = 0.1
-    m = finalize(metric_sums(dpo_loss(PC, PR, RC, RR, beta), PC, PR, RC, RR, beta))
+    m = MetricSums.of_batch(dpo_loss(PC, PR, RC, RR, beta), PC, PR, RC, RR, beta).mean()
     rc, rr = beta * (PC - RC), beta * (PR - RR)
     assert m["rewards/chosen"] == pytest.approx(rc.mean().item())
     assert m["rewards/rejected"] == pytest.approx(rr.mean().item())
@@ -74,8 +76,8 @@ def test_cached_reference_equals_two_model_loss_and_gradients(tiny, prepared, ca
     batch = collate([ds[i] for i in range(6)], pad_id=0)
     B, beta = 6, 0.1
 
-    pc, pr, _, _ = pair_logps(SequenceLogps(policy, chunk_size=16), batch)
-    cached_loss = dpo_loss(pc, pr, batch["ref_chosen_logps"], batch["ref_rejected_logps"], beta).mean()
+    losses, _ = batch_losses(SequenceLogps(policy, chunk_size=16), batch, C.LossConfig(beta=beta))  # train's step
+    cached_loss = losses.mean()
     cached_loss.backward()
     cached_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
