@@ -18,8 +18,8 @@ from tqdm import tqdm
 from dpo_ds import config as C, dist, engine as E
 from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
 from dpo_ds.data import load_split, load_tokenizer, read_report
-from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.errors import UserError
+from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.logps import pair_logps
 from dpo_ds.loss import MetricSums
 from dpo_ds.ref_cache import open_cache

@@ -21,8 +21,8 @@ from tqdm import tqdm
 from dpo_ds import config as C, dist, engine as E, ref_cache as R
 from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
 from dpo_ds.data import load_split, load_tokenizer, read_report, verify_files
-from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.errors import UserError
+from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.logps import pair_logps
 
 
@@ -72,8 +72,8 @@ def run_split(logps_fn, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id
         bad = ~np.isfinite(columns["ref_chosen_logps"]) | ~np.isfinite(columns["ref_rejected_logps"])
         if bad.any():
             raise UserError(f"the reference model gave non-finite log-probs for example_ids "
-                              f"{columns['example_id'][bad][:5].tolist()} ({split}); try --dtype fp32/bf16 "
-                              f"(fp16 overflows) or check the model's weights")
+                            f"{columns['example_id'][bad][:5].tolist()} ({split}); try --dtype fp32/bf16 "
+                            f"(fp16 overflows) or check the model's weights")
         R.write_shard(cache_dir, split, dist.rank(), n, columns)
     for _ in range(n_forwards):
         compute_batch(logps_fn, dummy_batch(pad_id, eos_id))
@@ -88,11 +88,11 @@ def check_inputs(cfg: C.PrecomputeConfig, tokenizer, splits: list, dtype_name: s
     tok_fp = tokenizer_fingerprint(tokenizer)
     if tok_fp != report["tokenizer_fingerprint"]:
         raise UserError(f"--data {cfg.data} was prepared with a different tokenizer ({report['tokenizer']}) than "
-                          f"--model {cfg.model}'s; prepare it again with --tokenizer {cfg.model}")
+                        f"--model {cfg.model}'s; prepare it again with --tokenizer {cfg.model}")
     unknown = sorted(set(splits) - set(report["counts"]))
     if unknown:
         raise UserError(f"--splits {' '.join(unknown)}: not in --data {cfg.data} (prepared splits: "
-                          f"{', '.join(report['counts'])})")
+                        f"{', '.join(report['counts'])})")
     verify_files(cfg.data, report, splits)
     return R.fingerprint(cfg.model, tok_fp, report, dtype_name)
 
@@ -114,7 +114,7 @@ def run(cfg: C.PrecomputeConfig) -> dict | None:
         planned = R.read_json(os.path.join(cfg.output_dir, R.PLAN))["shard_size"]
         if planned != cfg.shard_size:
             raise UserError(f"{cfg.output_dir} was started with --shard_size {planned}; resume it with the same "
-                              f"value (its complete shards hold those examples)")
+                            f"value (its complete shards hold those examples)")
     if dist.is_main():
         R.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
                                           "split_names": splits})

@@ -22,9 +22,9 @@ from tqdm import tqdm
 from dpo_ds import config as C, dist, engine as E
 from dpo_ds.batching import collate, pad_and_eos, pair_lengths, take
 from dpo_ds.data import load_split, load_tokenizer, read_report
+from dpo_ds.errors import UserError
 from dpo_ds.evaluate import evaluate, format_metrics
 from dpo_ds.files import atomic_json, read_json
-from dpo_ds.errors import UserError
 from dpo_ds.logps import SequenceLogps
 from dpo_ds.loss import MetricSums
 from dpo_ds.ref_cache import open_cache
@@ -71,14 +71,14 @@ def check_resumable(cfg: C.TrainConfig, ckpt_dir: str) -> bool:
         return False
     if cfg.resume == "never":
         raise UserError(f"{cfg.output_dir} already holds a run with checkpoints (--resume never); "
-                          f"use a new --output_dir or --resume auto")
+                        f"use a new --output_dir or --resume auto")
     saved_path = os.path.join(cfg.output_dir, "config.json")
     if os.path.isfile(saved_path):
         saved = read_json(saved_path)["train"]
         changed = [k for k in C.resume_keys(C.TrainConfig) if saved.get(k) != getattr(cfg, k)]
         if changed:
             raise UserError(f"{cfg.output_dir} holds a run with other settings ({', '.join(changed)}); "
-                              f"it cannot be resumed with these. Use a new --output_dir")
+                            f"it cannot be resumed with these. Use a new --output_dir")
     return True
 
 
@@ -194,7 +194,7 @@ def set_up(cfg: C.TrainConfig) -> Job:
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.world_size()
     if len(train_ds) < global_size:
         raise UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
-                          f"({cfg.micro_batch_size} micro x {cfg.grad_accum} accumulation x {dist.world_size()} ranks)")
+                        f"({cfg.micro_batch_size} micro x {cfg.grad_accum} accumulation x {dist.world_size()} ranks)")
     pad_id, eos_id = pad_and_eos(load_tokenizer(cfg.model, cfg.trust_remote_code))
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
     resuming = check_resumable(cfg, ckpt_dir)
