@@ -81,6 +81,16 @@ def all_reduce(values, op: str = "sum") -> torch.Tensor:
     return t.cpu()
 
 
+def even(items: list, collective: bool):
+    """This rank's items, then None until it has yielded as many as the busiest rank (DistributedSampler's
+    even batches). Under ZeRO-3 every forward is collective (each layer's parameters are gathered from all
+    ranks), so a rank with less work must still run as many forwards: it runs a dummy batch for each None.
+    The count is agreed before the first item (agreeing later would wait inside another rank's forward).
+    With `collective` False (full model copies) the items alone."""
+    total = int(all_reduce([len(items)], op="max")[0]) if collective and active() else len(items)
+    return list(items) + [None] * (total - len(items))
+
+
 def on_main(fn):
     """Run `fn` on rank 0 alone (one reader of shared storage: hashing weights and shards once, not once per
     rank) and hand its result to every rank. An error there stops every rank: a UserError with its message

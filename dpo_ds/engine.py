@@ -70,6 +70,18 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def collective_forwards(ds: dict | None) -> bool:
+    """The ZeRO-3 lockstep rule, decided here only: under stage 3 every forward (and every lm_head chunk)
+    gathers parameters from all ranks, so every rank must make the same number of them."""
+    return bool(ds) and zero_stage(ds) == 3
+
+
+def is_collective(logps_fn) -> bool:
+    """Whether this log-prob function (a SequenceLogps, or a DeepSpeed engine wrapping one) must be called in
+    lockstep across ranks; see collective_forwards."""
+    return getattr(getattr(logps_fn, "module", logps_fn), "collective", False)
+
+
 def ds_dtype(ds: dict) -> torch.dtype:
     if ds.get("bf16", {}).get("enabled"):
         return torch.bfloat16
@@ -151,7 +163,7 @@ def inference_logps(cfg, dtype: torch.dtype):
     if cfg.deepspeed:
         ds = inference_ds_config(cfg.deepspeed, cfg.batch_size, dtype)
         model = load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code, ds_config=ds)
-        return inference_engine(SequenceLogps(model, cfg.logp_chunk_size, sync_ranks=True), ds)
+        return inference_engine(SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds)), ds)
     model = load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code)
     return SequenceLogps(model.to(dist.device()).eval(), cfg.logp_chunk_size)
 

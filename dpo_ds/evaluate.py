@@ -27,19 +27,21 @@ from dpo_ds.step import batch_losses
 
 
 @torch.no_grad()
-def evaluate(logps_fn, ds, loss_cfg: C.LossConfig, batch_size: int, pad_id: int, eos_id: int,
-             sync_ranks: bool = False) -> dict:
-    """Metrics over the whole split `ds` (with ref columns), its pairs dealt across ranks by length.
-    `sync_ranks` (ZeRO-3) keeps every rank's forward count equal with dummy batches."""
+def evaluate(logps_fn, ds, loss_cfg: C.LossConfig, batch_size: int, pad_id: int, eos_id: int) -> dict:
+    """Metrics over the whole split `ds` (with ref columns), its pairs dealt across ranks by length; under
+    ZeRO-3 (E.is_collective) ranks with fewer batches run dummy ones to stay in step."""
     order = np.argsort(-pair_lengths(ds), kind="stable")[dist.rank()::dist.world_size()]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    n_dummy = (int(dist.all_reduce([len(batches)], op="max")[0]) - len(batches)) if sync_ranks else 0
     sums = MetricSums()
-    for rows in tqdm(batches, desc="eval (rank 0)", unit="batch", disable=not dist.is_main(), leave=False,
-                     mininterval=2.0):
+    bar = tqdm(total=len(batches), desc="eval (rank 0)", unit="batch", disable=not dist.is_main(), leave=False,
+               mininterval=2.0)
+    for rows in dist.even(batches, E.is_collective(logps_fn)):
+        if rows is None:
+            pair_logps(logps_fn, dummy_batch(pad_id, eos_id))
+            continue
         sums = sums + batch_losses(logps_fn, collate(take(ds, rows), pad_id), loss_cfg)[1]
-    for _ in range(n_dummy):
-        pair_logps(logps_fn, dummy_batch(pad_id, eos_id))
+        bar.update(1)
+    bar.close()
     return sums.all_reduce().mean()
 
 
@@ -59,7 +61,7 @@ def run(cfg: C.EvalConfig) -> dict:
     ds = cache.attach(load_split(cfg.data, cfg.split), cfg.split)
     logps_fn = E.inference_logps(cfg, E.resolve_dtype(cfg.dtype))
     metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),
-               **evaluate(logps_fn, ds, cfg, cfg.batch_size, *pad_and_eos(tokenizer), sync_ranks=bool(cfg.deepspeed))}
+               **evaluate(logps_fn, ds, cfg, cfg.batch_size, *pad_and_eos(tokenizer))}
     if dist.is_main():
         print(f"evaluate {cfg.model} on {cfg.split} ({len(ds)} pairs): {format_metrics(metrics)}")
         if cfg.output:

@@ -25,13 +25,14 @@ def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = LOGP_CHUNK_SIZE, sync_ranks: bool = False, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, head=None) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids, attention_mask, labels [B, T] -> (summed response log-probs [B] fp32, response tokens [B]).
 
     `model` is an HF causal LM: the backbone and `lm_head` are called as modules, so ZeRO-3 gathers their
     parameters. Under DeepSpeed, call this through an engine wrapping `SequenceLogps`, never on `engine.module`
     directly (see SequenceLogps). Under ZeRO-3 every rank must call `lm_head` equally often:
-    with `sync_ranks` the chunk count is agreed across ranks (ranks with fewer tokens run empty chunks).
+    with `collective` (engine.collective_forwards) the chunk count is agreed across ranks (ranks with fewer
+    tokens run empty chunks).
     `head` is the model's `head.output_head` (built here when not given). No KV cache is built.
     """
     head = head or output_head(model)
@@ -44,7 +45,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     rows = mask.nonzero()[:, 0]                                # sequence of each response token
     h, tgt = hidden[:, :-1][mask], targets[mask]               # [N, H], [N]
     n_chunks = math.ceil(h.shape[0] / chunk_size)
-    if sync_ranks and dist.active():
+    if collective and dist.active():
         n_chunks = int(dist.all_reduce([n_chunks], op="max")[0])
     pieces = []
     for i in range(max(n_chunks, 1)):
@@ -73,13 +74,13 @@ class SequenceLogps(torch.nn.Module):
     call goes through the engine's forward: ZeRO-3 needs that bookkeeping for gradient accumulation to
     accumulate (calling submodules of `engine.module` directly silently keeps only the last micro-batch)."""
 
-    def __init__(self, lm, chunk_size: int = LOGP_CHUNK_SIZE, sync_ranks: bool = False):
+    def __init__(self, lm, chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False):
         super().__init__()
-        self.lm, self.chunk_size, self.sync_ranks = lm, chunk_size, sync_ranks
+        self.lm, self.chunk_size, self.collective = lm, chunk_size, collective
         self.head = output_head(lm)  # refuses a model whose logits it cannot reproduce exactly
 
     def forward(self, input_ids, attention_mask, labels):
-        return sequence_logps(self.lm, input_ids, attention_mask, labels, self.chunk_size, self.sync_ranks, self.head)
+        return sequence_logps(self.lm, input_ids, attention_mask, labels, self.chunk_size, self.collective, self.head)
 
 
 def pair_logps(logps_fn, batch: dict):

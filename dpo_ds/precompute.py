@@ -10,7 +10,6 @@ crash reuses complete shards and computes the rest.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -50,35 +49,40 @@ def run_split(logps_fn, cfg, cache_dir: str, split: str, ds, pad_id: int, eos_id
     shards = shard_plan(ds, cfg.shard_size)
     done = dist.on_main(lambda: R.complete_shards(cache_dir, split))  # one rank hashes what is on disk
     mine = [n for n in range(len(shards)) if n % dist.world_size() == dist.rank() and n not in done]
-    n_forwards = sum(math.ceil(len(shards[n]) / cfg.batch_size) for n in mine)
-    if cfg.deepspeed:  # every ZeRO-3 forward is collective: ranks with less work run dummy batches to stay in step
-        n_forwards = int(dist.all_reduce([n_forwards], op="max")[0])
+    work = [(n, rows) for n in mine for rows in batches_of(shards[n], cfg.batch_size)]
     bar = tqdm(total=sum(len(shards[n]) for n in mine), desc=f"precompute {split} (rank 0)", unit="ex",
                disable=not dist.is_main(), mininterval=2.0)
-    for n in mine:
-        R.remove_partial_shard(cache_dir, split, n)  # e.g. renamed but unrecorded when the last run died
-        parts = []
-        for rows in batches_of(shards[n], cfg.batch_size):
-            batch = collate(take(ds, rows), pad_id)
-            parts.append(compute_batch(logps_fn, batch))
-            real, slots = int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
-            stats["tokens"] += real
-            stats["slots"] += slots
-            stats["examples"] += len(rows)
-            n_forwards -= 1
-            bar.update(len(rows))
-            bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.time() - stats['start']):.0f}")
-        columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        bad = ~np.isfinite(columns["ref_chosen_logps"]) | ~np.isfinite(columns["ref_rejected_logps"])
-        if bad.any():
-            raise UserError(f"the reference model gave non-finite log-probs for example_ids "
-                            f"{columns['example_id'][bad][:5].tolist()} ({split}); try --dtype fp32/bf16 "
-                            f"(fp16 overflows) or check the model's weights")
-        R.write_shard(cache_dir, split, dist.rank(), n, columns)
-    for _ in range(n_forwards):
-        compute_batch(logps_fn, dummy_batch(pad_id, eos_id))
+    parts = {}
+    for item in dist.even(work, E.is_collective(logps_fn)):
+        if item is None:
+            compute_batch(logps_fn, dummy_batch(pad_id, eos_id))
+            continue
+        n, rows = item
+        if n not in parts:
+            R.remove_partial_shard(cache_dir, split, n)  # e.g. renamed but unrecorded when the last run died
+            parts[n] = []
+        batch = collate(take(ds, rows), pad_id)
+        parts[n].append(compute_batch(logps_fn, batch))
+        stats["tokens"] += int(batch["attention_mask"].sum())
+        stats["slots"] += batch["attention_mask"].numel()
+        stats["examples"] += len(rows)
+        bar.update(len(rows))
+        bar.set_postfix(tok_s=f"{stats['tokens'] / max(1e-9, time.time() - stats['start']):.0f}")
+        if sum(len(p["example_id"]) for p in parts[n]) == len(shards[n]):
+            save_shard(cache_dir, split, n, parts.pop(n))
     bar.close()
     return len(shards)
+
+
+def save_shard(cache_dir: str, split: str, n: int, parts: list) -> None:
+    """One shard's batches as one Arrow shard, after checking every value is finite."""
+    columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    bad = ~np.isfinite(columns["ref_chosen_logps"]) | ~np.isfinite(columns["ref_rejected_logps"])
+    if bad.any():
+        raise UserError(f"the reference model gave non-finite log-probs for example_ids "
+                        f"{columns['example_id'][bad][:5].tolist()} ({split}); try --dtype fp32/bf16 "
+                        f"(fp16 overflows) or check the model's weights")
+    R.write_shard(cache_dir, split, dist.rank(), n, columns)
 
 
 def check_inputs(cfg: C.PrecomputeConfig, tokenizer, splits: list, dtype_name: str) -> dict:

@@ -160,9 +160,8 @@ def build_engine(cfg: C.TrainConfig, ds_config: dict):
     model = E.load_model(cfg.model, E.ds_dtype(ds_config), cfg.attn_implementation, cfg.trust_remote_code, ds_config)
     if cfg.gradient_checkpointing:
         E.enable_gradient_checkpointing(model)
-    sync = E.zero_stage(ds_config) == 3  # ZeRO-3 forwards are collective: keep ranks' lm_head calls in step
-    return E.training_engine(SequenceLogps(model, cfg.logp_chunk_size, sync), ds_config, cfg.learning_rate,
-                             cfg.weight_decay, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule), sync
+    return E.training_engine(SequenceLogps(model, cfg.logp_chunk_size, E.collective_forwards(ds_config)), ds_config,
+                             cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
 
 
 class Job:
@@ -175,8 +174,7 @@ class Job:
         if self.eval_ds is None:
             return {}
         self.engine.eval()
-        metrics = evaluate(self.engine, self.eval_ds, self.cfg, self.cfg.micro_batch_size, self.pad_id, self.eos_id,
-                           self.sync)
+        metrics = evaluate(self.engine, self.eval_ds, self.cfg, self.cfg.micro_batch_size, self.pad_id, self.eos_id)
         self.engine.train()
         if self.log:
             self.log.write(step, "eval", metrics)
@@ -203,14 +201,14 @@ def set_up(cfg: C.TrainConfig) -> Job:
         os.makedirs(cfg.output_dir, exist_ok=True)
         atomic_json(os.path.join(cfg.output_dir, "config.json"),
                     {"train": C.to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size()})
-    engine, sync = build_engine(cfg, ds_config)
+    engine = build_engine(cfg, ds_config)
     window = Window()
     start = restore(engine, ckpt_dir, window) if resuming else 0
     log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
                 f"ZeRO stage {E.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}")
-    return Job(cfg=cfg, engine=engine, sync=sync, train_ds=train_ds, eval_ds=eval_ds, pad_id=pad_id, eos_id=eos_id,
+    return Job(cfg=cfg, engine=engine, train_ds=train_ds, eval_ds=eval_ds, pad_id=pad_id, eos_id=eos_id,
                ckpt_dir=ckpt_dir, start=start, log=log, window=window, global_size=global_size, launched=launched)
 
 
