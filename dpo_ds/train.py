@@ -254,15 +254,20 @@ def finish(job: Job) -> dict:
     finished_before = job.start == cfg.max_steps
     if not (finished_before and os.path.isdir(final_dir)):
         E.export_hf(job.engine, cfg.model, final_dir)
-    evals = [r for r in read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
-             if r["split"] == "eval" and r["step"] == cfg.max_steps]
-    final = {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
+    dist.barrier()  # rank 0's MetricsLog has rewritten metrics.jsonl (a finished run's rerun exports nothing)
+    final = dist.on_main(lambda: final_eval(cfg))
     if job.log:
         job.log.close()
         print(f"train: {'already complete' if finished_before else 'done'}. final eval: {format_metrics(final)}\n"
               f"  model -> {final_dir}, curves -> {plot(cfg.output_dir)}, metrics -> {job.log.path}")
     dist.barrier()
     return final
+
+
+def final_eval(cfg: C.TrainConfig) -> dict:
+    evals = [r for r in read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
+             if r["split"] == "eval" and r["step"] == cfg.max_steps]
+    return {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
 
 
 def run(cfg: C.TrainConfig) -> dict:

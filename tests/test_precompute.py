@@ -252,30 +252,37 @@ def test_only_rank_zero_runs_the_check(tmp_path):
     """dist.on_main under two real ranks: the function runs once, on rank 0, and every rank gets its result;
     a UserError there stops both ranks with its message, not a hang."""
     script = tmp_path / "probe.py"
-    script.write_text(
-        "import os, sys\n"
-        "from dpo_ds import config as C, dist, engine as E\n"
+    script.write_text(  # torch.distributed alone (dist.init), as precompute without --deepspeed runs; each rank
+        # reports to its own file (what a child prints through the launcher's pipe is not reliably captured)
+        "import sys\n"
+        "import torch.distributed\n"
+        "from dpo_ds import config as C, dist\n"
+        "out, mode = sys.argv[-2], sys.argv[-1]\n"
         "def check():\n"
-        "    open(sys.argv[-2], 'a').write(f'rank {dist.rank()}\\n')\n"
-        "    if sys.argv[-1] == 'fail':\n"
+        "    open(f'{out}/calls.txt', 'a').write(f'rank {dist.rank()}\\n')\n"
+        "    if mode == 'fail':\n"
         "        raise C.UserError('the weights do not match')\n"
         "    return {'verdict': 'ok'}\n"
-        "def main():\n"
-        "    E.init_distributed()\n"
-        "    try:\n"
-        "        print(f'rank {dist.rank()} got', dist.on_main(check), flush=True)\n"
-        "    finally:\n"
-        "        import torch.distributed\n"
-        "        torch.distributed.destroy_process_group()\n"
-        "C.main_guard(main)\n")
-    log = tmp_path / "calls.txt"
+        "dist.init()\n"
+        "try:\n"
+        "    result = f'got {dist.on_main(check)}'\n"
+        "    dist.barrier()\n"
+        "except C.UserError as e:\n"
+        "    result = f'error: {e}'\n"
+        "open(f'{out}/rank{dist.rank()}.txt', 'w').write(result)\n"
+        "torch.distributed.destroy_process_group()\n"
+        "sys.exit(2 if result.startswith('error') else 0)\n")
+
     def launch(mode):
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(log), mode]
-        return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
-    p = launch("ok")
+        out = tmp_path / mode
+        out.mkdir()
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(out), mode]
+        p = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+        return p, out
+    p, out = launch("ok")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert log.read_text() == "rank 0\n"
-    assert "rank 0 got {'verdict': 'ok'}" in p.stdout and "rank 1 got {'verdict': 'ok'}" in p.stdout
-    p = launch("fail")
-    assert p.returncode != 0 and p.stdout.count("error: the weights do not match") + \
-        p.stderr.count("error: the weights do not match") == 2
+    assert (out / "calls.txt").read_text() == "rank 0\n"
+    assert [(out / f"rank{r}.txt").read_text() for r in (0, 1)] == ["got {'verdict': 'ok'}"] * 2
+    p, out = launch("fail")
+    assert p.returncode != 0 and (out / "calls.txt").read_text() == "rank 0\n"
+    assert [(out / f"rank{r}.txt").read_text() for r in (0, 1)] == ["error: the weights do not match"] * 2
