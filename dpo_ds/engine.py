@@ -2,6 +2,7 @@
 and the export of a gathered HF checkpoint."""
 from __future__ import annotations
 
+import atexit
 import copy
 import glob
 import importlib.util
@@ -119,6 +120,20 @@ def init_distributed() -> None:
 
     dist.init()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available():
+        atexit.register(_remove_shm_buffer)
+
+
+def _remove_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce leaves each rank's shared-memory buffer (69 MB) in /dev/shm at exit, so
+    every run on a CPU machine leaks RAM until reboot. At exit every peer has long mapped it: removing the
+    name is safe (the mappings live on until each process ends)."""
+    name = f"deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{dist.local_rank()}"
+    for path in glob.glob(os.path.join("/dev/shm", name)):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def check_model_dir(path: str) -> None:
