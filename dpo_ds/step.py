@@ -5,8 +5,6 @@
 """
 from __future__ import annotations
 
-import torch
-
 from dpo_ds.config import LossConfig
 from dpo_ds.logps import pair_logps
 from dpo_ds.loss import MetricSums, dpo_loss
