@@ -6,14 +6,12 @@ import torch
 
 from dpo_ds.encode import IGNORE
 
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-
 
 def pair_lengths(ds) -> np.ndarray:
     """Padded length of each pair: max(len(chosen), len(rejected))."""
-    c = np.fromiter((len(x) for x in ds["chosen_input_ids"]), dtype=np.int64, count=len(ds))
-    r = np.fromiter((len(x) for x in ds["rejected_input_ids"]), dtype=np.int64, count=len(ds))
-    return np.maximum(c, r)
+    chosen, rejected = (np.fromiter((len(x) for x in ds[f"{side}_input_ids"]), dtype=np.int64, count=len(ds))
+                        for side in ("chosen", "rejected"))
+    return np.maximum(chosen, rejected)
 
 
 def pad_and_eos(tokenizer) -> tuple[int, int]:
@@ -29,8 +27,8 @@ def take(ds, rows) -> list[dict]:
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
-    """B pairs -> input_ids, attention_mask, labels [2B, T] (rows 0..B-1 chosen, B..2B-1 rejected),
-    example_id [B], and the cached reference values [B] when the rows carry them."""
+    """B pairs -> input_ids, attention_mask, labels [2B, T] (rows 0..B-1 chosen, B..2B-1 rejected) and
+    example_id [B] (the key of the pair's cached reference values)."""
     seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
     labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
     T = max(len(s) for s in seqs)
@@ -41,12 +39,8 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         input_ids[i, :len(s)] = torch.as_tensor(s)
         label_t[i, :len(l)] = torch.as_tensor(l)
         mask[i, :len(s)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-             "example_id": torch.tensor([r["example_id"] for r in rows], dtype=torch.long)}
-    for col in REF_COLUMNS:
-        if col in rows[0]:
-            batch[col] = torch.tensor([r[col] for r in rows], dtype=torch.float32)
-    return batch
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+            "example_id": torch.tensor([r["example_id"] for r in rows], dtype=torch.long)}
 
 
 def dummy_batch(pad_id: int, eos_id: int) -> dict:

@@ -112,10 +112,11 @@ def attn_implementation(requested: str, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-# ---------------------------------------------------------------- models
+# ---------------------------------------------------------------- models and the two engines
 
-def init_distributed() -> None:
-    """The process group (dist.init), then DeepSpeed's communication layer on top of it."""
+def _init_deepspeed() -> None:
+    """DeepSpeed's communication layer on top of the process group `dist.init` made (the phases' one entry
+    point); run by the engine builders, idempotent."""
     import deepspeed
 
     dist.init()
@@ -137,6 +138,7 @@ def _remove_shm_buffer() -> None:
 
 
 def check_model_dir(path: str) -> None:
+    """The start-up check of --model, run once by each phase before anything is loaded."""
     if not os.path.isdir(path):
         raise UserError(f"--model {path}: no such directory (expected an HF checkpoint)")
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -154,33 +156,42 @@ def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_c
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    check_model_dir(path)
     if ds_config:
-        init_distributed()
+        _init_deepspeed()
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config and zero_stage(ds_config) == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(attn, dtype),
-                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
-    return model
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(attn, dtype),
+                                                use_safetensors=True, trust_remote_code=trust_remote_code)
 
 
-def inference_engine(model, ds_config: dict):
-    """A ZeRO-3 engine without optimizer: a sharded inference model, called like the module it wraps."""
+def _load(cfg, dtype: torch.dtype, ds_config: dict | None = None):
+    return load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code, ds_config)
+
+
+def training_engine(cfg, ds_config: dict):
+    """The policy of a TrainConfig under DeepSpeed (built under zero.Init for ZeRO-3), gradient checkpointing
+    as asked, AdamW and the lr schedule: called like SequenceLogps, trained with backward() and step()."""
+    torch.manual_seed(cfg.seed)
+    model = _load(cfg, ds_dtype(ds_config), ds_config)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    logps = SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds_config))
+    return _deepspeed_training(logps, ds_config, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
+                               cfg.max_steps, cfg.lr_schedule)
+
+
+def inference_engine(cfg):
+    """The frozen model of an InferenceConfig (precompute, evaluate), called like SequenceLogps: a ZeRO-3
+    engine without optimizer when --deepspeed names a config (sharded across ranks), else a full copy per rank."""
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    dtype = resolve_dtype(cfg.dtype)
+    if not cfg.deepspeed:
+        return SequenceLogps(_load(cfg, dtype).to(dist.device()).eval(), cfg.logp_chunk_size)
+    ds_config = inference_ds_config(cfg.deepspeed, cfg.batch_size, dtype)
+    logps = SequenceLogps(_load(cfg, dtype, ds_config), cfg.logp_chunk_size, collective_forwards(ds_config))
+    engine, *_ = deepspeed.initialize(model=logps, config=ds_config)
     engine.eval()
     return engine
-
-
-def inference_logps(cfg, dtype: torch.dtype):
-    """A frozen model's log-prob function (precompute, evaluate): a ZeRO-3 inference engine when
-    `cfg.deepspeed` names a config, else a full copy on each rank."""
-    if cfg.deepspeed:
-        ds = inference_ds_config(cfg.deepspeed, cfg.batch_size, dtype)
-        model = load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code, ds_config=ds)
-        return inference_engine(SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds)), ds)
-    model = load_model(cfg.model, dtype, cfg.attn_implementation, cfg.trust_remote_code)
-    return SequenceLogps(model.to(dist.device()).eval(), cfg.logp_chunk_size)
 
 
 def lr_lambda(warmup_steps: int, max_steps: int, schedule: str):
@@ -194,8 +205,8 @@ def lr_lambda(warmup_steps: int, max_steps: int, schedule: str):
     return factor
 
 
-def training_engine(model, ds_config: dict, learning_rate: float, weight_decay: float, warmup_steps: int,
-                    max_steps: int, schedule: str):
+def _deepspeed_training(model, ds_config: dict, learning_rate: float, weight_decay: float, warmup_steps: int,
+                        max_steps: int, schedule: str):
     """ZeRO engine with AdamW (DeepSpeed's own when the config names one, e.g. CPU-Adam for offload)
     and a warm-up-then-decay schedule; both are checkpointed by DeepSpeed."""
     import deepspeed
@@ -237,16 +248,21 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
     return client_state
 
 
-def export_hf(engine, source_dir: str, out_dir: str) -> None:
-    """Gather the full weights (ZeRO-3 partitions them: a plain save writes empty tensors) and write the
-    wrapped LM (`engine.module.lm`) as an HF checkpoint (safetensors), tokenizer files copied byte for byte."""
-    lm = engine.module.lm
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # collective; the full dict lands on rank 0
-    else:
-        state = engine.module.state_dict()
+def export_hf(lm, source_dir: str, out_dir: str) -> None:
+    """Write the HF model `lm` (the policy inside a training engine: `engine.module.lm`) as an HF checkpoint
+    (safetensors), tokenizer files copied byte for byte. Collective: under ZeRO-3 its parameters are
+    partitioned (a plain save writes empty tensors), so each is gathered in turn and rank 0 keeps a copy;
+    peak memory is the full model on rank 0 plus one parameter elsewhere."""
+    import deepspeed
+
+    state = {}
+    for name, param in lm.named_parameters():  # tied weights appear once; save_pretrained re-ties them
+        with deepspeed.zero.GatheredParameters([param]):  # a no-op for parameters ZeRO does not partition
+            if dist.is_main():
+                state[name] = param.detach().to("cpu", copy=True)
     if dist.is_main():
-        state = {k.removeprefix("lm."): v for k, v in state.items()}
+        persistent = lm.state_dict().keys()
+        state.update({name: b.detach().cpu() for name, b in lm.named_buffers() if name in persistent})
         tmp = out_dir + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         use_cache, lm.config.use_cache = lm.config.use_cache, True  # off for training; on for whoever generates

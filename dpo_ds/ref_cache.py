@@ -8,8 +8,10 @@ CACHE_DIR/manifest.json, written last and atomically by rank 0. Without a manife
 The fingerprint says what the values were computed from (model, tokenizer, data, dtype); which splits a
 cache holds is not part of it: rerunning precompute with more --splits extends a cache.
 
-`open_cache(..., verify=True)` checks everything, hashing every file (one reader: rank 0); `verify=False`
-reads a cache that rank 0 has verified.
+`open_verified` is what train and evaluate call: rank 0 checks everything (`open_cache(..., verify=True)`
+hashes every file: one reader), the other ranks then read what it verified. The cache owns the names of its
+reference columns: a phase gets them as `cache.reference(split)`, a function from a batch's example_ids to
+(ref_chosen_logps, ref_rejected_logps) tensors.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from dpo_ds import dist
 from dpo_ds.data import load_split, load_tokenizer, read_report, verify_files
 from dpo_ds.errors import CacheError, UserError
 from dpo_ds.files import atomic_json, read_json
@@ -29,9 +33,9 @@ from dpo_ds.fingerprint import model_fingerprint, sha256_file, tokenizer_fingerp
 
 FORMAT_VERSION = 1
 MANIFEST, PLAN = "manifest.json", "plan.json"
-SCHEMA = pa.schema([("example_id", pa.int64()), ("ref_chosen_logps", pa.float32()),
-                    ("ref_rejected_logps", pa.float32()), ("chosen_tokens", pa.int32()),
-                    ("rejected_tokens", pa.int32())])
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # what the loss reads
+SCHEMA = pa.schema([("example_id", pa.int64()), *((name, pa.float32()) for name in REFERENCE_COLUMNS),
+                    ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32())])
 SHARD_RE = re.compile(r"shard-(\d+)-(\d+)\.arrow$")
 
 
@@ -138,11 +142,33 @@ def read_shard(path: str) -> pa.Table:
         return pa.ipc.open_file(source).read_all()
 
 
+class Reference:
+    """One split's cached reference log-probs, looked up by example_id: `reference(batch)` ->
+    (ref_chosen_logps, ref_rejected_logps), each [B] fp32, in the batch's order."""
+
+    def __init__(self, table: pa.Table):
+        ids = table.column("example_id").to_numpy()
+        order = np.argsort(ids)
+        self.ids = torch.from_numpy(ids[order])
+        self.logps = torch.from_numpy(np.stack([table.column(n).to_numpy() for n in REFERENCE_COLUMNS], 1)[order])
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = batch["example_id"]
+        pos = torch.searchsorted(self.ids, ids).clamp(max=len(self.ids) - 1)
+        if not torch.equal(self.ids[pos], ids):  # open_cache proved coverage; this guards the caller's split
+            raise CacheError(f"example_ids {ids[self.ids[pos] != ids][:5].tolist()} are not in this split's cache")
+        logps = self.logps[pos]
+        return logps[:, 0], logps[:, 1]
+
+
 class RefCache:
-    """A verified cache: `values(split, example_ids)` are the reference columns in that order."""
+    """A verified cache: `reference(split)` for the loss, `values(split, example_ids)` for every column."""
 
     def __init__(self, cache_dir: str, manifest: dict, tables: dict):
         self.cache_dir, self.manifest, self.tables = cache_dir, manifest, tables
+
+    def reference(self, split: str) -> Reference:
+        return Reference(self.tables[split])
 
     def values(self, split: str, example_ids) -> dict:
         table = self.tables[split]
@@ -151,12 +177,14 @@ class RefCache:
         pos = order[np.searchsorted(ids, np.asarray(example_ids), sorter=order)]
         return {name: table.column(name).to_numpy()[pos] for name in SCHEMA.names}
 
-    def attach(self, ds, split: str):
-        """The prepared split with its `ref_chosen_logps` / `ref_rejected_logps` columns added."""
-        vals = self.values(split, ds["example_id"])
-        for name in ("ref_chosen_logps", "ref_rejected_logps"):
-            ds = ds.add_column(name, vals[name].tolist())
-        return ds
+
+def open_verified(cache_dir: str, data_dir: str, model_dir: str | None, splits, trust_remote_code: bool = False
+                  ) -> RefCache:
+    """`open_cache` with every check on rank 0 alone (one reader hashes the shards, data and weights; its
+    verdict reaches every rank), then a plain read on the other ranks; rank 0 keeps what it verified."""
+    verified = []
+    dist.on_main(lambda: verified.append(open_cache(cache_dir, data_dir, model_dir, splits, trust_remote_code)))
+    return verified[0] if verified else open_cache(cache_dir, data_dir, splits=splits, verify=False)
 
 
 def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, splits=None,
@@ -237,10 +265,10 @@ def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) 
 def summary(cache: RefCache) -> str:
     lines = [f"reference cache {cache.cache_dir}: OK (format {FORMAT_VERSION}, dtype {cache.manifest['fingerprint']['dtype']})"]
     for split, table in cache.tables.items():
-        c, r = table.column("ref_chosen_logps").to_numpy(), table.column("ref_rejected_logps").to_numpy()
+        columns = [(name, table.column(name).to_numpy()) for name in REFERENCE_COLUMNS]
         lines.append(f"  {split}: {table.num_rows} examples in {len(cache.manifest['splits'][split]['shards'])} shards; "
-                     f"ref_chosen_logps mean {c.mean():.3f} [min {c.min():.3f}, max {c.max():.3f}], "
-                     f"ref_rejected_logps mean {r.mean():.3f} [min {r.min():.3f}, max {r.max():.3f}]")
+                     + ", ".join(f"{name} mean {v.mean():.3f} [min {v.min():.3f}, max {v.max():.3f}]"
+                                 for name, v in columns))
     s = cache.manifest.get("stats", {})
     if s:
         lines.append(f"  run: {s.get('world_size')} rank(s), {s.get('tokens_per_s', 0):.0f} tokens/s, "

@@ -5,8 +5,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+
+
+def format_metrics(metrics: dict) -> str:
+    """One console line: `name value` for every finite float."""
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v))
 
 
 class MetricsLog:
@@ -18,8 +24,9 @@ class MetricsLog:
 
         self.path = os.path.join(out_dir, "metrics.jsonl")
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
-        with open(self.path, "w") as f:
+        with open(self.path + ".tmp", "w") as f:  # replaced in one step: a crash here leaves the old file
             f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(self.path + ".tmp", self.path)
         self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, split: str, metrics: dict) -> None:

@@ -19,17 +19,16 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from dpo_ds import config as C, dist, engine as E
+from dpo_ds import dist, engine
 from dpo_ds.batching import collate, pad_and_eos, pair_lengths, take
+from dpo_ds.config import TrainConfig, main_guard, parse, resume_keys, to_dict
 from dpo_ds.data import load_split, load_tokenizer, read_report
 from dpo_ds.errors import UserError
-from dpo_ds.evaluate import evaluate, format_metrics
 from dpo_ds.files import atomic_json, read_json
-from dpo_ds.logps import SequenceLogps
 from dpo_ds.loss import MetricSums
-from dpo_ds.ref_cache import open_cache
-from dpo_ds.report import MetricsLog, plot, read_metrics
-from dpo_ds.step import batch_losses, cached_reference
+from dpo_ds.ref_cache import open_verified
+from dpo_ds.report import MetricsLog, format_metrics, plot, read_metrics
+from dpo_ds.step import batch_losses, split_metrics
 
 
 def global_batch(step: int, n: int, size: int, seed: int) -> np.ndarray:
@@ -39,7 +38,7 @@ def global_batch(step: int, n: int, size: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)[k * size:(k + 1) * size]
 
 
-def my_micro_batches(rows: np.ndarray, lengths: np.ndarray, micro: int, grad_accum: int) -> list[np.ndarray]:
+def rank_micro_batches(rows: np.ndarray, lengths: np.ndarray, micro: int, grad_accum: int) -> list[np.ndarray]:
     """Sort the global batch by length (little padding), cut it into world x grad_accum micro-batches and
     deal micro-batch j to rank j % world. The step's examples do not depend on micro x accumulation."""
     rows = rows[np.argsort(-lengths[rows], kind="stable")]
@@ -47,25 +46,25 @@ def my_micro_batches(rows: np.ndarray, lengths: np.ndarray, micro: int, grad_acc
     return [chunks[j] for j in range(dist.rank(), len(chunks), dist.world_size())]
 
 
-def train_step(engine, ds, micro_batches, cfg: C.TrainConfig, pad_id: int, step: int,
-               reference=cached_reference) -> MetricSums:
-    """One optimizer step over this rank's micro-batches -> their metric sums. `reference(batch)` gives
-    (ref_chosen_logps, ref_rejected_logps); scripts/bench.py swaps in a live reference model."""
+def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: int, step: int) -> MetricSums:
+    """One optimizer step of the training engine `policy` over this rank's micro-batches -> their metric
+    sums. `reference(batch)` gives (ref_chosen_logps, ref_rejected_logps): the cache's, or in
+    scripts/bench.py a live reference model."""
     sums = MetricSums()
     for rows in micro_batches:
-        losses, batch_sums = batch_losses(engine, collate(take(ds, rows), pad_id), cfg, reference)
+        losses, batch_sums = batch_losses(policy, collate(take(ds, rows), pad_id), reference, cfg)
         loss = losses.mean()
         if dist.all_reduce([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
             raise UserError(f"non-finite loss at step {step + 1}; stopped before applying it. The last "
                             f"checkpoint in {cfg.output_dir}/checkpoints is intact: lower --learning_rate, "
                             f"check the data, or use fp32/bf16 rather than fp16")
-        engine.backward(loss)
-        engine.step()  # DeepSpeed applies the update (and the lr schedule) at the accumulation boundary
+        policy.backward(loss)
+        policy.step()  # DeepSpeed applies the update (and the lr schedule) at the accumulation boundary
         sums = sums + batch_sums
     return sums
 
 
-def check_resumable(cfg: C.TrainConfig, ckpt_dir: str) -> bool:
+def check_resumable(cfg: TrainConfig, ckpt_dir: str) -> bool:
     """True when a checkpoint exists and may be continued; refuses a run of other settings."""
     if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         return False
@@ -75,7 +74,7 @@ def check_resumable(cfg: C.TrainConfig, ckpt_dir: str) -> bool:
     saved_path = os.path.join(cfg.output_dir, "config.json")
     if os.path.isfile(saved_path):
         saved = read_json(saved_path)["train"]
-        changed = [k for k in C.resume_keys(C.TrainConfig) if saved.get(k) != getattr(cfg, k)]
+        changed = [k for k in resume_keys(TrainConfig) if saved.get(k) != getattr(cfg, k)]
         if changed:
             raise UserError(f"{cfg.output_dir} holds a run with other settings ({', '.join(changed)}); "
                             f"it cannot be resumed with these. Use a new --output_dir")
@@ -109,7 +108,7 @@ class Window:
             self.sums, self.t0 = MetricSums(state["sums"]), time.time() - state["seconds"]
 
 
-def save(engine, ckpt_dir: str, step: int, window: Window, keep: int = 2) -> None:
+def save(policy, ckpt_dir: str, step: int, window: Window, keep: int = 2) -> None:
     """A DeepSpeed checkpoint plus each rank's RNG state (dropout, if the model has any, continues exactly;
     the data order needs none: it is a function of seed and step) and the open metrics window."""
     tag = f"step-{step:07d}"
@@ -118,7 +117,7 @@ def save(engine, ckpt_dir: str, step: int, window: Window, keep: int = 2) -> Non
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, rng_path(ckpt_dir, tag))  # before DeepSpeed writes `latest`, which marks it complete
-    E.save_checkpoint(engine, ckpt_dir, tag, {"step": step, "window": window.state()})
+    engine.save_checkpoint(policy, ckpt_dir, tag, {"step": step, "window": window.state()})
     if dist.is_main():  # keep the newest `keep` checkpoints
         tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step-"))
         for old in tags[:-keep]:
@@ -126,10 +125,10 @@ def save(engine, ckpt_dir: str, step: int, window: Window, keep: int = 2) -> Non
     dist.barrier()
 
 
-def restore(engine, ckpt_dir: str, window: Window) -> int:
+def restore(policy, ckpt_dir: str, window: Window) -> int:
     """Load the newest complete checkpoint, this rank's RNG state and the metrics window; the step to
     continue from."""
-    client = E.load_checkpoint(engine, ckpt_dir) or {}
+    client = engine.load_checkpoint(policy, ckpt_dir) or {}
     start = client.get("step", 0)
     if "window" in client:
         window.restore(client["window"])
@@ -141,27 +140,15 @@ def restore(engine, ckpt_dir: str, window: Window) -> int:
     return start
 
 
-def load_data(cfg: C.TrainConfig):
-    """(train, eval or None) with the verified cache's reference columns joined by example_id. Rank 0 alone
-    hashes the data, the cache and the model's weights; the other ranks read what it verified."""
+def load_data(cfg: TrainConfig):
+    """(train split, its Reference, eval split or None, its Reference or None). Rank 0 alone hashes the data,
+    the cache and the model's weights; the other ranks read what it verified."""
     splits = [s for s in ("train", "eval") if s in read_report(cfg.data)["counts"]]
-    dist.on_main(lambda: open_cache(cfg.ref_cache, cfg.data, cfg.model, splits, cfg.trust_remote_code) and None)
-    cache = open_cache(cfg.ref_cache, cfg.data, splits=splits, verify=False)
-    train_ds = cache.attach(load_split(cfg.data, "train"), "train")
-    eval_ds = cache.attach(load_split(cfg.data, "eval"), "eval") if "eval" in splits else None
-    if eval_ds is None:
+    cache = open_verified(cfg.ref_cache, cfg.data, cfg.model, splits, cfg.trust_remote_code)
+    if "eval" not in splits:
         dist.print0(f"train: {cfg.data} has no eval split (prepared with --eval_fraction 0): no evaluation")
-    return train_ds, eval_ds
-
-
-def build_engine(cfg: C.TrainConfig, ds_config: dict):
-    """The policy under DeepSpeed (built under zero.Init for ZeRO-3), wrapped so forwards return log-probs."""
-    torch.manual_seed(cfg.seed)
-    model = E.load_model(cfg.model, E.ds_dtype(ds_config), cfg.attn_implementation, cfg.trust_remote_code, ds_config)
-    if cfg.gradient_checkpointing:
-        E.enable_gradient_checkpointing(model)
-    return E.training_engine(SequenceLogps(model, cfg.logp_chunk_size, E.collective_forwards(ds_config)), ds_config,
-                             cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule)
+        return load_split(cfg.data, "train"), cache.reference("train"), None, None
+    return load_split(cfg.data, "train"), cache.reference("train"), load_split(cfg.data, "eval"), cache.reference("eval")
 
 
 class Job:
@@ -173,22 +160,23 @@ class Job:
     def evaluate(self, step: int) -> dict:
         if self.eval_ds is None:
             return {}
-        self.engine.eval()
-        metrics = evaluate(self.engine, self.eval_ds, self.cfg, self.cfg.micro_batch_size, self.pad_id, self.eos_id)
-        self.engine.train()
+        self.policy.eval()
+        metrics = split_metrics(self.policy, self.eval_ds, self.eval_reference, self.cfg, self.cfg.micro_batch_size,
+                           self.pad_id, self.eos_id)
+        self.policy.train()
         if self.log:
             self.log.write(step, "eval", metrics)
             tqdm.write(f"eval @ {step}: {format_metrics(metrics)}")
         return metrics
 
 
-def set_up(cfg: C.TrainConfig) -> Job:
+def set_up(cfg: TrainConfig) -> Job:
     """Data and cache (verified once), the saved config, the engine, and the checkpoint to continue from."""
     launched = psutil.Process().create_time()
-    E.init_distributed()
-    E.check_model_dir(cfg.model)
-    ds_config = E.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
-    train_ds, eval_ds = load_data(cfg)
+    dist.init()
+    engine.check_model_dir(cfg.model)
+    ds_config = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
+    train_ds, train_reference, eval_ds, eval_reference = load_data(cfg)
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.world_size()
     if len(train_ds) < global_size:
         raise UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
@@ -200,41 +188,41 @@ def set_up(cfg: C.TrainConfig) -> Job:
     if dist.is_main():
         os.makedirs(cfg.output_dir, exist_ok=True)
         atomic_json(os.path.join(cfg.output_dir, "config.json"),
-                    {"train": C.to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size()})
-    engine = build_engine(cfg, ds_config)
+                    {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size()})
+    policy = engine.training_engine(cfg, ds_config)
     window = Window()
-    start = restore(engine, ckpt_dir, window) if resuming else 0
+    start = restore(policy, ckpt_dir, window) if resuming else 0
     log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
-                f"ZeRO stage {E.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}")
-    return Job(cfg=cfg, engine=engine, train_ds=train_ds, eval_ds=eval_ds, pad_id=pad_id, eos_id=eos_id,
-               ckpt_dir=ckpt_dir, start=start, log=log, window=window, global_size=global_size, launched=launched)
+                f"ZeRO stage {engine.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}")
+    return Job(cfg=cfg, policy=policy, train_ds=train_ds, train_reference=train_reference, eval_ds=eval_ds,
+               eval_reference=eval_reference, pad_id=pad_id, eos_id=eos_id, ckpt_dir=ckpt_dir, start=start, log=log, window=window, global_size=global_size, launched=launched)
 
 
 def train_loop(job: Job) -> None:
     """Steps `job.start` .. max_steps: train lines every --log_every, evals every --eval_every and at the end,
     checkpoints every --save_every and at the end (after the final eval, so a finished run has nothing left
     to redo but the export)."""
-    cfg, engine, window = job.cfg, job.engine, job.window
+    cfg, policy, window = job.cfg, job.policy, job.window
     lengths = pair_lengths(job.train_ds)
     if job.start == 0 and cfg.eval_every:
         job.evaluate(0)  # the SFT model's own point on the eval curves: loss ln 2, rewards 0
-    engine.train()
+    policy.train()
     bar = tqdm(total=cfg.max_steps, initial=job.start, desc="train", unit="step", disable=not dist.is_main(),
                mininterval=2.0)
     for step in range(job.start, cfg.max_steps):
-        lr = engine.get_lr()[0]
+        lr = policy.get_lr()[0]
         rows = global_batch(step, len(job.train_ds), job.global_size, cfg.seed)
-        micro_batches = my_micro_batches(rows, lengths, cfg.micro_batch_size, cfg.grad_accum)
-        window.add(train_step(engine, job.train_ds, micro_batches, cfg, job.pad_id, step))
+        micro_batches = rank_micro_batches(rows, lengths, cfg.micro_batch_size, cfg.grad_accum)
+        window.add(train_step(policy, job.train_ds, job.train_reference, micro_batches, cfg, job.pad_id, step))
         done = step + 1
         bar.update(1)
         if step == job.start and job.log:  # start-up cost: verification, loading, engine set-up
             tqdm.write(f"train: first step done {time.time() - job.launched:.1f} s after launch")
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             sums, seconds = window.reduce()
-            metrics = {**sums.mean(), "lr": lr, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            metrics = {**sums.mean(), "lr": lr, "grad_norm": float(policy.get_global_grad_norm() or 0.0),
                        "tokens_per_s": sums["tokens"] / max(seconds, 1e-9)}
             if job.log:
                 job.log.write(done, "train", metrics)
@@ -243,7 +231,7 @@ def train_loop(job: Job) -> None:
         if done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0):
             job.evaluate(done)
         if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
-            save(engine, job.ckpt_dir, done, window)
+            save(policy, job.ckpt_dir, done, window)
     bar.close()
 
 
@@ -253,7 +241,7 @@ def finish(job: Job) -> dict:
     final_dir = os.path.join(cfg.output_dir, "final")
     finished_before = job.start == cfg.max_steps
     if not (finished_before and os.path.isdir(final_dir)):
-        E.export_hf(job.engine, cfg.model, final_dir)
+        engine.export_hf(job.policy.module.lm, cfg.model, final_dir)
     dist.barrier()  # rank 0's MetricsLog has rewritten metrics.jsonl (a finished run's rerun exports nothing)
     final = dist.on_main(lambda: final_eval(cfg))
     if job.log:
@@ -264,20 +252,20 @@ def finish(job: Job) -> dict:
     return final
 
 
-def final_eval(cfg: C.TrainConfig) -> dict:
+def final_eval(cfg: TrainConfig) -> dict:
     evals = [r for r in read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
              if r["split"] == "eval" and r["step"] == cfg.max_steps]
     return {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
 
 
-def run(cfg: C.TrainConfig) -> dict:
+def run(cfg: TrainConfig) -> dict:
     job = set_up(cfg)
     train_loop(job)
     return finish(job)
 
 
 def main(argv=None):
-    C.main_guard(lambda: run(C.parse(C.TrainConfig, argv, prog="python -m dpo_ds.train", doc=__doc__)))
+    main_guard(lambda: run(parse(TrainConfig, argv, prog="python -m dpo_ds.train", doc=__doc__)))
 
 
 if __name__ == "__main__":

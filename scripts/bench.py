@@ -38,45 +38,39 @@ def worker_train(a) -> None:
     """One short training run under the launcher; --mode cached or baseline. Rank 0 writes a JSON line."""
     import torch
 
-    from dpo_ds import config as C, dist, engine as E
+    from dpo_ds import dist, engine
     from dpo_ds.batching import pair_lengths
-    from dpo_ds.logps import SequenceLogps, pair_logps
+    from dpo_ds.config import InferenceConfig, TrainConfig
     from dpo_ds.data import load_split
+    from dpo_ds.logps import pair_logps
     from dpo_ds.ref_cache import open_cache
-    from dpo_ds.step import cached_reference
-    from dpo_ds.train import global_batch, my_micro_batches, train_step
+    from dpo_ds.train import global_batch, rank_micro_batches, train_step
 
-    E.init_distributed()
-    cfg = C.TrainConfig(model=a.model, data=a.data, ref_cache=a.cache, output_dir=a.out, deepspeed=a.ds,
-                        beta=a.beta, learning_rate=1e-4, max_steps=a.steps, warmup_steps=0,
-                        micro_batch_size=a.micro, grad_accum=a.accum)
-    ds_cfg = E.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
+    dist.init()
+    cfg = TrainConfig(model=a.model, data=a.data, ref_cache=a.cache, output_dir=a.out, deepspeed=a.ds, beta=a.beta,
+                      learning_rate=1e-4, lr_schedule="constant", max_steps=a.steps, warmup_steps=0,
+                      micro_batch_size=a.micro, grad_accum=a.accum, gradient_checkpointing=bool(a.gradient_checkpointing))
+    ds_cfg = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     t_start = time.time()
     ds = load_split(cfg.data, "train")
+    policy = engine.training_engine(cfg, ds_cfg)
     if a.mode == "cached":
-        ds = open_cache(cfg.ref_cache, cfg.data, model_dir=cfg.model, splits=["train"]).attach(ds, "train")
-    model = E.load_model(cfg.model, torch.float32, ds_config=ds_cfg)
-    if a.gradient_checkpointing:
-        E.enable_gradient_checkpointing(model)
-    engine = E.training_engine(SequenceLogps(model, cfg.logp_chunk_size, True), ds_cfg, cfg.learning_rate, 0.0, 0,
-                               cfg.max_steps, "constant")
-    reference = cached_reference
-    if a.mode == "baseline":  # the second model: frozen, sharded like the policy, run on every micro-batch
-        inf_cfg = E.inference_ds_config(os.path.join(ROOT, "ds_configs", "zero3_inference.json"), a.micro, torch.float32)
-        ref = E.inference_engine(SequenceLogps(E.load_model(cfg.model, torch.float32, ds_config=inf_cfg),
-                                               cfg.logp_chunk_size, True), inf_cfg)
+        reference = open_cache(cfg.ref_cache, cfg.data, model_dir=cfg.model, splits=["train"]).reference("train")
+    else:  # the second model: frozen, sharded like the policy, run on every micro-batch
+        ref = engine.inference_engine(InferenceConfig(model=cfg.model, data=cfg.data, batch_size=a.micro, dtype="fp32",
+                                                      deepspeed=os.path.join(ROOT, "ds_configs", "zero3_inference.json")))
 
         def reference(batch):
             with torch.no_grad():
-                rc, rr, _, _ = pair_logps(ref, batch)
-            return rc, rr
-    engine.train()
+                ref_chosen_logps, ref_rejected_logps, _, _ = pair_logps(ref, batch)
+            return ref_chosen_logps, ref_rejected_logps
+    policy.train()
     lengths, size = pair_lengths(ds), a.micro * a.accum * dist.world_size()
     times, losses = [], []
     for step in range(cfg.max_steps):
         t0 = time.time()
-        micro = my_micro_batches(global_batch(step, len(ds), size, cfg.seed), lengths, a.micro, a.accum)
-        sums = train_step(engine, ds, micro, cfg, 0, step, reference)
+        micro = rank_micro_batches(global_batch(step, len(ds), size, cfg.seed), lengths, a.micro, a.accum)
+        sums = train_step(policy, ds, reference, micro, cfg, 0, step)
         times.append(float(dist.all_reduce([time.time() - t0], op="max")[0]))
         losses.append(sums.mean()["loss"])
     rss = float(dist.all_reduce([peak_rss_mb()], op="max")[0])
@@ -92,7 +86,7 @@ def worker_logp_memory(a) -> None:
     """Peak memory of one log-prob forward + backward at a Qwen-class vocabulary, in a fresh process."""
     import torch
 
-    from dpo_ds.logps import _chunk_logps, sequence_logps  # noqa: F401  (chunked path under test)
+    from dpo_ds.logps import sequence_logps
 
     torch.manual_seed(0)
     B, T, H, V = a.batch, a.seq, a.hidden, a.vocab
@@ -124,7 +118,8 @@ def worker_logp_memory(a) -> None:
     t0 = time.time()
     if a.mode == "chunked":
         logps, _ = sequence_logps(lm, ids, torch.ones_like(ids), labels, chunk_size=a.chunk)
-    else:  # the naive way: full [B, T, V] fp32 logits and log_softmax, kept for backward
+    else:  # the naive way peers take: full [B, T, V] fp32 logits and log_softmax, kept for backward (not
+        # logps.naive_sequence_logps: its float64 would double the figure we compare against)
         logits = lm.lm_head(lm.backbone.h).float()
         logp = logits[:, :-1].log_softmax(-1)
         tgt = labels[:, 1:]
@@ -141,10 +136,10 @@ def worker_bare_forward(a) -> None:
     import numpy as np
     import torch
 
-    from dpo_ds import engine as E
+    from dpo_ds import engine
     from dpo_ds.data import load_split, read_report
 
-    model = E.load_model(a.model, torch.float32).eval()
+    model = engine.load_model(a.model, torch.float32).eval()
     stream = np.concatenate([np.asarray(x) for s in read_report(a.data)["counts"] for side in ("chosen", "rejected")
                              for x in load_split(a.data, s)[f"{side}_input_ids"]])
     row = int(np.median([len(x) for x in load_split(a.data, "train")["chosen_input_ids"]]))

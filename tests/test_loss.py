@@ -72,11 +72,12 @@ def test_cached_reference_equals_two_model_loss_and_gradients(tiny, prepared, ca
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
     reference = AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
-    ds = open_cache(cache, prepared).attach(datasets.load_from_disk(f"{prepared}/train"), "train")
+    ds = datasets.load_from_disk(f"{prepared}/train")
     batch = collate([ds[i] for i in range(6)], pad_id=0)
     B, beta = 6, 0.1
 
-    losses, _ = batch_losses(SequenceLogps(policy, chunk_size=16), batch, C.LossConfig(beta=beta))  # train's step
+    cached = open_cache(cache, prepared).reference("train")
+    losses, _ = batch_losses(SequenceLogps(policy, chunk_size=16), batch, cached, C.LossConfig(beta=beta))  # train's step
     cached_loss = losses.mean()
     cached_loss.backward()
     cached_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}

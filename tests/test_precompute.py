@@ -286,3 +286,36 @@ def test_only_rank_zero_runs_the_check(tmp_path):
     p, out = launch("fail")
     assert p.returncode != 0 and (out / "calls.txt").read_text() == "rank 0\n"
     assert [(out / f"rank{r}.txt").read_text() for r in (0, 1)] == ["error: the weights do not match"] * 2
+
+
+def test_non_finite_values_stop_every_rank(tiny, tmp_path):
+    """A reference model that gives NaN for one example (a byte that occurs there alone has a NaN embedding):
+    the rank holding it writes nothing for its shard and every rank stops with the message. The check used to
+    raise on one rank only: the other waited in a collective until the launcher killed it (a gloo traceback)
+    or, under a launcher that does not, for the process-group timeout. No manifest."""
+    from transformers import AutoTokenizer
+
+    rows = [json.loads(line) for line in open(tiny[1])]
+    rows[7]["chosen"] += " ~"
+    prefs, data = tmp_path / "prefs.jsonl", str(tmp_path / "data")
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare.run(C.PrepareConfig(dataset=str(prefs), tokenizer=tiny[0], output_dir=data, eval_fraction=0.1))
+    token = AutoTokenizer.from_pretrained(tiny[0]).convert_tokens_to_ids("~")
+    holders = [(s, r["example_id"]) for s in ("train", "eval") for r in datasets.load_from_disk(os.path.join(data, s))
+               if token in r["chosen_input_ids"][:-1] + r["rejected_input_ids"][:-1]]
+    assert len(holders) == 1, holders
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+    model.config.tie_word_embeddings = False  # NaN in the input embedding only, not in every logit
+    model.lm_head.weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] = float("nan")
+    bad_model = str(tmp_path / "nan_model")
+    model.save_pretrained(bad_model)
+    for name in os.listdir(tiny[0]):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(os.path.join(tiny[0], name), bad_model)
+    out = tmp_path / "c"
+    p = run_module("dpo_ds.precompute", "--model", bad_model, "--data", data, "--output_dir", out,
+                   "--shard_size", 16, launcher=2, check=False, timeout=300)
+    assert p.returncode != 0 and "non-finite log-probs for 1 example(s)" in p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and not (out / "manifest.json").exists()

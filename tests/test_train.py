@@ -189,11 +189,11 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
             calls.append("step")
 
     row = {"example_id": 0, "chosen_input_ids": [1, 2, 3], "chosen_labels": [-100, 2, 3],
-           "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4],
-           "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}
+           "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4]}
     cfg = C.TrainConfig(model="m", data="d", ref_cache="r", output_dir=str(tmp_path), deepspeed="z")
+    reference = lambda batch: (torch.tensor([-1.0]), torch.tensor([-2.0]))  # noqa: E731
     with pytest.raises(UserError, match="non-finite loss at step 5.*checkpoints is intact"):
-        train.train_step(Engine(), datasets.Dataset.from_list([row]), [np.array([0])], cfg, pad_id=0, step=4)
+        train.train_step(Engine(), datasets.Dataset.from_list([row]), reference, [np.array([0])], cfg, pad_id=0, step=4)
     assert calls == []
 
 
