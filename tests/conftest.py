@@ -1,4 +1,5 @@
 """Shared fixtures: one tiny model + synthetic data per test session, built locally (no hub)."""
+import glob
 import os
 import subprocess
 import sys
@@ -11,6 +12,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_*"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_shm_buffers():
+    """Ranks killed on purpose (the SIGKILL tests) cannot remove their DeepSpeed all-reduce buffer at exit
+    (engine._remove_shm_buffer): remove every buffer this session created, 69 MB of RAM each."""
+    before = set(glob.glob(SHM_BUFFERS))
+    yield
+    for path in set(glob.glob(SHM_BUFFERS)) - before:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 @pytest.fixture(scope="session")
