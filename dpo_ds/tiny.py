@@ -48,9 +48,9 @@ def is_correct(prompt: str, response: str) -> bool:
         return False
 
 
-def make_dataset(n: int, seed: int = 0) -> list[dict]:
+def make_dataset(n: int, seed: int = 0, max_items: int = 6) -> list[dict]:
     rng = random.Random(seed)
-    return [make_pair(rng) for _ in range(n)]
+    return [make_pair(rng, max_items, max(40, 2 * max_items)) for _ in range(n)]
 
 
 def write_jsonl(rows, path):
@@ -86,8 +86,9 @@ def build_model(vocab_size: int, seed: int = 0, hidden_size: int = 128, layers: 
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def build(output_dir: str, num_examples: int = 1000, seed: int = 0, hidden_size: int = 128, layers: int = 4):
-    rows = make_dataset(num_examples, seed)
+def build(output_dir: str, num_examples: int = 1000, seed: int = 0, hidden_size: int = 128, layers: int = 4,
+          max_items: int = 6):
+    rows = make_dataset(num_examples, seed, max_items)
     write_jsonl(rows, os.path.join(output_dir, "prefs.jsonl"))
     corpus = [" ".join(r.values()) for r in rows] + ["sort ascending: descending", "user assistant system"]
     tokenizer = build_tokenizer(corpus)
@@ -143,13 +144,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hidden_size", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--max_items", type=int, default=6, help="numbers per list, at most (longer sequences: raise it)")
     a = p.parse_args(argv)
     if a.smollm2:
         build_smollm2(a.smollm2)
         return
     if not a.output_dir:
         p.error("--output_dir is required")
-    build(a.output_dir, a.num_examples, a.seed, a.hidden_size, a.layers)
+    build(a.output_dir, a.num_examples, a.seed, a.hidden_size, a.layers, a.max_items)
 
 
 if __name__ == "__main__":

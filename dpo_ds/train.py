@@ -17,6 +17,7 @@ import time
 import numpy as np
 import psutil
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from dpo_ds import dist, engine
@@ -51,15 +52,21 @@ def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: i
     sums. `reference(batch)` gives (ref_chosen_logps, ref_rejected_logps): the cache's, or in
     scripts/bench.py a live reference model."""
     sums = MetricSums()
-    for rows in micro_batches:
-        losses, batch_sums = batch_losses(policy, collate(take(ds, rows), pad_id), reference, cfg)
-        loss = losses.mean()
-        if dist.all_reduce([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
-            raise UserError(f"non-finite loss at step {step + 1}; stopped before applying it. The last "
-                            f"checkpoint in {cfg.output_dir}/checkpoints is intact: lower --learning_rate, "
-                            f"check the data, or use fp32/bf16 rather than fp16")
-        policy.backward(loss)
-        policy.step()  # DeepSpeed applies the update (and the lr schedule) at the accumulation boundary
+    for rows in micro_batches:  # the labelled ranges name the parts of a step in a profile (scripts/bench.py)
+        with record_function("dpo_ds.data"):
+            batch = collate(take(ds, rows), pad_id)
+        with record_function("dpo_ds.forward_and_loss"):
+            losses, batch_sums = batch_losses(policy, batch, reference, cfg)
+            loss = losses.mean()
+        with record_function("dpo_ds.finite_check"):
+            if dist.all_reduce([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
+                raise UserError(f"non-finite loss at step {step + 1}; stopped before applying it. The last "
+                                f"checkpoint in {cfg.output_dir}/checkpoints is intact: lower --learning_rate, "
+                                f"check the data, or use fp32/bf16 rather than fp16")
+        with record_function("dpo_ds.backward"):
+            policy.backward(loss)
+        with record_function("dpo_ds.engine_step"):
+            policy.step()  # DeepSpeed applies the update (and the lr schedule) at the accumulation boundary
         sums = sums + batch_sums
     return sums
 

@@ -67,12 +67,20 @@ def worker_train(a) -> None:
     policy.train()
     lengths, size = pair_lengths(ds), a.micro * a.accum * dist.world_size()
     times, losses = [], []
+    profiler = None
     for step in range(cfg.max_steps):
+        if a.profile and step == cfg.max_steps - a.profile:  # the last --profile steps, after the warm-up
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=False)
+            profiler.__enter__()
         t0 = time.time()
         micro = rank_micro_batches(global_batch(step, len(ds), size, cfg.seed), lengths, a.micro, a.accum)
         sums = train_step(policy, ds, reference, micro, cfg, 0, step)
         times.append(float(dist.all_reduce([time.time() - t0], op="max")[0]))
         losses.append(sums.mean()["loss"])
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        if dist.is_main():
+            print_profile(profiler, a.profile, sum(times[-a.profile:]))
     rss = float(dist.all_reduce([peak_rss_mb()], op="max")[0])
     if dist.is_main():
         warm = times[min(3, len(times) - 1):]
@@ -80,6 +88,75 @@ def worker_train(a) -> None:
             f.write(json.dumps({"mode": a.mode, "beta": a.beta, "median_step_s": statistics.median(warm),
                                 "peak_rss_mb_per_rank": rss, "wall_s": time.time() - t_start,
                                 "first_loss": losses[0]}) + "\n")
+
+
+def print_profile(profiler, steps: int, seconds: float) -> None:
+    """Where a step's time goes: dpo_ds's labelled parts (train.train_step) and the operators by self time."""
+    events = profiler.key_averages()
+    print(f"[profile] {steps} steps, {seconds / steps:.3f} s/step (wall, profiler on)")
+    for e in sorted((e for e in events if e.key.startswith("dpo_ds.")), key=lambda e: -e.cpu_time_total):
+        print(f"[profile] {e.key:<28} {e.cpu_time_total / 1e6 / steps:8.3f} s/step  ({e.count // steps} calls/step)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def trl_rows(model_dir: str, data_dir: str) -> list[dict]:
+    """The prepared train split as TRL reads it: {prompt, chosen, response} text decoded from dpo_ds's token
+    ids (prompt = the tokens before the first label), so both trainers see the same sequences."""
+    from transformers import AutoTokenizer
+
+    from dpo_ds.data import load_split
+    from dpo_ds.encode import IGNORE
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = []
+    for r in load_split(data_dir, "train"):
+        n = next(i for i, label in enumerate(r["chosen_labels"]) if label != IGNORE)
+        rows.append({"prompt": tok.decode(r["chosen_input_ids"][:n]), "chosen": tok.decode(r["chosen_input_ids"][n:]),
+                     "rejected": tok.decode(r["rejected_input_ids"][n:])})
+    return rows
+
+
+def worker_trl(a) -> None:
+    """TRL's DPOTrainer on the same model, pairs, micro-batch, accumulation and steps; --mode trl_online (a live
+    reference model) or trl_precompute (precompute_ref_log_probs). Under the deepspeed launcher with a ZeRO
+    config (--ds) it runs through HF Trainer's DeepSpeed integration, as TRL users do. Step time = the interval
+    between optimizer steps (data loading included, as in dpo_ds's figure), median after 3 warm-up steps."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if not torch.cuda.is_available():  # the same share of the cores per rank as dpo_ds's dist.init gives
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    times, marks = [], []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            marks.append(time.time())
+
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.time())
+            times.append(marks[-1] - marks[-2])
+
+    t_start = time.time()
+    tok = AutoTokenizer.from_pretrained(a.model)
+    ds = datasets.Dataset.from_list(trl_rows(a.model, a.data))
+    args = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.micro, gradient_accumulation_steps=a.accum,
+                     learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, max_steps=a.steps, beta=a.beta,
+                     max_grad_norm=1.0, gradient_checkpointing=bool(a.gradient_checkpointing),
+                     gradient_checkpointing_kwargs={"use_reentrant": False},
+                     precompute_ref_log_probs=a.mode == "trl_precompute", max_length=None, report_to="none",
+                     save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True, seed=42, dataloader_num_workers=0,
+                     use_cpu=not torch.cuda.is_available(), deepspeed=json.load(open(a.ds)) if a.ds else None)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()])
+    trainer.train()
+    if int(os.environ.get("RANK", 0)) == 0:
+        with open(a.result, "a") as f:
+            f.write(json.dumps({"mode": a.mode, "beta": a.beta, "ranks": world, "median_step_s":
+                                statistics.median(times[min(3, len(times) - 1):]), "peak_rss_mb_per_rank": peak_rss_mb(),
+                                "wall_s": time.time() - t_start, "trl": __import__("trl").__version__}) + "\n")
 
 
 def worker_logp_memory(a) -> None:
@@ -96,13 +173,14 @@ def worker_logp_memory(a) -> None:
             super().__init__()
             self.h = torch.nn.Parameter(torch.randn(B, T, H) * 0.02)
 
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask, use_cache=False):
             return type("Out", (), {"last_hidden_state": self.h})()
 
     class LM(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.backbone, self.lm_head = Backbone(), torch.nn.Linear(H, V, bias=False)
+            self.config = type("Config", (), {"model_type": "qwen2"})()  # a plain head: lm_head alone (dpo_ds.head)
 
         def get_decoder(self):
             return self.backbone
@@ -292,7 +370,9 @@ if __name__ == "__main__":
             w.add_argument(f"--{name}", type=kind, default=default)
         w.add_argument("--chunk", type=int, default=ModelConfig.logp_chunk_size)  # the shipped default
         w.add_argument("--gradient_checkpointing", type=int, default=1)
+        w.add_argument("--profile", type=int, default=0, help="profile the last N steps of a train worker")
         args = w.parse_args()
-        {"train": worker_train, "logp_memory": worker_logp_memory, "bare": worker_bare_forward}[args.worker](args)
+        {"train": worker_train, "trl": worker_trl, "logp_memory": worker_logp_memory,
+         "bare": worker_bare_forward}[args.worker](args)
     else:
         main()
