@@ -200,6 +200,9 @@ def set_up(cfg: TrainConfig) -> Job:
     window = Window()
     start = restore(policy, ckpt_dir, window) if resuming else 0
     log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
+    if engine.partitions_nothing(ds_config):
+        dist.print0(f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing and only costs time; a "
+                    f"stage-0 or stage-2 config (ds_configs/zero0_cpu.json, zero2.json) holds the same memory")
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
                 f"ZeRO stage {engine.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}")

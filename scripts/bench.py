@@ -10,11 +10,16 @@ Benchmarks (not tests): prints a table and writes OUT/bench.json. Same model, da
   3. log-prob memory at vocabulary 151,936 and sequence 2048 (forward + backward): chunked vs the naive
      full log_softmax.                                                  target: >= 8x lower peak
   4. amortisation: wall time of precompute + K training runs (a beta sweep) vs K baseline runs.
-Defaults finish in a few minutes on 2 CPU cores; scale up with the flags on a GPU machine.
+  5. the trainer users would otherwise run: TRL's DPOTrainer (online reference, and precompute_ref_log_probs),
+     same model, token ids, micro-batch, accumulation, steps and precision (fp32), beside dpo_ds with
+     ds_configs/zero0_cpu.json and --ds, one process each (needs the `bench` extra; skipped without TRL).
+                                         target: dpo_ds <= 0.75x TRL online, <= 1.0x TRL precompute
+Defaults finish in about ten minutes on 2 CPU cores; scale up with the flags on a GPU machine.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -85,7 +90,8 @@ def worker_train(a) -> None:
     if dist.is_main():
         warm = times[min(3, len(times) - 1):]
         with open(a.result, "a") as f:
-            f.write(json.dumps({"mode": a.mode, "beta": a.beta, "median_step_s": statistics.median(warm),
+            f.write(json.dumps({"mode": a.mode, "beta": a.beta, "ranks": dist.world_size(), "ds": os.path.basename(a.ds),
+                                "median_step_s": statistics.median(warm),
                                 "peak_rss_mb_per_rank": rss, "wall_s": time.time() - t_start,
                                 "first_loss": losses[0]}) + "\n")
 
@@ -145,10 +151,11 @@ def worker_trl(a) -> None:
     args = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.micro, gradient_accumulation_steps=a.accum,
                      learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, max_steps=a.steps, beta=a.beta,
                      max_grad_norm=1.0, gradient_checkpointing=bool(a.gradient_checkpointing),
+                     bf16=a.trl_bf16, fp16=False,  # TRL defaults to bf16; dpo_ds's bench configs run fp32
                      gradient_checkpointing_kwargs={"use_reentrant": False},
                      precompute_ref_log_probs=a.mode == "trl_precompute", max_length=None, report_to="none",
                      save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True, seed=42, dataloader_num_workers=0,
-                     use_cpu=not torch.cuda.is_available(), deepspeed=json.load(open(a.ds)) if a.ds else None)
+                     use_cpu=not torch.cuda.is_available() and not a.ds, deepspeed=json.load(open(a.ds)) if a.ds else None)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()])
     trainer.train()
@@ -255,6 +262,7 @@ def main():
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--examples", type=int, default=1200)
+    p.add_argument("--max_items", type=int, default=40, help="numbers per tiny example, at most (sequence length)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--accum", type=int, default=2)
@@ -274,7 +282,7 @@ def main():
     py = sys.executable
     print(f"[bench] model hidden {a.hidden} x {a.layers} layers, {a.examples} pairs, {a.ranks} ranks, {a.steps} steps")
     sh([py, "-m", "dpo_ds.tiny", "--output_dir", f"{out}/model", "--num_examples", str(a.examples),
-        "--hidden_size", str(a.hidden), "--layers", str(a.layers)])
+        "--hidden_size", str(a.hidden), "--layers", str(a.layers), "--max_items", str(a.max_items)])
     sh([py, "-m", "dpo_ds.prepare", "--dataset", f"{out}/model/prefs.jsonl", "--tokenizer", model,
         "--output_dir", data, "--eval_fraction", "0.05"])
 
@@ -304,6 +312,21 @@ def main():
     mid = a.sweep[len(a.sweep) // 2]
     cached, baseline = pick("cached", mid), pick("baseline", mid)
 
+    # 5. dpo_ds beside TRL, one process each (TRL's multi-rank DeepSpeed path needs CUDA: see the README)
+    trainers_file = f"{out}/trainers.jsonl"
+    open(trainers_file, "w").close()
+    common = ["--model", model, "--data", data, "--cache", cache, "--steps", a.steps, "--micro", a.micro,
+              "--accum", a.accum, "--result", trainers_file, "--gradient_checkpointing", int(a.gradient_checkpointing)]
+    for ds_file in (os.path.join(ROOT, "ds_configs", "zero0_cpu.json"), a.ds):
+        sh([py, __file__, "--worker", "train", "--mode", "cached", "--out", f"{out}/run", "--ds", ds_file,
+            *map(str, common)])
+    if importlib.util.find_spec("trl") is None:
+        print("[bench] TRL is not installed (pip install -e .[bench]): no TRL column")
+    else:
+        for mode in ("trl_online", "trl_precompute"):
+            sh([py, __file__, "--worker", "trl", "--mode", mode, "--out", f"{out}/trl", *map(str, common)])
+    trainers = [json.loads(line) for line in open(trainers_file)]
+
     # 3. log-prob memory
     mem = {m: last_json(sh([py, __file__, "--worker", "logp_memory", "--mode", m, "--vocab", str(a.vocab),
                             "--seq", str(a.seq), "--batch", str(a.logp_batch)]))
@@ -320,6 +343,7 @@ def main():
                        "padding_fraction": one_rank["padding_fraction"],
                        f"tokens_per_s_{a.ranks}_ranks": stats["tokens_per_s"]},
         "logp_memory": {**mem, "ratio": mem["naive"]["peak_mb"] / max(mem["chunked"]["peak_mb"], 1e-9)},
+        "trainers": trainers,
         "amortisation": {"precompute_s": precompute_wall,
                          "cached_runs_s": sum(r["wall_s"] for r in runs if r["mode"] == "cached"),
                          "baseline_runs_s": sum(r["wall_s"] for r in runs if r["mode"] == "baseline"), "k": len(a.sweep)},
@@ -345,6 +369,15 @@ def main():
          f"{am['precompute_s'] + am['cached_runs_s']:.0f} / {am['baseline_runs_s']:.0f}", f"{am['ratio']:.2f}x", ""),
         (f"  break-even run length (K={am['k']}), steps", f"{am['break_even_steps_per_run'] or float('nan'):.0f}", "", ""),
     ]
+    by = {(t["mode"], t.get("ds", "")): t["median_step_s"] for t in trainers}
+    online, pre = by.get(("trl_online", "")), by.get(("trl_precompute", ""))
+    for (mode, ds_name), seconds in by.items():
+        if mode == "cached":
+            ratio = f"{seconds / online:.2f}x / {seconds / pre:.2f}x" if online and pre else ""
+            rows.append((f"1 process: dpo_ds ({ds_name}) step s, vs TRL online / precompute", f"{seconds:.3f}", ratio,
+                         "<= 0.75x / 1.0x"))
+    if online and pre:
+        rows.append(("1 process: TRL step s (online / precompute_ref_log_probs)", f"{online:.3f} / {pre:.3f}", "", ""))
     w = max(len(r[0]) for r in rows)
     print(f"\n{'measure':<{w}}  {'value':>22}  {'ratio':>12}  target")
     for r in rows:
@@ -371,6 +404,7 @@ if __name__ == "__main__":
         w.add_argument("--chunk", type=int, default=ModelConfig.logp_chunk_size)  # the shipped default
         w.add_argument("--gradient_checkpointing", type=int, default=1)
         w.add_argument("--profile", type=int, default=0, help="profile the last N steps of a train worker")
+        w.add_argument("--trl_bf16", type=int, default=0, help="TRL worker: its default bf16 autocast instead of fp32")
         args = w.parse_args()
         {"train": worker_train, "trl": worker_trl, "logp_memory": worker_logp_memory,
          "bare": worker_bare_forward}[args.worker](args)
