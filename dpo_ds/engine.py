@@ -19,6 +19,7 @@ from dpo_ds.logps import SequenceLogps
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HF_DS_CONFIG = None  # transformers reads ZeRO-3 from a live HfDeepSpeedConfig: keep it referenced
+_SHM_CLEANUP = []  # the atexit clean-up, registered once
 
 
 # ---------------------------------------------------------------- configuration
@@ -85,7 +86,7 @@ def is_collective(logps_fn) -> bool:
 
 def partitions_nothing(ds: dict) -> bool:
     """ZeRO-3 on one rank without offload: every shard is the whole model, so it saves no memory over stage 0
-    and costs its hooks, gathers and partition copies (1.2-1.5x the step time on the bench: README)."""
+    and costs its hooks, gathers and partition copies (1.2-2x the step time on the bench: README)."""
     zero = ds.get("zero_optimization", {})
     offload = any(zero.get(k, {}).get("device", "none") != "none" for k in ("offload_param", "offload_optimizer"))
     return dist.world_size() == 1 and zero_stage(ds) == 3 and not offload
@@ -129,8 +130,8 @@ def _init_deepspeed() -> None:
 
     dist.init()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if not torch.cuda.is_available():
-        atexit.register(_remove_shm_buffer)
+    if not torch.cuda.is_available() and not _SHM_CLEANUP:
+        _SHM_CLEANUP.append(atexit.register(_remove_shm_buffer))
 
 
 def _remove_shm_buffer() -> None:
@@ -267,20 +268,24 @@ def export_hf(lm, source_dir: str, out_dir: str) -> None:
 
     state = {}
     for name, param in lm.named_parameters():  # tied weights appear once; save_pretrained re-ties them
-        with deepspeed.zero.GatheredParameters([param]):  # a no-op for parameters ZeRO does not partition
+        # a no-op for parameters without ZeRO-3 partitioning (stages 0-2); under stage 3 even the resident
+        # small ones are released on exit, so call this at the end of training, not in the middle
+        with deepspeed.zero.GatheredParameters([param]):
             if dist.is_main():
                 state[name] = param.detach().to("cpu", copy=True)
-    if dist.is_main():
-        persistent = lm.state_dict().keys()
-        state.update({name: b.detach().cpu() for name, b in lm.named_buffers() if name in persistent})
-        tmp = out_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        use_cache, lm.config.use_cache = lm.config.use_cache, True  # off for training; on for whoever generates
-        lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        lm.config.use_cache = use_cache
-        for name in os.listdir(source_dir):
-            if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
-                shutil.copy2(os.path.join(source_dir, name), tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    dist.barrier()
+    dist.on_main(lambda: _save_hf(lm, state, source_dir, out_dir))  # its failure stops every rank
+
+
+def _save_hf(lm, state: dict, source_dir: str, out_dir: str) -> None:
+    persistent = lm.state_dict().keys()
+    state.update({name: b.detach().cpu() for name, b in lm.named_buffers() if name in persistent})
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    use_cache, lm.config.use_cache = lm.config.use_cache, True  # off for training; on for whoever generates
+    lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    lm.config.use_cache = use_cache
+    for name in os.listdir(source_dir):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy2(os.path.join(source_dir, name), tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)

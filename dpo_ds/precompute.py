@@ -109,8 +109,8 @@ def check_finite(progress: Progress) -> None:
     if total:
         mine = f" (this rank: example_ids {progress.non_finite[:5]})" if progress.non_finite else ""
         raise UserError(f"the reference model gave non-finite log-probs for {total} example(s){mine}; their "
-                        f"shards were not written. Try --dtype fp32/bf16 (fp16 overflows) or check the model's "
-                        f"weights, then rerun: complete shards are kept")
+                        f"shards were not written. Check the model's weights, or use --dtype fp32/bf16 (fp16 "
+                        f"overflows) with a new --output_dir: a cache is tied to its dtype and model")
 
 
 def check_inputs(cfg: PrecomputeConfig, tokenizer, splits: list, dtype_name: str) -> dict:

@@ -171,6 +171,8 @@ class RefCache:
         return Reference(self.tables[split])
 
     def values(self, split: str, example_ids) -> dict:
+        """Every column of `split` for `example_ids`, in that order (tests and inspection; the loss reads
+        `reference`)."""
         table = self.tables[split]
         ids = table.column("example_id").to_numpy()
         order = np.argsort(ids)
@@ -182,9 +184,16 @@ def open_verified(cache_dir: str, data_dir: str, model_dir: str | None, splits, 
                   ) -> RefCache:
     """`open_cache` with every check on rank 0 alone (one reader hashes the shards, data and weights; its
     verdict reaches every rank), then a plain read on the other ranks; rank 0 keeps what it verified."""
-    verified = []
+    verified, error = [], None
     dist.on_main(lambda: verified.append(open_cache(cache_dir, data_dir, model_dir, splits, trust_remote_code)))
-    return verified[0] if verified else open_cache(cache_dir, data_dir, splits=splits, verify=False)
+    if not verified:  # what rank 0 verified may still be unreadable here (e.g. a node without the shared files)
+        try:
+            verified.append(open_cache(cache_dir, data_dir, splits=splits, verify=False))
+        except UserError as e:
+            error = e
+    if dist.all_reduce([1.0 if error else 0.0])[0] > 0:  # every rank stops, none waits for the others
+        raise error or CacheError(f"{cache_dir}: another rank could not read the cache (its message says why)")
+    return verified[0]
 
 
 def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, splits=None,

@@ -169,7 +169,7 @@ class Job:
             return {}
         self.policy.eval()
         metrics = split_metrics(self.policy, self.eval_ds, self.eval_reference, self.cfg, self.cfg.micro_batch_size,
-                           self.pad_id, self.eos_id)
+                                self.pad_id, self.eos_id)
         self.policy.train()
         if self.log:
             self.log.write(step, "eval", metrics)
@@ -201,13 +201,15 @@ def set_up(cfg: TrainConfig) -> Job:
     start = restore(policy, ckpt_dir, window) if resuming else 0
     log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
     if engine.partitions_nothing(ds_config):
-        dist.print0(f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing and only costs time; a "
-                    f"stage-0 or stage-2 config (ds_configs/zero0_cpu.json, zero2.json) holds the same memory")
+        lighter = "ds_configs/zero2.json" if torch.cuda.is_available() else "ds_configs/zero0_cpu.json"
+        dist.print0(f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing and only costs time; "
+                    f"{lighter} holds the same memory")
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
                 f"ZeRO stage {engine.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}")
     return Job(cfg=cfg, policy=policy, train_ds=train_ds, train_reference=train_reference, eval_ds=eval_ds,
-               eval_reference=eval_reference, pad_id=pad_id, eos_id=eos_id, ckpt_dir=ckpt_dir, start=start, log=log, window=window, global_size=global_size, launched=launched)
+               eval_reference=eval_reference, pad_id=pad_id, eos_id=eos_id, ckpt_dir=ckpt_dir, start=start,
+               log=log, window=window, global_size=global_size, launched=launched)
 
 
 def train_loop(job: Job) -> None:
@@ -250,7 +252,8 @@ def finish(job: Job) -> dict:
     cfg = job.cfg
     final_dir = os.path.join(cfg.output_dir, "final")
     finished_before = job.start == cfg.max_steps
-    if not (finished_before and os.path.isdir(final_dir)):
+    exported = dist.on_main(lambda: os.path.isdir(final_dir))  # one answer: export is collective
+    if not (finished_before and exported):
         engine.export_hf(job.policy.module.lm, cfg.model, final_dir)
     dist.barrier()  # rank 0's MetricsLog has rewritten metrics.jsonl (a finished run's rerun exports nothing)
     final = dist.on_main(lambda: final_eval(cfg))

@@ -48,8 +48,13 @@ def worker_train(a) -> None:
     from dpo_ds.config import InferenceConfig, TrainConfig
     from dpo_ds.data import load_split
     from dpo_ds.logps import pair_logps
-    from dpo_ds.ref_cache import open_cache
+    from dpo_ds.ref_cache import open_verified
     from dpo_ds.train import global_batch, rank_micro_batches, train_step
+
+    if not a.ds:
+        sys.exit("--worker train needs --ds (a DeepSpeed config, e.g. ds_configs/zero0_cpu.json)")
+    if a.profile >= a.steps:
+        sys.exit(f"--profile {a.profile} must be below --steps {a.steps}: the first steps are the warm-up")
 
     dist.init()
     cfg = TrainConfig(model=a.model, data=a.data, ref_cache=a.cache, output_dir=a.out, deepspeed=a.ds, beta=a.beta,
@@ -60,7 +65,7 @@ def worker_train(a) -> None:
     ds = load_split(cfg.data, "train")
     policy = engine.training_engine(cfg, ds_cfg)
     if a.mode == "cached":
-        reference = open_cache(cfg.ref_cache, cfg.data, model_dir=cfg.model, splits=["train"]).reference("train")
+        reference = open_verified(cfg.ref_cache, cfg.data, cfg.model, ["train"]).reference("train")
     else:  # the second model: frozen, sharded like the policy, run on every micro-batch
         ref = engine.inference_engine(InferenceConfig(model=cfg.model, data=cfg.data, batch_size=a.micro, dtype="fp32",
                                                       deepspeed=os.path.join(ROOT, "ds_configs", "zero3_inference.json")))
@@ -90,7 +95,7 @@ def worker_train(a) -> None:
     if dist.is_main():
         warm = times[min(3, len(times) - 1):]
         with open(a.result, "a") as f:
-            f.write(json.dumps({"mode": a.mode, "beta": a.beta, "ranks": dist.world_size(), "ds": os.path.basename(a.ds),
+            f.write(json.dumps({"mode": a.mode, "beta": a.beta, "ranks": dist.world_size(), "ds": os.path.basename(a.ds or ""),
                                 "median_step_s": statistics.median(warm),
                                 "peak_rss_mb_per_rank": rss, "wall_s": time.time() - t_start,
                                 "first_loss": losses[0]}) + "\n")
