@@ -19,7 +19,7 @@ from dpo_ds.logps import SequenceLogps
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HF_DS_CONFIG = None  # transformers reads ZeRO-3 from a live HfDeepSpeedConfig: keep it referenced
-_SHM_CLEANUP = []  # the atexit clean-up, registered once
+_SHM_CLEANUP_REGISTERED = False
 
 
 # ---------------------------------------------------------------- configuration
@@ -126,12 +126,14 @@ def attn_implementation(requested: str, dtype: torch.dtype) -> str:
 def _init_deepspeed() -> None:
     """DeepSpeed's communication layer on top of the process group `dist.init` made (the phases' one entry
     point); run by the engine builders, idempotent."""
+    global _SHM_CLEANUP_REGISTERED
     import deepspeed
 
     dist.init()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if not torch.cuda.is_available() and not _SHM_CLEANUP:
-        _SHM_CLEANUP.append(atexit.register(_remove_shm_buffer))
+    if not torch.cuda.is_available() and not _SHM_CLEANUP_REGISTERED:
+        atexit.register(_remove_shm_buffer)
+        _SHM_CLEANUP_REGISTERED = True
 
 
 def _remove_shm_buffer() -> None:

@@ -149,7 +149,7 @@ def run(cfg: PrecomputeConfig) -> dict | None:
                             f"value (its complete shards hold those examples)")
     if dist.is_main():
         ref_cache.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
-                                          "split_names": splits})
+                                                  "split_names": splits})
     dist.barrier()
     datasets_ = {s: load_split(cfg.data, s) for s in splits}
     dist.print0(f"precompute: {'resuming' if state == 'resume' else 'starting'} {cfg.output_dir} "

@@ -9,6 +9,8 @@ import math
 import os
 import sys
 
+from dpo_ds.files import atomic_write
+
 
 def format_metrics(metrics: dict) -> str:
     """One console line: `name value` for every finite float."""
@@ -24,9 +26,7 @@ class MetricsLog:
 
         self.path = os.path.join(out_dir, "metrics.jsonl")
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
-        with open(self.path + ".tmp", "w") as f:  # replaced in one step: a crash here leaves the old file
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(self.path + ".tmp", self.path)
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a crash leaves the old file
         self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, split: str, metrics: dict) -> None:
