@@ -149,10 +149,33 @@ def worker_trl(a) -> None:
         def on_step_end(self, args, state, control, **kw):
             marks.append(time.time())
             times.append(marks[-1] - marks[-2])
+            if a.profile and state.global_step == a.steps - a.profile:  # profile the last --profile steps
+                profiler.__enter__()
+
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if a.profile else None
 
     t_start = time.time()
+    configured = {}
+    if a.ds and not torch.cuda.is_available():
+        # Off CUDA, accelerate finds no backend for its DeepSpeed path and counts one process whatever the world
+        # size (HF then fills train_batch_size for 1 rank and DeepSpeed refuses it). Set up the state the GPU path
+        # would have - DeepSpeed's process group over gloo, all ranks counted - and let the Trainer use it.
+        from accelerate import PartialState
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        configured = {"accelerator_config": {"use_configured_state": True}}
     tok = AutoTokenizer.from_pretrained(a.model)
-    ds = datasets.Dataset.from_list(trl_rows(a.model, a.data))
+    # From a file, with one datasets cache all ranks see: TRL's precompute mode maps on rank 0 and the other ranks
+    # open rank 0's cache file (an in-memory dataset would keep it in rank 0's private temporary directory).
+    rank = int(os.environ.get("RANK", 0))
+    pairs = f"{a.out}/pairs.jsonl"
+    if rank == 0:
+        os.makedirs(a.out, exist_ok=True)
+        with open(pairs, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in trl_rows(a.model, a.data))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    ds = datasets.load_dataset("json", data_files=pairs, split="train", cache_dir=f"{a.out}/hf-cache")
     args = DPOConfig(output_dir=a.out, per_device_train_batch_size=a.micro, gradient_accumulation_steps=a.accum,
                      learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, max_steps=a.steps, beta=a.beta,
                      max_grad_norm=1.0, gradient_checkpointing=bool(a.gradient_checkpointing),
@@ -160,11 +183,15 @@ def worker_trl(a) -> None:
                      gradient_checkpointing_kwargs={"use_reentrant": False},
                      precompute_ref_log_probs=a.mode == "trl_precompute", max_length=None, report_to="none",
                      save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True, seed=42, dataloader_num_workers=0,
-                     use_cpu=not torch.cuda.is_available() and not a.ds, deepspeed=json.load(open(a.ds)) if a.ds else None)
+                     use_cpu=not torch.cuda.is_available() and not a.ds, deepspeed=json.load(open(a.ds)) if a.ds else None, **configured)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()])
     trainer.train()
-    if int(os.environ.get("RANK", 0)) == 0:
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        if rank == 0:
+            print_profile(profiler, a.profile, sum(times[-a.profile:]))
+    if rank == 0:
         with open(a.result, "a") as f:
             f.write(json.dumps({"mode": a.mode, "beta": a.beta, "ranks": world, "median_step_s":
                                 statistics.median(times[min(3, len(times) - 1):]), "peak_rss_mb_per_rank": peak_rss_mb(),
@@ -317,7 +344,7 @@ def main():
     mid = a.sweep[len(a.sweep) // 2]
     cached, baseline = pick("cached", mid), pick("baseline", mid)
 
-    # 5. dpo_ds beside TRL, one process each (TRL's multi-rank DeepSpeed path needs CUDA: see the README)
+    # 5. dpo_ds beside TRL: one process each, then TRL under DeepSpeed on the ranks of section 1
     trainers_file = f"{out}/trainers.jsonl"
     open(trainers_file, "w").close()
     common = ["--model", model, "--data", data, "--cache", cache, "--steps", a.steps, "--micro", a.micro,
@@ -330,6 +357,8 @@ def main():
     else:
         for mode in ("trl_online", "trl_precompute"):
             sh([py, __file__, "--worker", "trl", "--mode", mode, "--out", f"{out}/trl", *map(str, common)])
+        for mode in ("trl_online", "trl_precompute"):
+            launch(a, "--worker", "trl", "--mode", mode, "--out", f"{out}/trl", "--ds", a.ds, *common)
     trainers = [json.loads(line) for line in open(trainers_file)]
 
     # 3. log-prob memory
@@ -374,15 +403,22 @@ def main():
          f"{am['precompute_s'] + am['cached_runs_s']:.0f} / {am['baseline_runs_s']:.0f}", f"{am['ratio']:.2f}x", ""),
         (f"  break-even run length (K={am['k']}), steps", f"{am['break_even_steps_per_run'] or float('nan'):.0f}", "", ""),
     ]
-    by = {(t["mode"], t.get("ds", "")): t["median_step_s"] for t in trainers}
-    online, pre = by.get(("trl_online", "")), by.get(("trl_precompute", ""))
-    for (mode, ds_name), seconds in by.items():
+    by = {(t["mode"], t.get("ds", ""), t["ranks"]): t["median_step_s"] for t in trainers}
+    online, pre = by.get(("trl_online", "", 1)), by.get(("trl_precompute", "", 1))
+    for (mode, ds_name, _), seconds in by.items():
         if mode == "cached":
             ratio = f"{seconds / online:.2f}x / {seconds / pre:.2f}x" if online and pre else ""
             rows.append((f"1 process: dpo_ds ({ds_name}) step s, vs TRL online / precompute", f"{seconds:.3f}", ratio,
                          "<= 0.75x / 1.0x"))
     if online and pre:
         rows.append(("1 process: TRL step s (online / precompute_ref_log_probs)", f"{online:.3f} / {pre:.3f}", "", ""))
+    online_n, pre_n = by.get(("trl_online", "", a.ranks)), by.get(("trl_precompute", "", a.ranks))
+    if online_n and pre_n:
+        rows.append((f"{a.ranks} ranks ZeRO-3: dpo_ds cached step s, vs TRL online / precompute",
+                     f"{cached['median_step_s']:.3f}",
+                     f"{cached['median_step_s'] / online_n:.2f}x / {cached['median_step_s'] / pre_n:.2f}x", "<= 0.75x / -"))
+        rows.append((f"{a.ranks} ranks ZeRO-3: TRL step s (online / precompute_ref_log_probs)",
+                     f"{online_n:.3f} / {pre_n:.3f}", "", ""))
     w = max(len(r[0]) for r in rows)
     print(f"\n{'measure':<{w}}  {'value':>22}  {'ratio':>12}  target")
     for r in rows:
