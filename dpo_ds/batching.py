@@ -1,4 +1,5 @@
-"""Batches of preference pairs: length grouping, and collation with chosen and rejected in one tensor."""
+"""Batches of preference pairs: length grouping, row reads, and the plain layout (chosen and rejected rows in one
+tensor); dpo_ds.layout builds the others."""
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +28,9 @@ def take(ds, rows) -> list[dict]:
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
-    """B pairs -> input_ids, attention_mask, labels [2B, T] (rows 0..B-1 chosen, B..2B-1 rejected) and
-    example_id [B] (the key of the pair's cached reference values)."""
+    """B pairs in the plain layout (dpo_ds.layout): input_ids, attention_mask, labels [2B, T] (rows 0..B-1
+    chosen, B..2B-1 rejected), the scored positions (position t predicts labels[t + 1]) and example_id [B]
+    (the key of the pair's cached reference values)."""
     seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
     labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
     T = max(len(s) for s in seqs)
@@ -39,8 +41,12 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         input_ids[i, :len(s)] = torch.as_tensor(s)
         label_t[i, :len(l)] = torch.as_tensor(l)
         mask[i, :len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-            "example_id": torch.tensor([r["example_id"] for r in rows], dtype=torch.long)}
+    targets = label_t[:, 1:]
+    where = (targets != IGNORE).nonzero()
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "position_ids": None,
+            "positions": where[:, 0] * T + where[:, 1], "targets": targets[targets != IGNORE], "sequence": where[:, 0],
+            "example_id": torch.tensor([r["example_id"] for r in rows], dtype=torch.long),
+            "tokens": int(mask.sum()), "slots": mask.numel()}
 
 
 def dummy_batch(pad_id: int, eos_id: int) -> dict:

@@ -15,6 +15,9 @@ import torch
 
 from dpo_ds import dist
 from dpo_ds.errors import ConfigError, UserError
+from dpo_ds.layout import Layout
+from dpo_ds.layout import resolve as resolve_layout
+from dpo_ds.layout import unsupported as unsupported_by
 from dpo_ds.logps import SequenceLogps
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -82,6 +85,16 @@ def is_collective(logps_fn) -> bool:
     """Whether this log-prob function (a SequenceLogps, or a DeepSpeed engine wrapping one) must be called in
     lockstep across ranks; see collective_forwards."""
     return getattr(getattr(logps_fn, "module", logps_fn), "collective", False)
+
+
+def layout_of(logps_fn) -> Layout:
+    """The batch layout a SequenceLogps (or an engine wrapping one) takes: build its batches with
+    dpo_ds.layout.build(rows, layout_of(logps_fn), pad_id)."""
+    return getattr(logps_fn, "module", logps_fn).layout
+
+
+def _layout(cfg, model) -> Layout:
+    return resolve_layout(cfg.share_prompt, cfg.packing, model.config._attn_implementation, unsupported_by(model))
 
 
 def partitions_nothing(ds: dict) -> bool:
@@ -185,7 +198,7 @@ def training_engine(cfg, ds_config: dict):
     model = _load(cfg, ds_dtype(ds_config), ds_config)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    logps = SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds_config))
+    logps = SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds_config), _layout(cfg, model))
     return _deepspeed_training(logps, ds_config, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
                                cfg.max_steps, cfg.lr_schedule)
 
@@ -197,9 +210,11 @@ def inference_engine(cfg):
 
     dtype = resolve_dtype(cfg.dtype)
     if not cfg.deepspeed:
-        return SequenceLogps(_load(cfg, dtype).to(dist.device()).eval(), cfg.logp_chunk_size)
+        model = _load(cfg, dtype).to(dist.device()).eval()
+        return SequenceLogps(model, cfg.logp_chunk_size, layout=_layout(cfg, model))
     ds_config = inference_ds_config(cfg.deepspeed, cfg.batch_size, dtype)
-    logps = SequenceLogps(_load(cfg, dtype, ds_config), cfg.logp_chunk_size, collective_forwards(ds_config))
+    model = _load(cfg, dtype, ds_config)
+    logps = SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds_config), _layout(cfg, model))
     engine, *_ = deepspeed.initialize(model=logps, config=ds_config)
     engine.eval()
     return engine

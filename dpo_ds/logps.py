@@ -1,9 +1,9 @@
 """Per-sequence response log-probs without a `[batch, seq, vocab]` fp32 tensor.
 
-The backbone gives hidden states; only positions whose next token is a response token (label != -100)
-go through `lm_head`, in chunks of `chunk_size` tokens, each chunk as `logit[target] - logsumexp(logits)`
-in fp32 and, when gradients are on, under its own activation checkpoint, so backward keeps
-`[chunk, vocab]` at a time, never `[B, T, V]`.
+The backbone gives hidden states; only positions that predict a response token go through `lm_head`, in
+chunks of `chunk_size` tokens, each chunk as `logit[target] - logsumexp(logits)` in fp32 and, when
+gradients are on, under its own activation checkpoint, so backward keeps `[chunk, vocab]` at a time, never
+`[B, T, V]`.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dpo_ds import dist
 from dpo_ds.config import LOGP_CHUNK_SIZE
 from dpo_ds.encode import IGNORE
 from dpo_ds.head import output_head
+from dpo_ds.layout import PLAIN, Layout
 
 
 def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -26,7 +27,18 @@ def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                    chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, head=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask, labels [B, T] -> (summed response log-probs [B] fp32, response tokens [B]).
+    """input_ids, attention_mask, labels [B, T] (one padded row per sequence, position t predicting
+    labels[t + 1]) -> (summed response log-probs [B] fp32, response tokens [B]). See `scored_logps`."""
+    targets = labels[:, 1:]
+    where = (targets != IGNORE).nonzero()
+    return scored_logps(model, input_ids, attention_mask, None, where[:, 0] * input_ids.shape[1] + where[:, 1],
+                        targets[targets != IGNORE], where[:, 0], input_ids.shape[0], chunk_size, collective, head)
+
+
+def scored_logps(model, input_ids, attention_mask, position_ids, positions, targets, sequence, num_sequences: int,
+                 chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows in any `dpo_ds.layout` -> (summed log-probs [num_sequences] fp32, scored tokens [num_sequences]):
+    the token `targets[n]` is scored at flat row position `positions[n]` and summed into `sequence[n]`.
 
     `model` is an HF causal LM: the backbone and `lm_head` are called as modules, so ZeRO-3 gathers their
     parameters. Under DeepSpeed, call this through an engine wrapping `SequenceLogps`, never on `engine.module`
@@ -36,27 +48,29 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     `head` is the model's `head.output_head` (built here when not given). No KV cache is built.
     """
     head = head or output_head(model)
-    B, T = input_ids.shape
-    if bool(attention_mask.all()):  # no padding: let attention take its causal fast path
-        attention_mask = None
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    mask = targets != IGNORE                                   # [B, T-1]: position t predicts token t+1
-    rows = mask.nonzero()[:, 0]                                # sequence of each response token
-    h, tgt = hidden[:, :-1][mask], targets[mask]               # [N, H], [N]
+    if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
+        attention_mask = None  # no padding: let attention take its causal fast path
+    elif attention_mask is not None and attention_mask.dim() == 4 and model.config._attn_implementation == "eager":
+        dtype = model.get_input_embeddings().weight.dtype  # eager adds the mask to its scores
+        attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+            ~attention_mask, torch.finfo(dtype).min)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
+    h = hidden.reshape(-1, hidden.shape[-1])[positions]          # [N, H]: the positions that predict a target
     n_chunks = math.ceil(h.shape[0] / chunk_size)
     if collective and dist.active():
         n_chunks = int(dist.all_reduce([n_chunks], op="max")[0])
     pieces = []
     for i in range(max(n_chunks, 1)):
-        hc, tc = h[i * chunk_size:(i + 1) * chunk_size], tgt[i * chunk_size:(i + 1) * chunk_size]
+        hc, tc = h[i * chunk_size:(i + 1) * chunk_size], targets[i * chunk_size:(i + 1) * chunk_size]
         if torch.is_grad_enabled():
             pieces.append(checkpoint(_chunk_logps, head, hc, tc, use_reentrant=False))
         else:
             pieces.append(_chunk_logps(head, hc, tc))
     token_logps = torch.cat(pieces)
-    logps = torch.zeros(B, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
-    return logps, mask.sum(1)
+    logps = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(
+        0, sequence, token_logps)
+    return logps, torch.bincount(sequence, minlength=num_sequences)
 
 
 def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -70,25 +84,30 @@ def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tens
 
 
 class SequenceLogps(torch.nn.Module):
-    """A causal LM whose forward returns `sequence_logps`. This is the module handed to DeepSpeed, so every
-    call goes through the engine's forward: ZeRO-3 needs that bookkeeping for gradient accumulation to
-    accumulate (calling submodules of `engine.module` directly silently keeps only the last micro-batch)."""
+    """A causal LM whose forward returns `scored_logps` of a batch built in `layout` (dpo_ds.layout). This is
+    the module handed to DeepSpeed, so every call goes through the engine's forward: ZeRO-3 needs that
+    bookkeeping for gradient accumulation to accumulate (calling submodules of `engine.module` directly
+    silently keeps only the last micro-batch)."""
 
-    def __init__(self, lm, chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False):
+    def __init__(self, lm, chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, layout: Layout = PLAIN):
         super().__init__()
-        self.lm, self.chunk_size, self.collective = lm, chunk_size, collective
+        self.lm, self.chunk_size, self.collective, self.layout = lm, chunk_size, collective, layout
         self.head = output_head(lm)  # refuses a model whose logits it cannot reproduce exactly
 
-    def forward(self, input_ids, attention_mask, labels):
-        return sequence_logps(self.lm, input_ids, attention_mask, labels, self.chunk_size, self.collective, self.head)
+    def forward(self, input_ids, attention_mask, position_ids, positions, targets, sequence, num_sequences: int):
+        return scored_logps(self.lm, input_ids, attention_mask, position_ids, positions, targets, sequence,
+                            num_sequences, self.chunk_size, self.collective, self.head)
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "positions", "targets", "sequence")
 
 
 def pair_logps(logps_fn, batch: dict):
-    """A collated batch (chosen rows, then rejected rows) -> chosen_logps, rejected_logps, chosen_tokens,
-    rejected_tokens, each [B]: chosen and rejected go through one forward. `logps_fn` is a SequenceLogps
-    or a DeepSpeed engine wrapping one."""
+    """A batch of `dpo_ds.layout.build` -> chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, each
+    [B]: chosen and rejected go through one forward. `logps_fn` is a SequenceLogps or a DeepSpeed engine
+    wrapping one."""
     B = batch["example_id"].numel()
     device = dist.device()
-    logps, n_tokens = logps_fn(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                               labels=batch["labels"].to(device))
+    inputs = {k: None if batch.get(k) is None else batch[k].to(device) for k in MODEL_INPUTS}
+    logps, n_tokens = logps_fn(**inputs, num_sequences=2 * B)
     return logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]

@@ -18,12 +18,13 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import dist, engine, ref_cache
-from dpo_ds.batching import collate, dummy_batch, pad_and_eos, pair_lengths, take
+from dpo_ds.batching import dummy_batch, pad_and_eos, pair_lengths, take
 from dpo_ds.config import PrecomputeConfig, main_guard, parse
 from dpo_ds.data import load_split, load_tokenizer, read_report, verify_files
 from dpo_ds.errors import UserError
 from dpo_ds.files import read_json
 from dpo_ds.fingerprint import tokenizer_fingerprint
+from dpo_ds.layout import build
 from dpo_ds.logps import pair_logps
 
 
@@ -55,8 +56,8 @@ class Progress:
         self.start = time.time()
 
     def add(self, batch: dict) -> None:
-        self.tokens += int(batch["attention_mask"].sum())
-        self.slots += batch["attention_mask"].numel()
+        self.tokens += batch["tokens"]
+        self.slots += batch["slots"]
         self.examples += len(batch["example_id"])
 
 
@@ -78,7 +79,7 @@ def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_
         if n not in parts:
             ref_cache.remove_partial_shard(cache_dir, split, n)  # e.g. renamed but unrecorded when the last run died
             parts[n] = []
-        batch = collate(take(ds, rows), pad_id)
+        batch = build(take(ds, rows), engine.layout_of(logps_fn), pad_id)
         parts[n].append(compute_batch(logps_fn, batch))
         progress.add(batch)
         bar.update(len(rows))
@@ -157,6 +158,7 @@ def run(cfg: PrecomputeConfig) -> dict | None:
                 f"{'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")
 
     logps_fn = engine.inference_engine(cfg)
+    dist.print0(f"precompute: layout {engine.layout_of(logps_fn)}")
     progress = Progress()
     n_shards = {s: run_split(logps_fn, cfg, s, datasets_[s], *pad_and_eos(tokenizer), progress) for s in splits}
     check_finite(progress)
@@ -173,6 +175,7 @@ def summarise(progress: Progress, resumed: bool) -> dict:
     tokens, slots, examples = dist.all_reduce([progress.tokens, progress.slots, progress.examples]).tolist()
     elapsed = float(dist.all_reduce([time.time() - progress.start], op="max")[0])
     return {"world_size": dist.world_size(), "seconds": elapsed, "examples": int(examples), "tokens": int(tokens),
+            "slots": int(slots),
             "tokens_per_s": tokens / max(elapsed, 1e-9), "examples_per_s": examples / max(elapsed, 1e-9),
             "padding_fraction": 1 - tokens / slots if slots else 0.0, "resumed": resumed}
 

@@ -12,9 +12,10 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import dist
-from dpo_ds.batching import collate, dummy_batch, pair_lengths, take
+from dpo_ds.batching import dummy_batch, pair_lengths, take
 from dpo_ds.config import LossConfig
-from dpo_ds.engine import is_collective
+from dpo_ds.engine import is_collective, layout_of
+from dpo_ds.layout import build
 from dpo_ds.logps import pair_logps
 from dpo_ds.loss import MetricSums, dpo_loss
 
@@ -28,7 +29,7 @@ def batch_losses(logps_fn, batch: dict, reference, loss_cfg: LossConfig):
     losses = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                       loss_cfg.beta, loss_cfg.loss_type, loss_cfg.label_smoothing, chosen_tokens, rejected_tokens)
     sums = MetricSums.of_batch(losses, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                               ref_rejected_logps, loss_cfg.beta, tokens=int(batch["attention_mask"].sum()))
+                               ref_rejected_logps, loss_cfg.beta, tokens=batch["tokens"])
     return losses, sums
 
 
@@ -46,7 +47,7 @@ def split_metrics(logps_fn, ds, reference, loss_cfg: LossConfig, batch_size: int
         if rows is None:
             pair_logps(logps_fn, dummy_batch(pad_id, eos_id))
             continue
-        sums = sums + batch_losses(logps_fn, collate(take(ds, rows), pad_id), reference, loss_cfg)[1]
+        sums = sums + batch_losses(logps_fn, build(take(ds, rows), layout_of(logps_fn), pad_id), reference, loss_cfg)[1]
         bar.update(1)
     bar.close()
     return sums.all_reduce().mean()

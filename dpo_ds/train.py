@@ -21,11 +21,12 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from dpo_ds import dist, engine
-from dpo_ds.batching import collate, pad_and_eos, pair_lengths, take
+from dpo_ds.batching import pad_and_eos, pair_lengths, take
 from dpo_ds.config import TrainConfig, main_guard, parse, resume_keys, to_dict
 from dpo_ds.data import load_split, load_tokenizer, read_report
 from dpo_ds.errors import UserError
 from dpo_ds.files import atomic_json, read_json
+from dpo_ds.layout import build
 from dpo_ds.loss import MetricSums
 from dpo_ds.ref_cache import open_verified
 from dpo_ds.report import MetricsLog, format_metrics, plot, read_metrics
@@ -54,7 +55,7 @@ def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: i
     sums = MetricSums()
     for rows in micro_batches:  # the labelled ranges name the parts of a step in a profile (scripts/bench.py)
         with record_function("dpo_ds.data"):
-            batch = collate(take(ds, rows), pad_id)
+            batch = build(take(ds, rows), engine.layout_of(policy), pad_id)
         with record_function("dpo_ds.forward_and_loss"):
             losses, batch_sums = batch_losses(policy, batch, reference, cfg)
             loss = losses.mean()
@@ -206,7 +207,8 @@ def set_up(cfg: TrainConfig) -> Job:
                     f"{lighter} holds the same memory")
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
-                f"ZeRO stage {engine.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}")
+                f"ZeRO stage {engine.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}, "
+                f"layout: {engine.layout_of(policy)}")
     return Job(cfg=cfg, policy=policy, train_ds=train_ds, train_reference=train_reference, eval_ds=eval_ds,
                eval_reference=eval_reference, pad_id=pad_id, eos_id=eos_id, ckpt_dir=ckpt_dir, start=start,
                log=log, window=window, global_size=global_size, launched=launched)

@@ -22,7 +22,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from dpo_ds.errors import UserError
 from dpo_ds.head import PLAIN, TRANSFORMS, output_head
-from dpo_ds.logps import naive_sequence_logps, sequence_logps
+from dpo_ds.layout import EXACT_TYPES, Layout, build as build_layout
+from dpo_ds.logps import SequenceLogps, naive_sequence_logps, pair_logps, sequence_logps
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 128, 32, 4, 2, 8
 
@@ -305,7 +306,37 @@ def _check(model_type: str):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     else:
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    exact = layout_is_exact(model)
+    assert exact == (seen in EXACT_TYPES), (f"{seen}: the shared-prompt + packed layout is "
+                                           f"{'exact: add it to' if exact else 'not exact: remove it from'} "
+                                           f"layout.EXACT_TYPES")
     return "transform" if seen in TRANSFORMS else "plain"
+
+
+def layout_is_exact(model) -> bool:
+    """Two pairs (segments of 18 and 10 tokens: longer than the test windows) in one packed row with shared
+    prompts give each sequence's own log-probs, scored alone without padding, to 1e-9 in float64."""
+    g = torch.Generator().manual_seed(1)
+    vocab = model.config.get_text_config().vocab_size
+    ids = lambda n: torch.randint(3, min(vocab, 100), (n,), generator=g).tolist()  # noqa: E731
+    pairs = []
+    for i, (p, c, r) in enumerate(((4, 8, 6), (3, 2, 5))):
+        prompt, chosen, rejected = ids(p), ids(c), ids(r)
+        pairs.append({"example_id": i, "chosen_input_ids": prompt + chosen, "rejected_input_ids": prompt + rejected,
+                      "chosen_labels": [-100] * p + chosen, "rejected_labels": [-100] * p + rejected})
+    layout = Layout(share_prompt=True, packing=True)
+    with torch.no_grad():
+        want = []
+        for side in ("chosen", "rejected"):
+            for row in pairs:
+                x, y = torch.tensor([row[f"{side}_input_ids"]]), torch.tensor([row[f"{side}_labels"]])
+                want.append(sequence_logps(model, x, torch.ones_like(x), y, chunk_size=5)[0])
+        try:
+            c, r, _, _ = pair_logps(SequenceLogps(model, chunk_size=5, layout=layout), build_layout(pairs, layout, 0))
+        except Exception:  # noqa: BLE001 - a decoder that rejects position_ids or a 4-D mask is not exact
+            return False
+    got, want = torch.cat([c, r]).double(), torch.cat(want).double()
+    return bool(torch.allclose(got, want, rtol=1e-9, atol=1e-9))
 
 
 MODEL_TYPES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
@@ -327,3 +358,4 @@ def test_every_listed_type_is_checked():
     checked = {RUNTIME_TYPE.get(t, t) for t in MODEL_TYPES if t not in OUT_OF_SCOPE and t not in SKIP}
     assert sorted((set(PLAIN) | set(TRANSFORMS)) - checked) == []
     assert set(PLAIN).isdisjoint(TRANSFORMS)
+    assert sorted(EXACT_TYPES - set(PLAIN) - set(TRANSFORMS)) == [], "layout-exact types are head-checked types"

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dpo_ds import config as C, prepare
 from dpo_ds.batching import collate, take
 from dpo_ds.encode import IGNORE
-from dpo_ds.logps import naive_sequence_logps, sequence_logps
+from dpo_ds.layout import Layout, build
+from dpo_ds.logps import SequenceLogps, naive_sequence_logps, pair_logps, sequence_logps
 from dpo_ds.report import read_metrics
 from conftest import ROOT, run_module
 
@@ -88,10 +89,29 @@ def test_prepared_ids_are_the_models_own_chat_template(smol, smol_data):
 
 
 def test_chunked_logps_equal_the_models_own_float64_forward(smol, smol_data):
-    """With and without padding, chunk boundaries anywhere: the chunked log-probs of the model in float64
-    equal its own forward's full log_softmax to 1e-9; the fp32 production path to 1e-5 relative."""
+    """With and without padding, chunk boundaries anywhere, and in the shared-prompt + packed layout: the
+    chunked log-probs of the model in float64 equal its own forward's full log_softmax to 1e-9; the fp32
+    production path to 1e-5 relative."""
     ds = datasets.load_from_disk(os.path.join(smol_data, "train"))
-    batch = collate(take(ds, [0, 1, 2]), pad_id=AutoTokenizer.from_pretrained(smol).pad_token_id)
+    pad_id = AutoTokenizer.from_pretrained(smol).pad_token_id
+    # the longest pair, one at least 6 tokens shorter (as one segment [prompt | chosen | rejected]), and a short
+    # pair cut from the end of a prompt (the template's assistant header) and its responses' first tokens, which
+    # fits into the second row when packed
+    seg = [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) - r["chosen_labels"].count(IGNORE)
+           for r in take(ds, range(len(ds)))]
+    longest = max(range(len(ds)), key=seg.__getitem__)
+    other = next(i for i in range(len(ds)) if seg[i] <= seg[longest] - 6)
+    src = ds[other]
+    P = src["chosen_labels"].count(IGNORE)
+    cut = {"example_id": 99, "chosen_input_ids": src["chosen_input_ids"][P - 3:P + 2],
+           "chosen_labels": [IGNORE] * 3 + src["chosen_labels"][P:P + 2],
+           "rejected_input_ids": src["rejected_input_ids"][P - 3:P + 1],
+           "rejected_labels": [IGNORE] * 3 + src["rejected_labels"][P:P + 1]}
+    rows = [ds[longest], ds[other], cut]
+    batch = collate(rows, pad_id=pad_id)
+    shared = Layout(share_prompt=True, packing=True)
+    packed = build(rows, shared, pad_id)
+    assert packed["attention_mask"].shape[0] == 2, "the short pair shares a row"
     assert not batch["attention_mask"].all(), "the batch has padding"
     ref = AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float64).eval()
     alone, want = [], []
@@ -102,6 +122,9 @@ def test_chunked_logps_equal_the_models_own_float64_forward(smol, smol_data):
             want.append(naive_sequence_logps(ref, alone[i][0], torch.ones_like(alone[i][0]), alone[i][1]).item())
         for model, rtol in ((ref, 1e-9), (AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32).eval(), 1e-5)):
             padded, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size=7)
+            chosen, rejected, _, _ = pair_logps(SequenceLogps(model, chunk_size=6, layout=shared), packed)
+            for i, got in enumerate(torch.cat([chosen, rejected]).tolist()):
+                assert got == pytest.approx(want[i], rel=rtol), ("shared + packed", model.dtype, i)
             for i, (ids, labels) in enumerate(alone):
                 single, _ = sequence_logps(model, ids, torch.ones_like(ids), labels, chunk_size=5)
                 assert padded[i].item() == pytest.approx(want[i], rel=rtol), (model.dtype, i)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from dpo_ds import config as C, train
 from dpo_ds.errors import CacheError, ConfigError, UserError
+from dpo_ds.layout import PLAIN
 from dpo_ds.report import read_metrics
 from conftest import ROOT, child_env, free_port, run_module
 
@@ -54,6 +55,12 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
     for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         assert exported[k] == pytest.approx(final_eval[k], rel=1e-5, abs=1e-5), k
     assert "logps/win_rate" in p.stdout
+    run_module("dpo_ds.evaluate", "--model", out / "final", "--data", prepared, "--ref_cache", cache,
+               "--output", out / "eval_plain.json", "--no-share_prompt", "--no-packing")
+    plain = json.load(open(out / "eval_plain.json"))
+    for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert plain[k] == pytest.approx(exported[k], rel=1e-5, abs=1e-6), ("plain layout", k)
+    assert plain["rewards/accuracies"] == exported["rewards/accuracies"]
     run_module("dpo_ds.evaluate", "--model", out / "final", "--data", prepared, "--ref_cache", cache,
                "--output", out / "eval_zero3.json", "--deepspeed", os.path.join(ROOT, "ds_configs/zero3_inference.json"))
     sharded = json.load(open(out / "eval_zero3.json"))
@@ -98,7 +105,8 @@ def test_two_rank_run_learns_and_resumes_exactly(tiny, prepared, cache, tmp_path
     """2-rank ZeRO-3 with gradient checkpointing: SIGKILL after a checkpoint, rerun the same command, and
     the metrics equal an uninterrupted run's (also the train line that spans the resume: logged every 3 steps,
     checkpointed at 4); the eval loss falls and reward accuracy rises. Rerunning the finished run changes
-    nothing: no second final eval, no second export."""
+    nothing: no second final eval, no second export. The same run in the plain layout (one padded row per
+    sequence) logs the same metrics to fp32 rounding."""
     common = dict(max_steps=12, save_every=4, eval_every=6, micro_batch_size=4, grad_accum=1, warmup_steps=1,
                   log_every=3)
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -125,6 +133,14 @@ def test_two_rank_run_learns_and_resumes_exactly(tiny, prepared, cache, tmp_path
     evals = [r for r in a if r["split"] == "eval"]
     assert evals[-1]["loss"] < math.log(2) - 0.01 and evals[-1]["rewards/accuracies"] > 0.5
     assert evals[-1]["loss"] < evals[0]["loss"]
+
+    plain = tmp_path / "plain"
+    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, plain, **common), "--no-share_prompt", "--no-packing",
+               launcher=2)
+    for ra, rp in zip(a, read_metrics(plain / "metrics.jsonl"), strict=True):
+        for k in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "grad_norm"):
+            if k in ra:
+                assert rp[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), ("plain layout", ra["step"], ra["split"], k)
 
     exported = os.path.getmtime(killed / "final" / "model.safetensors")
     p = run_module("dpo_ds.train", *train_args(tiny, prepared, cache, killed, **common), launcher=2)
@@ -178,9 +194,10 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
     calls = []
 
     class Engine:
-        def __call__(self, input_ids, attention_mask, labels):
-            n = input_ids.shape[0]
-            return torch.full((n,), float("nan")), torch.ones(n, dtype=torch.long)
+        layout = PLAIN
+
+        def __call__(self, num_sequences, **inputs):
+            return torch.full((num_sequences,), float("nan")), torch.ones(num_sequences, dtype=torch.long)
 
         def backward(self, loss):
             calls.append("backward")
