@@ -12,9 +12,15 @@ Benchmarks (not tests): prints a table and writes OUT/bench.json. Same model, da
   4. amortisation: wall time of precompute + K training runs (a beta sweep) vs K baseline runs.
   5. the trainer users would otherwise run: TRL's DPOTrainer (online reference, and precompute_ref_log_probs),
      same model, token ids, micro-batch, accumulation, steps and precision (fp32), beside dpo_ds with
-     ds_configs/zero0_cpu.json and --ds, one process each (needs the `bench` extra; skipped without TRL).
+     ds_configs/zero0_cpu.json and --ds, one process each; then TRL under DeepSpeed (--ds) on the ranks of
+     section 1, beside dpo_ds's cached step there (needs the `bench` extra; skipped without TRL).
                                          target: dpo_ds <= 0.75x TRL online, <= 1.0x TRL precompute
-Defaults finish in about ten minutes on 2 CPU cores; scale up with the flags on a GPU machine.
+  6. the batch layout (dpo_ds.layout) on UltraFeedback-like lengths (prompts 12-590 tokens, responses 8-490,
+     log-normal): the defaults (shared prompt + packing) vs --no-share_prompt --no-packing: tokens computed
+     per pair, precompute pairs/s, training step (1 process without ZeRO, and the ranks of section 1 with
+     --ds) at micro-batch 2 x accumulation 8, evaluate time, peak memory.
+                                         target: step <= 0.7x, precompute >= 1.4x
+Defaults finish in about twenty minutes on 2 CPU cores; scale up with the flags on a GPU machine.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import subprocess
 import sys
 import time
 
+LAYOUTS = {"new": {}, "plain": {"share_prompt": False, "packing": False}}  # new = the defaults (dpo_ds.layout)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from dpo_ds.config import ModelConfig  # noqa: E402  (no torch import)
@@ -59,7 +66,8 @@ def worker_train(a) -> None:
     dist.init()
     cfg = TrainConfig(model=a.model, data=a.data, ref_cache=a.cache, output_dir=a.out, deepspeed=a.ds, beta=a.beta,
                       learning_rate=1e-4, lr_schedule="constant", max_steps=a.steps, warmup_steps=0,
-                      micro_batch_size=a.micro, grad_accum=a.accum, gradient_checkpointing=bool(a.gradient_checkpointing))
+                      micro_batch_size=a.micro, grad_accum=a.accum, gradient_checkpointing=bool(a.gradient_checkpointing),
+                      **LAYOUTS[a.layout])
     ds_cfg = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     t_start = time.time()
     ds = load_split(cfg.data, "train")
@@ -68,7 +76,8 @@ def worker_train(a) -> None:
         reference = open_verified(cfg.ref_cache, cfg.data, cfg.model, ["train"]).reference("train")
     else:  # the second model: frozen, sharded like the policy, run on every micro-batch
         ref = engine.inference_engine(InferenceConfig(model=cfg.model, data=cfg.data, batch_size=a.micro, dtype="fp32",
-                                                      deepspeed=os.path.join(ROOT, "ds_configs", "zero3_inference.json")))
+                                                      deepspeed=os.path.join(ROOT, "ds_configs", "zero3_inference.json"),
+                                                      **LAYOUTS[a.layout]))
 
         def reference(batch):
             with torch.no_grad():
@@ -96,9 +105,46 @@ def worker_train(a) -> None:
         warm = times[min(3, len(times) - 1):]
         with open(a.result, "a") as f:
             f.write(json.dumps({"mode": a.mode, "beta": a.beta, "ranks": dist.world_size(), "ds": os.path.basename(a.ds or ""),
+                                "layout": a.layout,
                                 "median_step_s": statistics.median(warm),
                                 "peak_rss_mb_per_rank": rss, "wall_s": time.time() - t_start,
                                 "first_loss": losses[0]}) + "\n")
+
+
+def worker_eval(a) -> None:
+    """Seconds of dpo_ds.evaluate's work (step.split_metrics over the eval split, one process), after a warm-up
+    pass, in --layout."""
+    from dpo_ds import dist, engine
+    from dpo_ds.batching import pad_and_eos
+    from dpo_ds.config import EvalConfig
+    from dpo_ds.data import load_split, load_tokenizer
+    from dpo_ds.ref_cache import open_verified
+    from dpo_ds.step import split_metrics
+
+    dist.init()
+    cfg = EvalConfig(model=a.model, data=a.data, ref_cache=a.cache, batch_size=a.batch, **LAYOUTS[a.layout])
+    fn, ds = engine.inference_engine(cfg), load_split(a.data, "eval")
+    reference = open_verified(a.cache, a.data, None, ["eval"]).reference("eval")
+    pad = pad_and_eos(load_tokenizer(a.model))
+    split_metrics(fn, ds, reference, cfg, cfg.batch_size, *pad)  # warm-up
+    t0 = time.time()
+    metrics = split_metrics(fn, ds, reference, cfg, cfg.batch_size, *pad)
+    print(json.dumps({"layout": a.layout, "seconds": time.time() - t0, "pairs": len(ds), "loss": metrics["loss"]}))
+
+
+def length_mix(path: str, n: int, seed: int = 0) -> None:
+    """UltraFeedback-like lengths in the tiny model's words (one token per number): prompts 20-600 tokens,
+    responses 10-500, log-normal with long tails; chosen and rejected lengths independent."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = lambda k: " ".join(map(str, rng.integers(0, 40, k)))  # noqa: E731
+    prompt = np.clip(rng.lognormal(np.log(110), 0.8, n), 12, 590).astype(int)
+    response = np.clip(rng.lognormal(np.log(90), 0.8, (2, n)), 8, 490).astype(int)
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": "sort ascending: " + words(prompt[i]), "chosen": words(response[0, i]),
+                                "rejected": words(response[1, i])}) + "\n")
 
 
 def print_profile(profiler, steps: int, seconds: float) -> None:
@@ -305,6 +351,8 @@ def main():
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--logp_batch", type=int, default=2)
     p.add_argument("--port", type=int, default=29533)
+    p.add_argument("--layout_examples", type=int, default=400, help="pairs of the UltraFeedback-like length mix")
+    p.add_argument("--layout_steps", type=int, default=8, help="training steps per layout (3 of them warm-up)")
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="in both the cached and the two-model runs")
     a = p.parse_args()
@@ -361,6 +409,32 @@ def main():
             launch(a, "--worker", "trl", "--mode", mode, "--out", f"{out}/trl", "--ds", a.ds, *common)
     trainers = [json.loads(line) for line in open(trainers_file)]
 
+    # 6. the batch layouts on UltraFeedback-like lengths: the defaults (shared prompt + packing) vs
+    # --no-share_prompt --no-packing, at the default micro-batch and accumulation
+    lay = f"{out}/layout"
+    length_mix(f"{out}/layout-prefs.jsonl", a.layout_examples)
+    sh([py, "-m", "dpo_ds.prepare", "--dataset", f"{out}/layout-prefs.jsonl", "--tokenizer", model, "--output_dir",
+        f"{lay}/data", "--eval_fraction", "0.1", "--max_length", "1024", "--max_prompt_length", "600"])
+    layouts = {"plain": ["--no-share_prompt", "--no-packing"], "new": []}
+    lay_stats = {name: {} for name in layouts}
+    for name, flags in layouts.items():
+        sh(["rm", "-rf", f"{lay}/cache-{name}"])
+        sh([py, "-m", "dpo_ds.precompute", "--model", model, "--data", f"{lay}/data", "--output_dir",
+            f"{lay}/cache-{name}", "--batch_size", "8", *flags])
+        lay_stats[name]["precompute"] = json.load(open(f"{lay}/cache-{name}/manifest.json"))["stats"]
+    lay_file = f"{lay}/train_runs.jsonl"
+    open(lay_file, "w").close()
+    for name in layouts:
+        train = ["--worker", "train", "--mode", "cached", "--layout", name, "--model", model, "--data", f"{lay}/data",
+                 "--cache", f"{lay}/cache-new", "--out", f"{lay}/run", "--steps", a.layout_steps, "--micro", 2,
+                 "--accum", 8, "--result", lay_file, "--gradient_checkpointing", 1]
+        sh([py, __file__, *map(str, train), "--ds", os.path.join(ROOT, "ds_configs", "zero0_cpu.json")])
+        launch(a, *train, "--ds", a.ds)
+        lay_stats[name]["eval"] = last_json(sh([py, __file__, "--worker", "eval", "--layout", name, "--model", model,
+                                                "--data", f"{lay}/data", "--cache", f"{lay}/cache-new", "--batch", "8"]))
+    for r in map(json.loads, open(lay_file)):
+        lay_stats[r["layout"]][f"train_{r['ranks']}"] = r
+
     # 3. log-prob memory
     mem = {m: last_json(sh([py, __file__, "--worker", "logp_memory", "--mode", m, "--vocab", str(a.vocab),
                             "--seq", str(a.seq), "--batch", str(a.logp_batch)]))
@@ -378,6 +452,7 @@ def main():
                        f"tokens_per_s_{a.ranks}_ranks": stats["tokens_per_s"]},
         "logp_memory": {**mem, "ratio": mem["naive"]["peak_mb"] / max(mem["chunked"]["peak_mb"], 1e-9)},
         "trainers": trainers,
+        "layouts": lay_stats,
         "amortisation": {"precompute_s": precompute_wall,
                          "cached_runs_s": sum(r["wall_s"] for r in runs if r["mode"] == "cached"),
                          "baseline_runs_s": sum(r["wall_s"] for r in runs if r["mode"] == "baseline"), "k": len(a.sweep)},
@@ -419,6 +494,25 @@ def main():
                      f"{cached['median_step_s'] / online_n:.2f}x / {cached['median_step_s'] / pre_n:.2f}x", "<= 0.75x / -"))
         rows.append((f"{a.ranks} ranks ZeRO-3: TRL step s (online / precompute_ref_log_probs)",
                      f"{online_n:.3f} / {pre_n:.3f}", "", ""))
+    old, new = lay_stats["plain"], lay_stats["new"]
+    per_pair = {k: v["precompute"]["slots"] / v["precompute"]["examples"] for k, v in lay_stats.items()}
+    rows += [
+        ("layout (UltraFeedback-like lengths), plain / new:", "", "", ""),
+        ("  tokens computed per pair, padding included", f"{per_pair['plain']:.0f} / {per_pair['new']:.0f}",
+         f"{per_pair['new'] / per_pair['plain']:.2f}x", ""),
+        *((f"  train step s ({label}, micro 2 x accum 8)",
+           f"{old[key]['median_step_s']:.2f} / {new[key]['median_step_s']:.2f}",
+           f"{new[key]['median_step_s'] / old[key]['median_step_s']:.2f}x", "<= 0.7x")
+          for key, label in (("train_1", "1 process, no ZeRO"), (f"train_{a.ranks}", f"{a.ranks} ranks, ZeRO-3"))),
+        ("  precompute pairs/s (1 process)",
+         f"{old['precompute']['examples_per_s']:.1f} / {new['precompute']['examples_per_s']:.1f}",
+         f"{new['precompute']['examples_per_s'] / old['precompute']['examples_per_s']:.2f}x", ">= 1.4x"),
+        ("  evaluate s (1 process)", f"{old['eval']['seconds']:.2f} / {new['eval']['seconds']:.2f}",
+         f"{new['eval']['seconds'] / old['eval']['seconds']:.2f}x", ""),
+        (f"  peak RSS per rank in training ({a.ranks} ranks), MB",
+         f"{old[f'train_{a.ranks}']['peak_rss_mb_per_rank']:.0f} / {new[f'train_{a.ranks}']['peak_rss_mb_per_rank']:.0f}",
+         "", ""),
+    ]
     w = max(len(r[0]) for r in rows)
     print(f"\n{'measure':<{w}}  {'value':>22}  {'ratio':>12}  target")
     for r in rows:
@@ -446,8 +540,9 @@ if __name__ == "__main__":
         w.add_argument("--gradient_checkpointing", type=int, default=1)
         w.add_argument("--profile", type=int, default=0, help="profile the last N steps of a train worker")
         w.add_argument("--trl_bf16", type=int, default=0, help="TRL worker: its default bf16 autocast instead of fp32")
+        w.add_argument("--layout", choices=list(LAYOUTS), default="new", help="dpo_ds workers: the batch layout")
         args = w.parse_args()
         {"train": worker_train, "trl": worker_trl, "logp_memory": worker_logp_memory,
-         "bare": worker_bare_forward}[args.worker](args)
+         "bare": worker_bare_forward, "eval": worker_eval}[args.worker](args)
     else:
         main()
