@@ -160,6 +160,25 @@ def segments(row: dict, i: int, B: int, share_prompt: bool) -> list[_Segment]:
     return out
 
 
+def lengths(ds, layout: Layout) -> np.ndarray:
+    """Tokens each pair of `ds` puts in a row in `layout`, the key that groups similar pairs into a batch:
+    the longer side in the plain layout, prompt + both responses when the prompt is shared (the prompt is
+    the leading -100 labels; read from Arrow, not row by row)."""
+    from dpo_ds.batching import pair_lengths
+
+    if not layout.share_prompt:
+        return pair_lengths(ds)
+    if ds._indices is not None:  # a selected/shuffled view: its table is not in row order
+        ds = ds.flatten_indices()
+    labels = ds.data.column("chosen_labels").combine_chunks()
+    offsets = labels.offsets.to_numpy()  # into labels.values
+    ignored = np.concatenate([[0], np.cumsum(labels.values.to_numpy() == IGNORE)])
+    prompt = ignored[offsets[1:]] - ignored[offsets[:-1]]
+    sides = [np.diff(ds.data.column(f"{side}_input_ids").combine_chunks().offsets.to_numpy())
+             for side in ("chosen", "rejected")]
+    return sides[0] + sides[1] - prompt
+
+
 def _rows(segs: list[_Segment], layout: Layout) -> list[list[_Segment]]:
     """Segments -> rows: one each, all in one (flash), or first-fit by decreasing length into rows as long
     as the longest segment."""

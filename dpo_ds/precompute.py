@@ -24,7 +24,7 @@ from dpo_ds.data import load_split, load_tokenizer, read_report, verify_files
 from dpo_ds.errors import UserError
 from dpo_ds.files import read_json
 from dpo_ds.fingerprint import tokenizer_fingerprint
-from dpo_ds.layout import build
+from dpo_ds.layout import build, lengths
 from dpo_ds.logps import pair_logps
 
 
@@ -67,7 +67,9 @@ def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_
     shards = shard_plan(ds, cfg.shard_size)
     done = dist.on_main(lambda: ref_cache.complete_shards(cache_dir, split))  # one rank hashes what is on disk
     mine = [n for n in range(len(shards)) if n % dist.world_size() == dist.rank() and n not in done]
-    work = [(n, rows) for n in mine for rows in batches_of(shards[n], cfg.batch_size)]
+    size = lengths(ds, engine.layout_of(logps_fn))  # within a shard, batches group pairs of similar row length
+    work = [(n, rows) for n in mine
+            for rows in batches_of(shards[n][np.argsort(-size[shards[n]], kind="stable")], cfg.batch_size)]
     bar = tqdm(total=sum(len(shards[n]) for n in mine), desc=f"precompute {split} (rank 0)", unit="ex",
                disable=not dist.is_main(), mininterval=2.0)
     parts = {}

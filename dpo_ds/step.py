@@ -12,10 +12,10 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import dist
-from dpo_ds.batching import dummy_batch, pair_lengths, take
+from dpo_ds.batching import dummy_batch, take
 from dpo_ds.config import LossConfig
 from dpo_ds.engine import is_collective, layout_of
-from dpo_ds.layout import build
+from dpo_ds.layout import build, lengths
 from dpo_ds.logps import pair_logps
 from dpo_ds.loss import MetricSums, dpo_loss
 
@@ -38,7 +38,7 @@ def split_metrics(logps_fn, ds, reference, loss_cfg: LossConfig, batch_size: int
     """Mean metrics over the whole split `ds` against `reference` (its RefCache.reference), its pairs dealt
     across ranks by length; under ZeRO-3 (is_collective) ranks with fewer batches run dummy ones to stay in
     step. Collective."""
-    order = np.argsort(-pair_lengths(ds), kind="stable")[dist.rank()::dist.world_size()]
+    order = np.argsort(-lengths(ds, layout_of(logps_fn)), kind="stable")[dist.rank()::dist.world_size()]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     sums = MetricSums()
     bar = tqdm(total=len(batches), desc="eval (rank 0)", unit="batch", disable=not dist.is_main(), leave=False,

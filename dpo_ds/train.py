@@ -21,12 +21,13 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from dpo_ds import dist, engine
-from dpo_ds.batching import pad_and_eos, pair_lengths, take
+from dpo_ds.batching import pad_and_eos, take
 from dpo_ds.config import TrainConfig, main_guard, parse, resume_keys, to_dict
 from dpo_ds.data import load_split, load_tokenizer, read_report
 from dpo_ds.errors import UserError
 from dpo_ds.files import atomic_json, read_json
 from dpo_ds.layout import build
+from dpo_ds.layout import lengths as layout_lengths
 from dpo_ds.loss import MetricSums
 from dpo_ds.ref_cache import open_verified
 from dpo_ds.report import MetricsLog, format_metrics, plot, read_metrics
@@ -219,7 +220,7 @@ def train_loop(job: Job) -> None:
     checkpoints every --save_every and at the end (after the final eval, so a finished run has nothing left
     to redo but the export)."""
     cfg, policy, window = job.cfg, job.policy, job.window
-    lengths = pair_lengths(job.train_ds)
+    lengths = layout_lengths(job.train_ds, engine.layout_of(policy))
     if job.start == 0 and cfg.eval_every:
         job.evaluate(0)  # the SFT model's own point on the eval curves: loss ln 2, rewards 0
     policy.train()

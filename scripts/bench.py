@@ -51,9 +51,9 @@ def worker_train(a) -> None:
     import torch
 
     from dpo_ds import dist, engine
-    from dpo_ds.batching import pair_lengths
     from dpo_ds.config import InferenceConfig, TrainConfig
     from dpo_ds.data import load_split
+    from dpo_ds.layout import lengths as layout_lengths
     from dpo_ds.logps import pair_logps
     from dpo_ds.ref_cache import open_verified
     from dpo_ds.train import global_batch, rank_micro_batches, train_step
@@ -84,7 +84,7 @@ def worker_train(a) -> None:
                 ref_chosen_logps, ref_rejected_logps, _, _ = pair_logps(ref, batch)
             return ref_chosen_logps, ref_rejected_logps
     policy.train()
-    lengths, size = pair_lengths(ds), a.micro * a.accum * dist.world_size()
+    lengths, size = layout_lengths(ds, engine.layout_of(policy)), a.micro * a.accum * dist.world_size()
     times, losses = [], []
     profiler = None
     for step in range(cfg.max_steps):
@@ -258,7 +258,7 @@ def worker_logp_memory(a) -> None:
             super().__init__()
             self.h = torch.nn.Parameter(torch.randn(B, T, H) * 0.02)
 
-        def forward(self, input_ids, attention_mask, use_cache=False):
+        def forward(self, input_ids, attention_mask, position_ids=None, use_cache=False):
             return type("Out", (), {"last_hidden_state": self.h})()
 
     class LM(torch.nn.Module):
