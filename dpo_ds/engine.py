@@ -94,7 +94,8 @@ def layout_of(logps_fn) -> Layout:
 
 
 def _layout(cfg, model) -> Layout:
-    return resolve_layout(cfg.share_prompt, cfg.packing, model.config._attn_implementation, unsupported_by(model))
+    return resolve_layout(cfg.share_prompt, cfg.packing, model.config._attn_implementation, unsupported_by(model),
+                          model.config.model_type)
 
 
 def partitions_nothing(ds: dict) -> bool:

@@ -69,6 +69,12 @@ EXACT_TYPES: frozenset[str] = frozenset({
 })
 
 
+# model types whose decoder hands position_ids on to the attention function, which flash_attention_2 needs to
+# tell packed segments apart (read in transformers 5.24's modeling code; unrun here: no GPU). Others (e.g.
+# gpt_bigcode, ctrl, persimmon drop them) would attend across segments, so flash-attn does not pack them.
+FLASH_PACKING_TYPES: frozenset[str] = frozenset({"llama", "qwen2", "qwen3"})
+
+
 def unsupported(model) -> str | None:
     """Why `model` cannot run the shared/packed layouts exactly, or None."""
     model_type = model.config.model_type
@@ -85,7 +91,8 @@ def unsupported(model) -> str | None:
     return None
 
 
-def resolve(share_prompt: bool | None, packing: bool | None, attn: str, reason: str | None = None) -> Layout:
+def resolve(share_prompt: bool | None, packing: bool | None, attn: str, reason: str | None = None,
+            model_type: str | None = None) -> Layout:
     """The layout for an attention implementation and a model (`reason`: why the model cannot run the
     token-efficient layouts, see `unsupported`): None = the fastest exact one, an explicit True that cannot be
     computed exactly is refused."""
@@ -101,6 +108,12 @@ def resolve(share_prompt: bool | None, packing: bool | None, attn: str, reason: 
             raise UserError("--share_prompt needs an attention mask, which flash_attention_2 does not take; use "
                             "--attn_implementation sdpa, or --no-share_prompt (flash-attn packs through "
                             "position_ids)")
+        if model_type not in FLASH_PACKING_TYPES:
+            if packing:
+                raise UserError(f"--packing with flash_attention_2 needs a decoder that passes position_ids to "
+                                f"attention; model type {model_type!r} is not known to (dpo_ds/layout.py "
+                                f"FLASH_PACKING_TYPES): use --attn_implementation sdpa, or --no-packing")
+            return PLAIN
         pack = packing is not False
         return Layout(False, pack, one_row=pack)
     if share_prompt or packing:
@@ -168,8 +181,8 @@ def lengths(ds, layout: Layout) -> np.ndarray:
 
     if not layout.share_prompt:
         return pair_lengths(ds)
-    if ds._indices is not None:  # a selected/shuffled view: its table is not in row order
-        ds = ds.flatten_indices()
+    if ds._indices is not None:  # a selected/shuffled view: its table is not in row order (in memory: never
+        ds = ds.flatten_indices(keep_in_memory=True)  # a cache file inside a prepared split)
     labels = ds.data.column("chosen_labels").combine_chunks()
     offsets = labels.offsets.to_numpy()  # into labels.values
     ignored = np.concatenate([[0], np.cumsum(labels.values.to_numpy() == IGNORE)])

@@ -107,13 +107,16 @@ def test_a_pair_whose_sides_start_differently_is_not_shared():
 
 
 def test_flash_packs_one_row_without_a_mask_and_refuses_a_shared_prompt():
-    layout = resolve(None, None, "flash_attention_2")
+    layout = resolve(None, None, "flash_attention_2", model_type="llama")
     assert layout == Layout(False, True, one_row=True)
+    assert resolve(None, None, "flash_attention_2", model_type="gpt_bigcode") == PLAIN  # drops position_ids
+    with pytest.raises(UserError, match="passes position_ids to attention; model type 'gpt_bigcode'"):
+        resolve(None, True, "flash_attention_2", model_type="gpt_bigcode")
     b = build([pair(0, [1, 2], [3], [4, 5]), pair(1, [6], [7, 8], [9])], layout, pad_id=0)
     assert b["attention_mask"] is None and b["input_ids"].shape == (1, 3 + 4 + 3 + 2)
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 0, 1]]
     with pytest.raises(UserError, match="flash_attention_2 does not take"):
-        resolve(True, None, "flash_attention_2")
+        resolve(True, None, "flash_attention_2", model_type="llama")
     assert resolve(None, None, "sdpa") == Layout(True, True)
     assert resolve(False, False, "sdpa") == PLAIN
     with pytest.raises(UserError, match="need sdpa, eager or flash_attention_2"):
