@@ -65,10 +65,10 @@ class ModelConfig:
     logp_chunk_size: int = opt(LOGP_CHUNK_SIZE, "response tokens per lm_head chunk in the log-prob computation: peak "
                                     "memory is a few [chunk, vocab] fp32 tensors (256 x 151,936 x 4 B = 156 MB)")
     share_prompt: bool = opt(None, "score chosen and rejected in one segment [prompt | chosen | rejected], so the "
-                                   "prompt is computed once per pair (default: on where the attention "
-                                   "implementation takes a mask: sdpa, eager)")
-    packing: bool = opt(None, "several pairs per row with no padding between them (default: on; flash-attn "
-                              "packs one row per batch through position_ids)")
+                                   "prompt is computed once per pair (default: on where it is exact: sdpa or "
+                                   "eager attention and a model type listed in dpo_ds/layout.py)")
+    packing: bool = opt(None, "several pairs per row with no padding between them (default: on where it is "
+                              "exact: as --share_prompt, and flash-attn on Llama/Qwen through position_ids)")
     trust_remote_code: bool = opt(False, "allow code shipped with the model to run")
     local_rank: int = opt(-1, "set by the deepspeed launcher; ignored (LOCAL_RANK is read instead)")
 
