@@ -93,12 +93,84 @@ class PrecomputeConfig(InferenceConfig):
         _positive(self, "batch_size", "shard_size", "logp_chunk_size")
 
 
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")  # see dpo_ds/loss.py
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "sigmoid_norm")  # read --label_smoothing
+F_DIVERGED = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm")  # read --f_divergence
+EXO_EPSILON = 1e-3  # exo_pair's label smoothing when none is given (EXO's own default)
+
+
 @dataclass
 class LossConfig:
     beta: float = opt(0.1, "KL strength: higher keeps the policy closer to the reference", resume=True)
-    loss_type: str = opt("sigmoid", "sigmoid (DPO), ipo (length-normalised, squared), hinge (SLiC)",
-                         choices=["sigmoid", "ipo", "hinge"], resume=True)
-    label_smoothing: float = opt(0.0, "assumed label noise (conservative DPO, sigmoid only)", resume=True)
+    loss_type: list = opt(None, f"one or more of {', '.join(LOSS_TYPES)}; several are summed with "
+                                f"--loss_weights (README: the loss table) (default: sigmoid)", resume=True)
+    loss_weights: list = opt(None, "one weight per --loss_type (default: 1 each)", resume=True)
+    label_smoothing: float = opt(None, f"assumed label noise ε in [0, 0.5) for {', '.join(SMOOTHED)} "
+                                       f"(default: {EXO_EPSILON} with exo_pair, else 0)", resume=True)
+    discopop_tau: float = opt(0.05, "discopop's temperature of the log-ratio modulation", resume=True)
+    f_divergence: str = opt("reverse_kl", "the divergence whose f' maps the log-ratios before the pairwise loss "
+                                          "(Wang et al. 2023); reverse_kl is DPO's", resume=True,
+                            choices=["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+    f_alpha: float = opt(None, "α of alpha_divergence, in (0, 1) (default: 0.5)", resume=True)
+    ld_alpha: float = opt(None, "LD-DPO: weight in [0, 1] of the tokens past the shorter response's length, "
+                                "for policy and reference alike (default: off, i.e. 1)", resume=True)
+    use_weighting: bool = opt(False, "WPO: weight each pair by its responses' length-normalised, "
+                                     "distribution-aligned policy probabilities", resume=True)
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):  # a job file may name one loss as a string
+            self.loss_type = [self.loss_type]
+        self.loss_type = list(self.loss_type or ["sigmoid"])
+        if self.loss_weights is not None:
+            try:
+                self.loss_weights = [float(w) for w in self.loss_weights]
+            except (TypeError, ValueError):
+                raise ConfigError(f"--loss_weights {self.loss_weights}: not numbers") from None
+        if self.label_smoothing is None:
+            self.label_smoothing = EXO_EPSILON if "exo_pair" in self.loss_type else 0.0
+        if self.f_alpha is None and self.f_divergence == "alpha_divergence":
+            self.f_alpha = 0.5
+
+    def weights(self) -> list[float]:
+        return self.loss_weights or [1.0] * len(self.loss_type)
+
+    def check_loss(self):
+        """Refuse the combinations no loss defines, with what to change."""
+        _positive(self, "beta", "discopop_tau")
+        types, eps = self.loss_type, self.label_smoothing
+        unknown = [t for t in types if t not in LOSS_TYPES]
+        if unknown:
+            raise ConfigError(f"--loss_type {' '.join(unknown)}: unknown (known: {', '.join(LOSS_TYPES)})")
+        if len(set(types)) != len(types):
+            raise ConfigError(f"--loss_type {' '.join(types)} names a loss twice; give it one weight instead")
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise ConfigError(f"--loss_weights has {len(self.loss_weights)} value(s) for {len(types)} --loss_type(s) "
+                              f"({' '.join(types)}): give one weight per loss")
+        if types == ["sft"]:
+            raise ConfigError("--loss_type sft alone is supervised fine-tuning, not preference optimisation: "
+                              "combine it with a preference loss (e.g. --loss_type sigmoid sft = RPO)")
+        if not 0.0 <= eps < 0.5:
+            raise ConfigError(f"--label_smoothing {eps} must be in [0, 0.5) (at 0.5 the labels carry no "
+                              f"preference{'; robust divides by 1 - 2ε' if 'robust' in types else ''})")
+        if eps and not set(types) & set(SMOOTHED):
+            raise ConfigError(f"--label_smoothing applies to {', '.join(SMOOTHED)}, not to {' '.join(types)}")
+        if "exo_pair" in types and eps == 0:
+            raise ConfigError(f"exo_pair needs --label_smoothing > 0 (its target distribution takes log ε); "
+                              f"EXO uses {EXO_EPSILON}")
+        if self.f_divergence != "reverse_kl" and not set(types) & set(F_DIVERGED):
+            raise ConfigError(f"--f_divergence {self.f_divergence} maps the pairwise log-ratio of "
+                              f"{', '.join(F_DIVERGED)}; none of --loss_type {' '.join(types)} uses it")
+        if self.f_alpha is not None and self.f_divergence != "alpha_divergence":
+            raise ConfigError("--f_alpha applies to --f_divergence alpha_divergence only")
+        if self.f_alpha is not None and not 0.0 < self.f_alpha < 1.0:
+            raise ConfigError(f"--f_alpha {self.f_alpha} must be in (0, 1); its limits are --f_divergence "
+                              f"reverse_kl (α -> 0) and forward_kl (α = 1)")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"--ld_alpha {self.ld_alpha} must be in [0, 1] (1 = plain sums)")
+        if self.use_weighting and set(types) & {"aot", "aot_unpaired"}:
+            raise ConfigError("--use_weighting weights each pair, but aot and aot_unpaired pair sorted log-ratios "
+                              "of different examples: use another loss type with it")
 
 
 @dataclass
@@ -125,19 +197,17 @@ class TrainConfig(LossConfig, ModelConfig):
     seed: int = opt(42, "data order and initialisation of everything random", resume=True)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.warmup_steps is None and isinstance(self.max_steps, int):
             self.warmup_steps = min(50, self.max_steps // 20)
 
     def check(self):
-        _positive(self, "learning_rate", "max_steps", "micro_batch_size", "grad_accum", "beta",
+        _positive(self, "learning_rate", "max_steps", "micro_batch_size", "grad_accum",
                   "log_every", "logp_chunk_size")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"--warmup_steps {self.warmup_steps} must be between 0 and --max_steps "
                               f"{self.max_steps}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"--label_smoothing {self.label_smoothing} must be in [0, 0.5)")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError("--label_smoothing only applies to --loss_type sigmoid")
+        self.check_loss()
 
 
 @dataclass
@@ -145,9 +215,11 @@ class EvalConfig(LossConfig, InferenceConfig):
     ref_cache: str = opt(None, "reference cache directory (output of dpo_ds.precompute)", required=True)
     split: str = opt("eval", "which prepared split to score")
     output: str = opt(None, "write the metrics to this JSON file too")
+    bco_delta: float = opt(0.0, "bco_pair's reward shift δ (train logs its running mean as bco/delta)")
 
     def check(self):
-        _positive(self, "batch_size", "beta", "logp_chunk_size")
+        _positive(self, "batch_size", "logp_chunk_size")
+        self.check_loss()
 
 
 def _positive(cfg, *names):
@@ -233,7 +305,8 @@ def load_job_file(cls, path):
         if key not in known:
             raise ConfigError(f"--config {path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
         kind = known[key]
-        ok = value is None or isinstance(value, kind) or (kind is float and isinstance(value, int))
+        ok = value is None or isinstance(value, kind) or (kind is float and isinstance(value, int)) or \
+            (key == "loss_type" and isinstance(value, str))
         if not ok or (kind is not bool and isinstance(value, bool)):
             raise ConfigError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
     values.pop("config", None)

@@ -199,23 +199,24 @@ def training_engine(cfg, ds_config: dict):
     model = _load(cfg, ds_dtype(ds_config), ds_config)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    logps = SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds_config), _layout(cfg, model))
+    logps = SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds_config), _layout(cfg, model), stats=True)
     return _deepspeed_training(logps, ds_config, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
                                cfg.max_steps, cfg.lr_schedule)
 
 
-def inference_engine(cfg):
-    """The frozen model of an InferenceConfig (precompute, evaluate), called like SequenceLogps: a ZeRO-3
-    engine without optimizer when --deepspeed names a config (sharded across ranks), else a full copy per rank."""
+def inference_engine(cfg, stats: bool = False):
+    """The frozen model of an InferenceConfig (precompute, evaluate), called like SequenceLogps (with HeadStats
+    when `stats`): a ZeRO-3 engine without optimizer when --deepspeed names a config (sharded across ranks),
+    else a full copy per rank."""
     import deepspeed
 
     dtype = resolve_dtype(cfg.dtype)
     if not cfg.deepspeed:
         model = _load(cfg, dtype).to(dist.device()).eval()
-        return SequenceLogps(model, cfg.logp_chunk_size, layout=_layout(cfg, model))
+        return SequenceLogps(model, cfg.logp_chunk_size, layout=_layout(cfg, model), stats=stats)
     ds_config = inference_ds_config(cfg.deepspeed, cfg.batch_size, dtype)
     model = _load(cfg, dtype, ds_config)
-    logps = SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds_config), _layout(cfg, model))
+    logps = SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds_config), _layout(cfg, model), stats)
     engine, *_ = deepspeed.initialize(model=logps, config=ds_config)
     engine.eval()
     return engine

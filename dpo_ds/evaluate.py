@@ -1,6 +1,7 @@
 """DPO metrics of any saved model on a prepared split, against the cached reference.
 
-    python -m dpo_ds.evaluate --model MODEL_DIR --data PREPARED_DIR --ref_cache CACHE_DIR [--split eval] [--output FILE.json]
+    python -m dpo_ds.evaluate --model MODEL_DIR --data PREPARED_DIR --ref_cache CACHE_DIR [--split eval] [--output FILE.json] \
+        [--loss_type sigmoid ...] [--beta 0.1] ...     # the loss settings of dpo_ds.train: reports that loss
 
 `logps/win_rate` (the model's own log-prob prefers chosen) needs no reference, so it is meaningful for the
 SFT model too, whose implicit rewards against itself are zero by definition.
@@ -28,10 +29,11 @@ def run(cfg: EvalConfig) -> dict:
     if tokenizer_fingerprint(tokenizer) != read_report(cfg.data)["tokenizer_fingerprint"]:
         raise UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
     # the evaluated model need not be the reference (a trained policy is not): no model check here
-    reference = open_verified(cfg.ref_cache, cfg.data, None, [cfg.split]).reference(cfg.split)
+    reference = open_verified(cfg.ref_cache, cfg.data, None, [cfg.split]).reference(cfg.split, cfg.ld_alpha is not None)
     ds = load_split(cfg.data, cfg.split)
     metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),
-               **split_metrics(engine.inference_engine(cfg), ds, reference, cfg, cfg.batch_size, *pad_and_eos(tokenizer))}
+               **split_metrics(engine.inference_engine(cfg, stats=True), ds, reference, cfg, cfg.batch_size,
+                               *pad_and_eos(tokenizer), cfg.bco_delta)}
     if dist.is_main():
         print(f"evaluate {cfg.model} on {cfg.split} ({len(ds)} pairs): {format_metrics(metrics)}")
         if cfg.output:

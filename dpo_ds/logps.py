@@ -8,6 +8,7 @@ gradients are on, under its own activation checkpoint, so backward keeps `[chunk
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -19,10 +20,39 @@ from dpo_ds.head import output_head
 from dpo_ds.layout import PLAIN, Layout
 
 
-def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """hidden [N, H], targets [N] -> log p(target) [N], fp32."""
+class HeadStats(NamedTuple):
+    """Per-sequence sums over its response tokens of what the head sees besides log p(target), without
+    gradient: entropy of the next-token distribution, top-1 == target, the mean logit (over the vocabulary),
+    and WPO's log p(target) - log Σ_v p(v)²."""
+    entropy: torch.Tensor
+    top1: torch.Tensor
+    mean_logit: torch.Tensor
+    wpo: torch.Tensor
+
+
+class Scored(NamedTuple):
+    """`scored_logps`' result, per sequence [S]: summed log-probs, scored tokens, the log-probs summed over
+    the tokens marked `shared` (LD-DPO), and HeadStats (None unless asked for)."""
+    logps: torch.Tensor
+    tokens: torch.Tensor
+    shared_logps: torch.Tensor
+    stats: HeadStats | None
+
+
+def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor, stats: bool):
+    """hidden [N, H], targets [N] -> (log p(target) [N] fp32, HeadStats columns [N, 4] or None)."""
     logits = head(hidden)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    lse = logits.logsumexp(-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not stats:
+        return logp, None
+    with torch.no_grad():  # [N, V] temporaries, freed with the chunk
+        log_probs = logits - lse.unsqueeze(-1)
+        entropy = -(log_probs.exp() * log_probs).nan_to_num(0.0).sum(-1)
+        top1 = (logits.argmax(-1) == targets).to(logp.dtype)
+        log_sum_p2 = (2 * log_probs).logsumexp(-1)
+        columns = torch.stack([entropy, top1, logits.mean(-1), logp - log_sum_p2], -1)
+    return logp, columns
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -31,14 +61,17 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     labels[t + 1]) -> (summed response log-probs [B] fp32, response tokens [B]). See `scored_logps`."""
     targets = labels[:, 1:]
     where = (targets != IGNORE).nonzero()
-    return scored_logps(model, input_ids, attention_mask, None, where[:, 0] * input_ids.shape[1] + where[:, 1],
-                        targets[targets != IGNORE], where[:, 0], input_ids.shape[0], chunk_size, collective, head)
+    scored = scored_logps(model, input_ids, attention_mask, None, where[:, 0] * input_ids.shape[1] + where[:, 1],
+                          targets[targets != IGNORE], where[:, 0], input_ids.shape[0], chunk_size, collective, head)
+    return scored.logps, scored.tokens
 
 
 def scored_logps(model, input_ids, attention_mask, position_ids, positions, targets, sequence, num_sequences: int,
-                 chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, head=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows in any `dpo_ds.layout` -> (summed log-probs [num_sequences] fp32, scored tokens [num_sequences]):
-    the token `targets[n]` is scored at flat row position `positions[n]` and summed into `sequence[n]`.
+                 chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, head=None, shared=None,
+                 stats: bool = False) -> Scored:
+    """Rows in any `dpo_ds.layout` -> Scored per sequence: the token `targets[n]` is scored at flat row
+    position `positions[n]` and summed into `sequence[n]`; `shared[n]` (bool, optional) marks the tokens
+    summed into `shared_logps` too; `stats` adds HeadStats.
 
     `model` is an HF causal LM: the backbone and `lm_head` are called as modules, so ZeRO-3 gathers their
     parameters. Under DeepSpeed, call this through an engine wrapping `SequenceLogps`, never on `engine.module`
@@ -64,13 +97,19 @@ def scored_logps(model, input_ids, attention_mask, position_ids, positions, targ
     for i in range(max(n_chunks, 1)):
         hc, tc = h[i * chunk_size:(i + 1) * chunk_size], targets[i * chunk_size:(i + 1) * chunk_size]
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logps, head, hc, tc, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, head, hc, tc, stats, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(head, hc, tc))
-    token_logps = torch.cat(pieces)
-    logps = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(
-        0, sequence, token_logps)
-    return logps, torch.bincount(sequence, minlength=num_sequences)
+            pieces.append(_chunk_logps(head, hc, tc, stats))
+    token_logps = torch.cat([p[0] for p in pieces])
+
+    def per_sequence(values):
+        return torch.zeros((num_sequences, *values.shape[1:]), dtype=values.dtype,
+                           device=values.device).index_add(0, sequence, values)
+
+    shared_logps = per_sequence(token_logps * shared) if shared is not None else torch.zeros_like(per_sequence(token_logps))
+    head_stats = HeadStats(*per_sequence(torch.cat([p[1] for p in pieces])).unbind(-1)) if stats else None
+    return Scored(per_sequence(token_logps), torch.bincount(sequence, minlength=num_sequences), shared_logps,
+                  head_stats)
 
 
 def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -84,30 +123,63 @@ def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tens
 
 
 class SequenceLogps(torch.nn.Module):
-    """A causal LM whose forward returns `scored_logps` of a batch built in `layout` (dpo_ds.layout). This is
-    the module handed to DeepSpeed, so every call goes through the engine's forward: ZeRO-3 needs that
-    bookkeeping for gradient accumulation to accumulate (calling submodules of `engine.module` directly
-    silently keeps only the last micro-batch)."""
+    """A causal LM whose forward returns `scored_logps` of a batch built in `layout` (dpo_ds.layout), with
+    HeadStats when `stats` (the policy's metrics; a reference needs none). This is the module handed to
+    DeepSpeed, so every call goes through the engine's forward: ZeRO-3 needs that bookkeeping for gradient
+    accumulation to accumulate (calling submodules of `engine.module` directly silently keeps only the last
+    micro-batch)."""
 
-    def __init__(self, lm, chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, layout: Layout = PLAIN):
+    def __init__(self, lm, chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, layout: Layout = PLAIN,
+                 stats: bool = False):
         super().__init__()
-        self.lm, self.chunk_size, self.collective, self.layout = lm, chunk_size, collective, layout
+        self.lm, self.chunk_size, self.collective, self.layout, self.stats = lm, chunk_size, collective, layout, stats
         self.head = output_head(lm)  # refuses a model whose logits it cannot reproduce exactly
 
-    def forward(self, input_ids, attention_mask, position_ids, positions, targets, sequence, num_sequences: int):
+    def forward(self, input_ids, attention_mask, position_ids, positions, targets, sequence, num_sequences: int,
+                shared=None):
         return scored_logps(self.lm, input_ids, attention_mask, position_ids, positions, targets, sequence,
-                            num_sequences, self.chunk_size, self.collective, self.head)
+                            num_sequences, self.chunk_size, self.collective, self.head, shared, self.stats)
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "positions", "targets", "sequence")
 
 
-def pair_logps(logps_fn, batch: dict):
-    """A batch of `dpo_ds.layout.build` -> chosen_logps, rejected_logps, chosen_tokens, rejected_tokens, each
-    [B]: chosen and rejected go through one forward. `logps_fn` is a SequenceLogps or a DeepSpeed engine
-    wrapping one."""
+class PairLogps(NamedTuple):
+    """One batch's pairs [B] each: summed response log-probs, the same over each pair's first
+    min(|y_w|, |y_l|) tokens (LD-DPO's shared length), token counts, and HeadStats (None when the
+    SequenceLogps computes none)."""
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_shared_logps: torch.Tensor
+    rejected_shared_logps: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    chosen_stats: HeadStats | None
+    rejected_stats: HeadStats | None
+
+
+def shared_tokens(positions: torch.Tensor, sequence: torch.Tensor, B: int) -> torch.Tensor:
+    """[N] bool: the scored token is among the first min(|y_w|, |y_l|) tokens of its response. A response's
+    tokens are ordered by their row position in every layout."""
+    counts = torch.bincount(sequence, minlength=2 * B)
+    shared_len = torch.minimum(counts[:B], counts[B:]).repeat(2)
+    span = int(positions.max()) + 1 if positions.numel() else 1
+    order = torch.argsort(sequence * span + positions)  # by sequence, then row position
+    first = torch.cumsum(counts, 0) - counts
+    ordinal = torch.empty_like(sequence)
+    ordinal[order] = torch.arange(len(order)) - first[sequence[order]]
+    return ordinal < shared_len[sequence]
+
+
+def pair_logps(logps_fn, batch: dict) -> PairLogps:
+    """A batch of `dpo_ds.layout.build` -> PairLogps: chosen and rejected go through one forward. `logps_fn`
+    is a SequenceLogps or a DeepSpeed engine wrapping one."""
     B = batch["example_id"].numel()
     device = dist.device()
     inputs = {k: None if batch.get(k) is None else batch[k].to(device) for k in MODEL_INPUTS}
-    logps, n_tokens = logps_fn(**inputs, num_sequences=2 * B)
-    return logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]
+    shared = shared_tokens(batch["positions"], batch["sequence"], B).to(device)
+    s = logps_fn(**inputs, num_sequences=2 * B, shared=shared)
+    stats = (None, None) if s.stats is None else (HeadStats(*(v[:B] for v in s.stats)),
+                                                   HeadStats(*(v[B:] for v in s.stats)))
+    return PairLogps(s.logps[:B], s.logps[B:], s.shared_logps[:B], s.shared_logps[B:], s.tokens[:B],
+                     s.tokens[B:], *stats)

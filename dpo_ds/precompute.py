@@ -42,8 +42,12 @@ def batches_of(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
 @torch.no_grad()
 def compute_batch(logps_fn, batch: dict) -> dict:
     """One collated batch -> its shard columns (ref_cache.SCHEMA): chosen and rejected in one forward."""
-    values = (batch["example_id"], *pair_logps(logps_fn, batch))
-    return {name: v.cpu().numpy() for name, v in zip(ref_cache.SCHEMA.names, values)}
+    p = pair_logps(logps_fn, batch)
+    values = {"example_id": batch["example_id"], "ref_chosen_logps": p.chosen_logps,
+              "ref_rejected_logps": p.rejected_logps, "ref_chosen_shared_logps": p.chosen_shared_logps,
+              "ref_rejected_shared_logps": p.rejected_shared_logps, "chosen_tokens": p.chosen_tokens,
+              "rejected_tokens": p.rejected_tokens}
+    return {name: values[name].cpu().numpy() for name in ref_cache.SCHEMA.names}
 
 
 class Progress:

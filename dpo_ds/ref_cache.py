@@ -11,7 +11,10 @@ cache holds is not part of it: rerunning precompute with more --splits extends a
 `open_verified` is what train and evaluate call: rank 0 checks everything (`open_cache(..., verify=True)`
 hashes every file: one reader), the other ranks then read what it verified. The cache owns the names of its
 reference columns: a phase gets them as `cache.reference(split)`, a function from a batch's example_ids to
-(ref_chosen_logps, ref_rejected_logps) tensors.
+RefLogps tensors.
+
+Format 2 adds each response's log-prob over the pair's shared length (its first min(|y_w|, |y_l|) tokens),
+which LD-DPO needs for any α chosen at training time; a format-1 cache still serves every other loss.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import glob
 import os
 import re
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -31,11 +35,21 @@ from dpo_ds.errors import CacheError, UserError
 from dpo_ds.files import atomic_json, read_json
 from dpo_ds.fingerprint import model_fingerprint, sha256_file, tokenizer_fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: no shared-length columns
 MANIFEST, PLAN = "manifest.json", "plan.json"
-REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # what the loss reads
+SHARED_COLUMNS = ("ref_chosen_shared_logps", "ref_rejected_shared_logps")
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps") + SHARED_COLUMNS  # what the loss reads
 SCHEMA = pa.schema([("example_id", pa.int64()), *((name, pa.float32()) for name in REFERENCE_COLUMNS),
                     ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32())])
+
+
+class RefLogps(NamedTuple):
+    """A batch's cached reference values [B] each; the shared-length ones are None from a format-1 cache."""
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_shared_logps: torch.Tensor | None
+    rejected_shared_logps: torch.Tensor | None
 SHARD_RE = re.compile(r"shard-(\d+)-(\d+)\.arrow$")
 
 
@@ -143,22 +157,23 @@ def read_shard(path: str) -> pa.Table:
 
 
 class Reference:
-    """One split's cached reference log-probs, looked up by example_id: `reference(batch)` ->
-    (ref_chosen_logps, ref_rejected_logps), each [B] fp32, in the batch's order."""
+    """One split's cached reference log-probs, looked up by example_id: `reference(batch)` -> RefLogps, each
+    [B] fp32, in the batch's order."""
 
     def __init__(self, table: pa.Table):
         ids = table.column("example_id").to_numpy()
         order = np.argsort(ids)
         self.ids = torch.from_numpy(ids[order])
-        self.logps = torch.from_numpy(np.stack([table.column(n).to_numpy() for n in REFERENCE_COLUMNS], 1)[order])
+        self.columns = [n for n in REFERENCE_COLUMNS if n in table.column_names]
+        self.logps = torch.from_numpy(np.stack([table.column(n).to_numpy() for n in self.columns], 1)[order])
 
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: dict) -> RefLogps:
         ids = batch["example_id"]
         pos = torch.searchsorted(self.ids, ids).clamp(max=len(self.ids) - 1)
         if not torch.equal(self.ids[pos], ids):  # open_cache proved coverage; this guards the caller's split
             raise CacheError(f"example_ids {ids[self.ids[pos] != ids][:5].tolist()} are not in this split's cache")
         logps = self.logps[pos]
-        return logps[:, 0], logps[:, 1]
+        return RefLogps(*(logps[:, self.columns.index(n)] if n in self.columns else None for n in REFERENCE_COLUMNS))
 
 
 class RefCache:
@@ -167,7 +182,13 @@ class RefCache:
     def __init__(self, cache_dir: str, manifest: dict, tables: dict):
         self.cache_dir, self.manifest, self.tables = cache_dir, manifest, tables
 
-    def reference(self, split: str) -> Reference:
+    def reference(self, split: str, shared: bool = False) -> Reference:
+        """The split's values for the loss; `shared` (LD-DPO) refuses a cache without the shared-length ones."""
+        version = self.manifest["fingerprint"]["format_version"]
+        if shared and not set(SHARED_COLUMNS) <= set(self.tables[split].column_names):
+            raise CacheError(f"{self.cache_dir} is a format-{version} cache, without the shared-length reference "
+                             f"log-probs LD-DPO (--ld_alpha) needs: rerun dpo_ds.precompute into a new --output_dir "
+                             f"(format {FORMAT_VERSION}), or train without --ld_alpha")
         return Reference(self.tables[split])
 
     def values(self, split: str, example_ids) -> dict:
@@ -177,7 +198,7 @@ class RefCache:
         ids = table.column("example_id").to_numpy()
         order = np.argsort(ids)
         pos = order[np.searchsorted(ids, np.asarray(example_ids), sorter=order)]
-        return {name: table.column(name).to_numpy()[pos] for name in SCHEMA.names}
+        return {name: table.column(name).to_numpy()[pos] for name in SCHEMA.names if name in table.column_names}
 
 
 def open_verified(cache_dir: str, data_dir: str, model_dir: str | None, splits, trust_remote_code: bool = False
@@ -210,9 +231,9 @@ def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, spli
         raise CacheError(f"{cache_dir}: no {MANIFEST}, so not a complete reference cache{hint}")
     manifest = read_json(path)
     fp = manifest["fingerprint"]
-    if fp.get("format_version") != FORMAT_VERSION:
-        raise CacheError(f"{cache_dir}: cache format {fp.get('format_version')}, this code reads {FORMAT_VERSION}; "
-                         f"recompute it")
+    if fp.get("format_version") not in READABLE_VERSIONS:
+        raise CacheError(f"{cache_dir}: cache format {fp.get('format_version')}, this code reads formats "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}; recompute it")
     report = read_report(data_dir)
     splits = list(splits or manifest["splits"])
     if verify:
@@ -257,7 +278,7 @@ def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) 
             raise CacheError(f"{cache_dir}/{split}: shard {meta['file']} has {table.num_rows} rows, manifest says "
                              f"{meta['rows']}")
         parts.append(table)
-    table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
+    table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()  # (a format-1 split is never empty)
     cached = table.column("example_id").to_numpy()
     want = np.asarray(prepared["example_id"], dtype=np.int64)
     uniq, counts = np.unique(cached, return_counts=True)
@@ -272,9 +293,10 @@ def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) 
 
 
 def summary(cache: RefCache) -> str:
-    lines = [f"reference cache {cache.cache_dir}: OK (format {FORMAT_VERSION}, dtype {cache.manifest['fingerprint']['dtype']})"]
+    fp = cache.manifest["fingerprint"]
+    lines = [f"reference cache {cache.cache_dir}: OK (format {fp['format_version']}, dtype {fp['dtype']})"]
     for split, table in cache.tables.items():
-        columns = [(name, table.column(name).to_numpy()) for name in REFERENCE_COLUMNS]
+        columns = [(name, table.column(name).to_numpy()) for name in REFERENCE_COLUMNS[:2]]
         lines.append(f"  {split}: {table.num_rows} examples in {len(cache.manifest['splits'][split]['shards'])} shards; "
                      + ", ".join(f"{name} mean {v.mean():.3f} [min {v.min():.3f}, max {v.max():.3f}]"
                                  for name, v in columns))

@@ -1,7 +1,8 @@
 """The one loss step of training, evaluation and the bench: a collated batch -> per-pair losses and metric sums.
 
     policy log-probs (one forward for chosen and rejected) -> reference log-probs (the cache's
-    `Reference`, or a live model's in scripts/bench.py) -> dpo_loss -> MetricSums
+    `Reference`, or a live model's in scripts/bench.py) -> LD-DPO weighting -> the configured losses (and WPO
+    weights) -> MetricSums
 
 and `split_metrics`, the same step over a whole split (train's periodic evals, dpo_ds.evaluate).
 """
@@ -16,25 +17,38 @@ from dpo_ds.batching import dummy_batch, take
 from dpo_ds.config import LossConfig
 from dpo_ds.engine import is_collective, layout_of
 from dpo_ds.layout import build, lengths
-from dpo_ds.logps import pair_logps
-from dpo_ds.loss import MetricSums, dpo_loss
+from dpo_ds.logps import PairLogps, pair_logps
+from dpo_ds.loss import LossInputs, MetricSums, ld_logps, preference_losses, wpo_weights
+from dpo_ds.ref_cache import RefLogps
 
 
-def batch_losses(logps_fn, batch: dict, reference, loss_cfg: LossConfig):
-    """-> (per-pair losses [B], MetricSums of the batch). `logps_fn` is a SequenceLogps or a DeepSpeed engine
-    wrapping one; `reference(batch)` gives (ref_chosen_logps, ref_rejected_logps), e.g. RefCache.reference."""
-    policy_chosen_logps, policy_rejected_logps, chosen_tokens, rejected_tokens = pair_logps(logps_fn, batch)
-    device = policy_chosen_logps.device
-    ref_chosen_logps, ref_rejected_logps = (t.to(device) for t in reference(batch))
-    losses = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                      loss_cfg.beta, loss_cfg.loss_type, loss_cfg.label_smoothing, chosen_tokens, rejected_tokens)
-    sums = MetricSums.of_batch(losses, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                               ref_rejected_logps, loss_cfg.beta, tokens=batch["tokens"])
-    return losses, sums
+def loss_inputs(policy: PairLogps, ref: RefLogps, ld_alpha: float | None) -> LossInputs:
+    """The log-probs every loss reads, LD-DPO-weighted when `ld_alpha` is set, on the policy's device."""
+    device = policy.chosen_logps.device
+    ref = RefLogps(*(None if t is None else t.to(device) for t in ref))
+    return LossInputs(ld_logps(policy.chosen_logps, policy.chosen_shared_logps, ld_alpha),
+                      ld_logps(policy.rejected_logps, policy.rejected_shared_logps, ld_alpha),
+                      ld_logps(ref.chosen_logps, ref.chosen_shared_logps, ld_alpha),
+                      ld_logps(ref.rejected_logps, ref.rejected_shared_logps, ld_alpha),
+                      policy.chosen_tokens, policy.rejected_tokens, policy.chosen_logps)
+
+
+def batch_losses(logps_fn, batch: dict, reference, loss_cfg: LossConfig, bco_delta: float = 0.0):
+    """-> (per-pair losses [B], MetricSums of the batch). `logps_fn` is a SequenceLogps (with stats) or a
+    DeepSpeed engine wrapping one; `reference(batch)` gives RefLogps, e.g. the cache's `Reference`."""
+    policy = pair_logps(logps_fn, batch)
+    x = loss_inputs(policy, reference(batch), loss_cfg.ld_alpha)
+    weights = None
+    if loss_cfg.use_weighting:
+        weights = wpo_weights(policy.chosen_stats.wpo / policy.chosen_tokens.clamp(min=1),
+                              policy.rejected_stats.wpo / policy.rejected_tokens.clamp(min=1))
+    losses = preference_losses(x, loss_cfg, bco_delta, weights)
+    return losses, MetricSums.of_batch(losses, x, policy, loss_cfg.beta, tokens=batch["tokens"])
 
 
 @torch.no_grad()
-def split_metrics(logps_fn, ds, reference, loss_cfg: LossConfig, batch_size: int, pad_id: int, eos_id: int) -> dict:
+def split_metrics(logps_fn, ds, reference, loss_cfg: LossConfig, batch_size: int, pad_id: int, eos_id: int,
+                  bco_delta: float = 0.0) -> dict:
     """Mean metrics over the whole split `ds` against `reference` (its RefCache.reference), its pairs dealt
     across ranks by length; under ZeRO-3 (is_collective) ranks with fewer batches run dummy ones to stay in
     step. Collective."""
@@ -47,7 +61,9 @@ def split_metrics(logps_fn, ds, reference, loss_cfg: LossConfig, batch_size: int
         if rows is None:
             pair_logps(logps_fn, dummy_batch(pad_id, eos_id))
             continue
-        sums = sums + batch_losses(logps_fn, build(take(ds, rows), layout_of(logps_fn), pad_id), reference, loss_cfg)[1]
+        batch = build(take(ds, rows), layout_of(logps_fn), pad_id)
+        sums = sums + batch_losses(logps_fn, batch, reference, loss_cfg, bco_delta)[1]
         bar.update(1)
     bar.close()
-    return sums.all_reduce().mean()
+    sums = sums.all_reduce()
+    return {**sums.mean(), "num_tokens": sums["tokens"]}

@@ -49,16 +49,16 @@ def rank_micro_batches(rows: np.ndarray, lengths: np.ndarray, micro: int, grad_a
     return [chunks[j] for j in range(dist.rank(), len(chunks), dist.world_size())]
 
 
-def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: int, step: int) -> MetricSums:
+def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: int, step: int,
+               bco_delta: float = 0.0) -> MetricSums:
     """One optimizer step of the training engine `policy` over this rank's micro-batches -> their metric
-    sums. `reference(batch)` gives (ref_chosen_logps, ref_rejected_logps): the cache's, or in
-    scripts/bench.py a live reference model."""
+    sums. `reference(batch)` gives RefLogps: the cache's, or in scripts/bench.py a live reference model."""
     sums = MetricSums()
     for rows in micro_batches:  # the labelled ranges name the parts of a step in a profile (scripts/bench.py)
         with record_function("dpo_ds.data"):
             batch = build(take(ds, rows), engine.layout_of(policy), pad_id)
         with record_function("dpo_ds.forward_and_loss"):
-            losses, batch_sums = batch_losses(policy, batch, reference, cfg)
+            losses, batch_sums = batch_losses(policy, batch, reference, cfg, bco_delta)
             loss = losses.mean()
         with record_function("dpo_ds.finite_check"):
             if dist.all_reduce([0.0 if torch.isfinite(loss) else 1.0])[0] > 0:
@@ -82,7 +82,8 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str) -> bool:
                         f"use a new --output_dir or --resume auto")
     saved_path = os.path.join(cfg.output_dir, "config.json")
     if os.path.isfile(saved_path):
-        saved = read_json(saved_path)["train"]
+        saved = read_json(saved_path)["train"]  # as a config again: settings added since then take their defaults
+        saved = to_dict(TrainConfig(**{k: v for k, v in saved.items() if k in to_dict(cfg)}))
         changed = [k for k in resume_keys(TrainConfig) if saved.get(k) != getattr(cfg, k)]
         if changed:
             raise UserError(f"{cfg.output_dir} holds a run with other settings ({', '.join(changed)}); "
@@ -92,6 +93,20 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str) -> bool:
 
 def rng_path(ckpt_dir: str, tag: str) -> str:
     return os.path.join(ckpt_dir, tag, f"rng_rank{dist.rank():05d}.pt")
+
+
+class RewardMean:
+    """bco_pair's δ: the mean reward β·ρ over every response of the steps before this one (all ranks), so a
+    step's loss does not depend on how its micro-batches are dealt across ranks or accumulation."""
+
+    def __init__(self, mean: float = 0.0, count: float = 0.0):
+        self.mean, self.count = mean, count
+
+    def update(self, step_sums: MetricSums) -> None:
+        """`step_sums`: one step's metric sums over every rank."""
+        n = 2 * step_sums["pairs"]
+        total = step_sums["rewards/chosen"] + step_sums["rewards/rejected"]
+        self.mean, self.count = (self.mean * self.count + total) / (self.count + n), self.count + n
 
 
 class Window:
@@ -110,23 +125,24 @@ class Window:
 
     def state(self) -> dict:
         sums, seconds = self.reduce()
-        return {"sums": sums.values.tolist(), "seconds": seconds}
+        return {"sums": sums.as_dict(), "seconds": seconds}
 
     def restore(self, state: dict) -> None:
         if dist.is_main():  # the reduced window lives on rank 0 alone, so the next reduce counts it once
             self.sums, self.t0 = MetricSums(state["sums"]), time.time() - state["seconds"]
 
 
-def save(policy, ckpt_dir: str, step: int, window: Window, keep: int = 2) -> None:
+def save(policy, ckpt_dir: str, step: int, window: Window, counters: dict, keep: int = 2) -> None:
     """A DeepSpeed checkpoint plus each rank's RNG state (dropout, if the model has any, continues exactly;
-    the data order needs none: it is a function of seed and step) and the open metrics window."""
+    the data order needs none: it is a function of seed and step), the open metrics window and the run's
+    `counters` (cumulative tokens, bco_pair's δ)."""
     tag = f"step-{step:07d}"
     os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, rng_path(ckpt_dir, tag))  # before DeepSpeed writes `latest`, which marks it complete
-    engine.save_checkpoint(policy, ckpt_dir, tag, {"step": step, "window": window.state()})
+    engine.save_checkpoint(policy, ckpt_dir, tag, {"step": step, "window": window.state(), **counters})
     if dist.is_main():  # keep the newest `keep` checkpoints
         tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step-"))
         for old in tags[:-keep]:
@@ -134,9 +150,9 @@ def save(policy, ckpt_dir: str, step: int, window: Window, keep: int = 2) -> Non
     dist.barrier()
 
 
-def restore(policy, ckpt_dir: str, window: Window) -> int:
-    """Load the newest complete checkpoint, this rank's RNG state and the metrics window; the step to
-    continue from."""
+def restore(policy, ckpt_dir: str, window: Window) -> tuple[int, dict]:
+    """Load the newest complete checkpoint, this rank's RNG state and the metrics window -> (the step to
+    continue from, the saved counters)."""
     client = engine.load_checkpoint(policy, ckpt_dir) or {}
     start = client.get("step", 0)
     if "window" in client:
@@ -146,7 +162,7 @@ def restore(policy, ckpt_dir: str, window: Window) -> int:
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return start
+    return start, {k: client[k] for k in ("num_tokens", "bco_mean", "bco_count") if k in client}
 
 
 def load_data(cfg: TrainConfig):
@@ -154,10 +170,12 @@ def load_data(cfg: TrainConfig):
     the cache and the model's weights; the other ranks read what it verified."""
     splits = [s for s in ("train", "eval") if s in read_report(cfg.data)["counts"]]
     cache = open_verified(cfg.ref_cache, cfg.data, cfg.model, splits, cfg.trust_remote_code)
+    shared = cfg.ld_alpha is not None
     if "eval" not in splits:
         dist.print0(f"train: {cfg.data} has no eval split (prepared with --eval_fraction 0): no evaluation")
-        return load_split(cfg.data, "train"), cache.reference("train"), None, None
-    return load_split(cfg.data, "train"), cache.reference("train"), load_split(cfg.data, "eval"), cache.reference("eval")
+        return load_split(cfg.data, "train"), cache.reference("train", shared), None, None
+    return (load_split(cfg.data, "train"), cache.reference("train", shared), load_split(cfg.data, "eval"),
+            cache.reference("eval", shared))
 
 
 class Job:
@@ -171,7 +189,7 @@ class Job:
             return {}
         self.policy.eval()
         metrics = split_metrics(self.policy, self.eval_ds, self.eval_reference, self.cfg, self.cfg.micro_batch_size,
-                                self.pad_id, self.eos_id)
+                                self.pad_id, self.eos_id, self.bco.mean)
         self.policy.train()
         if self.log:
             self.log.write(step, "eval", metrics)
@@ -200,7 +218,7 @@ def set_up(cfg: TrainConfig) -> Job:
                     {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size()})
     policy = engine.training_engine(cfg, ds_config)
     window = Window()
-    start = restore(policy, ckpt_dir, window) if resuming else 0
+    start, counters = restore(policy, ckpt_dir, window) if resuming else (0, {})
     log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
     if engine.partitions_nothing(ds_config):
         lighter = "ds_configs/zero2.json" if torch.cuda.is_available() else "ds_configs/zero0_cpu.json"
@@ -212,7 +230,9 @@ def set_up(cfg: TrainConfig) -> Job:
                 f"layout: {engine.layout_of(policy)}")
     return Job(cfg=cfg, policy=policy, train_ds=train_ds, train_reference=train_reference, eval_ds=eval_ds,
                eval_reference=eval_reference, pad_id=pad_id, eos_id=eos_id, ckpt_dir=ckpt_dir, start=start,
-               log=log, window=window, global_size=global_size, launched=launched)
+               log=log, window=window, global_size=global_size, launched=launched,
+               num_tokens=counters.get("num_tokens", 0.0),
+               bco=RewardMean(counters.get("bco_mean", 0.0), counters.get("bco_count", 0.0)))
 
 
 def train_loop(job: Job) -> None:
@@ -230,15 +250,23 @@ def train_loop(job: Job) -> None:
         lr = policy.get_lr()[0]
         rows = global_batch(step, len(job.train_ds), job.global_size, cfg.seed)
         micro_batches = rank_micro_batches(rows, lengths, cfg.micro_batch_size, cfg.grad_accum)
-        window.add(train_step(policy, job.train_ds, job.train_reference, micro_batches, cfg, job.pad_id, step))
+        step_sums = train_step(policy, job.train_ds, job.train_reference, micro_batches, cfg, job.pad_id, step,
+                               job.bco.mean)
+        window.add(step_sums)
+        if "bco_pair" in cfg.loss_type:  # δ for the next step (collective)
+            job.bco.update(step_sums.all_reduce())
         done = step + 1
         bar.update(1)
         if step == job.start and job.log:  # start-up cost: verification, loading, engine set-up
             tqdm.write(f"train: first step done {time.time() - job.launched:.1f} s after launch")
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             sums, seconds = window.reduce()
-            metrics = {**sums.mean(), "lr": lr, "grad_norm": float(policy.get_global_grad_norm() or 0.0),
+            job.num_tokens += sums["tokens"]
+            metrics = {**sums.mean(), "num_tokens": job.num_tokens, "lr": lr,
+                       "grad_norm": float(policy.get_global_grad_norm() or 0.0),
                        "tokens_per_s": sums["tokens"] / max(seconds, 1e-9)}
+            if "bco_pair" in cfg.loss_type:
+                metrics["bco/delta"] = job.bco.mean
             if job.log:
                 job.log.write(done, "train", metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
@@ -246,7 +274,8 @@ def train_loop(job: Job) -> None:
         if done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0):
             job.evaluate(done)
         if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
-            save(policy, job.ckpt_dir, done, window)
+            save(policy, job.ckpt_dir, done, window,
+                 {"num_tokens": job.num_tokens, "bco_mean": job.bco.mean, "bco_count": job.bco.count})
     bar.close()
 
 

@@ -55,7 +55,7 @@ def worker_train(a) -> None:
     from dpo_ds.data import load_split
     from dpo_ds.layout import lengths as layout_lengths
     from dpo_ds.logps import pair_logps
-    from dpo_ds.ref_cache import open_verified
+    from dpo_ds.ref_cache import RefLogps, open_verified
     from dpo_ds.train import global_batch, rank_micro_batches, train_step
 
     if not a.ds:
@@ -81,8 +81,8 @@ def worker_train(a) -> None:
 
         def reference(batch):
             with torch.no_grad():
-                ref_chosen_logps, ref_rejected_logps, _, _ = pair_logps(ref, batch)
-            return ref_chosen_logps, ref_rejected_logps
+                p = pair_logps(ref, batch)
+            return RefLogps(p.chosen_logps, p.rejected_logps, p.chosen_shared_logps, p.rejected_shared_logps)
     policy.train()
     lengths, size = layout_lengths(ds, engine.layout_of(policy)), a.micro * a.accum * dist.world_size()
     times, losses = [], []

@@ -332,7 +332,8 @@ def layout_is_exact(model) -> bool:
                 x, y = torch.tensor([row[f"{side}_input_ids"]]), torch.tensor([row[f"{side}_labels"]])
                 want.append(sequence_logps(model, x, torch.ones_like(x), y, chunk_size=5)[0])
         try:
-            c, r, _, _ = pair_logps(SequenceLogps(model, chunk_size=5, layout=layout), build_layout(pairs, layout, 0))
+            p = pair_logps(SequenceLogps(model, chunk_size=5, layout=layout), build_layout(pairs, layout, 0))
+            c, r = p.chosen_logps, p.rejected_logps
         except Exception:  # noqa: BLE001 - a decoder that rejects position_ids or a 4-D mask is not exact
             return False
     got, want = torch.cat([c, r]).double(), torch.cat(want).double()

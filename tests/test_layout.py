@@ -43,12 +43,17 @@ def test_every_layout_gives_the_plain_logps(tiny, rows, attn):
     model = AutoModelForCausalLM.from_pretrained(tiny[0], attn_implementation=attn).eval()
     batch_rows = rows + edge_pairs(model.config.vocab_size)
     with torch.no_grad():
-        want = pair_logps(SequenceLogps(model, chunk_size=7), build(batch_rows, PLAIN, 0))
+        want = pair_logps(SequenceLogps(model, chunk_size=7, stats=True), build(batch_rows, PLAIN, 0))
         for layout in LAYOUTS:
-            got = pair_logps(SequenceLogps(model, chunk_size=7, layout=layout), build(batch_rows, layout, 0))
-            for g, w in zip(got[:2], want[:2]):
-                torch.testing.assert_close(g, w, rtol=1e-5, atol=0, msg=lambda m: f"{layout}: {m}")
-            assert [t.tolist() for t in got[2:]] == [t.tolist() for t in want[2:]]
+            got = pair_logps(SequenceLogps(model, chunk_size=7, layout=layout, stats=True), build(batch_rows, layout, 0))
+            for name in ("chosen_logps", "rejected_logps", "chosen_shared_logps", "rejected_shared_logps"):
+                torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{layout} {name}: {m}")
+            for side in ("chosen_stats", "rejected_stats"):  # the head statistics, per sequence
+                torch.testing.assert_close(torch.stack(getattr(got, side)), torch.stack(getattr(want, side)),
+                                           rtol=1e-5, atol=1e-5, msg=lambda m: f"{layout} {side}: {m}")
+            assert got.chosen_tokens.tolist() == want.chosen_tokens.tolist()
+            assert got.rejected_tokens.tolist() == want.rejected_tokens.tolist()
 
 
 def test_loss_and_every_gradient_equal_the_plain_layout(tiny, rows):
@@ -59,8 +64,8 @@ def test_loss_and_every_gradient_equal_the_plain_layout(tiny, rows):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny[0])
         logps = SequenceLogps(model, chunk_size=5, layout=layout)
-        pc, pr, _, _ = pair_logps(logps, build(batch_rows, layout, 0))
-        loss = dpo_loss(pc, pr, ref[0], ref[1], 0.1).mean()
+        p = pair_logps(logps, build(batch_rows, layout, 0))
+        loss = dpo_loss(p.chosen_logps, p.rejected_logps, ref[0], ref[1], 0.1).mean()
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 

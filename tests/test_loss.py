@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 
 from dpo_ds import config as C
 from dpo_ds.batching import collate
-from dpo_ds.logps import SequenceLogps, naive_sequence_logps, sequence_logps
+from dpo_ds.logps import HeadStats, PairLogps, SequenceLogps, naive_sequence_logps, sequence_logps
 from dpo_ds.loss import MetricSums, dpo_loss
-from dpo_ds.step import batch_losses
-from dpo_ds.ref_cache import open_cache
+from dpo_ds.step import batch_losses, loss_inputs
+from dpo_ds.ref_cache import RefLogps, open_cache
 
 PC, PR, RC, RR = (torch.tensor(v) for v in ([-10.0, -20.0], [-12.0, -18.0], [-11.0, -19.0], [-11.5, -19.5]))
 
@@ -40,7 +40,11 @@ def test_label_smoothing_hinge_ipo():
 
 def test_metrics_match_definitions():
     beta = 0.1
-    m = MetricSums.of_batch(dpo_loss(PC, PR, RC, RR, beta), PC, PR, RC, RR, beta).mean()
+    nc, nr = torch.tensor([4, 5]), torch.tensor([2, 10])
+    stats = [HeadStats(*torch.rand(4, 2).unbind()) for _ in range(2)]
+    policy = PairLogps(PC, PR, PC / 2, PR / 2, nc, nr, *stats)
+    x = loss_inputs(policy, RefLogps(RC, RR, None, None), None)
+    m = MetricSums.of_batch(dpo_loss(PC, PR, RC, RR, beta), x, policy, beta, tokens=40).mean()
     rc, rr = beta * (PC - RC), beta * (PR - RR)
     assert m["rewards/chosen"] == pytest.approx(rc.mean().item())
     assert m["rewards/rejected"] == pytest.approx(rr.mean().item())
@@ -48,6 +52,11 @@ def test_metrics_match_definitions():
     assert m["rewards/margins"] == pytest.approx((rc - rr).mean().item())
     assert m["logps/win_rate"] == pytest.approx((PC > PR).float().mean().item())
     assert m["loss"] == pytest.approx(dpo_loss(PC, PR, RC, RR, beta).mean().item())
+    # per token: the head's sums over every chosen (and rejected) token, divided by their counts
+    assert m["entropy"] == pytest.approx((stats[0].entropy.sum() + stats[1].entropy.sum()).item() / 21)
+    assert m["mean_token_accuracy"] == pytest.approx(stats[0].top1.sum().item() / 9)
+    assert m["logits/chosen"] == pytest.approx(stats[0].mean_logit.sum().item() / 9)
+    assert m["logits/rejected"] == pytest.approx(stats[1].mean_logit.sum().item() / 12)
 
 
 def test_chunked_logps_equal_naive_with_padding_and_any_chunk(tiny, prepared):
@@ -77,7 +86,8 @@ def test_cached_reference_equals_two_model_loss_and_gradients(tiny, prepared, ca
     B, beta = 6, 0.1
 
     cached = open_cache(cache, prepared).reference("train")
-    losses, _ = batch_losses(SequenceLogps(policy, chunk_size=16), batch, cached, C.LossConfig(beta=beta))  # train's step
+    losses, _ = batch_losses(SequenceLogps(policy, chunk_size=16, stats=True), batch, cached,
+                             C.LossConfig(beta=beta))  # train's step
     cached_loss = losses.mean()
     cached_loss.backward()
     cached_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}

@@ -33,14 +33,21 @@ def test_values_equal_naive_float64(tiny, prepared, cache):
         ds, vals = cached(cache, prepared, split)
         for i in range(0, len(ds), 7):  # one sequence at a time, full log_softmax in float64
             row = ds[i]
+            shared = min(sum(x != -100 for x in row[f"{side}_labels"]) for side in ("chosen", "rejected"))
             for side in ("chosen", "rejected"):
                 ids = torch.tensor([row[f"{side}_input_ids"]])
                 labels = torch.tensor([row[f"{side}_labels"]])
-                with torch.no_grad():
+                first = torch.where(labels != -100, (labels != -100).cumsum(-1) <= shared, False)
+                with torch.no_grad():  # LD-DPO's shared-length part: the first min(|y_w|, |y_l|) response tokens
                     want = naive_sequence_logps(model, ids, torch.ones_like(ids), labels).item()
-                got = float(vals[f"ref_{side}_logps"][i])
-                assert abs(got - want) <= 1e-4 * abs(want), (split, i, side, got, want)
+                    want_shared = naive_sequence_logps(model, ids, torch.ones_like(ids),
+                                                       labels.masked_fill(~first, -100)).item()
+                for name, w in ((f"ref_{side}_logps", want), (f"ref_{side}_shared_logps", want_shared)):
+                    got = float(vals[name][i])
+                    assert abs(got - w) <= 1e-4 * abs(w), (split, i, name, got, w)
                 assert vals[f"{side}_tokens"][i] == sum(x != -100 for x in row[f"{side}_labels"][1:])
+                assert shared < vals[f"{side}_tokens"][i] or vals[f"ref_{side}_shared_logps"][i] == \
+                    vals[f"ref_{side}_logps"][i], "the shorter response's shared part is all of it"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +64,7 @@ def test_layout_and_batch_size_do_not_change_values(prepared, cache, plain_cache
     for split in ("train", "eval"):
         _, a = cached(cache, prepared, split)
         _, b = cached(plain_cache, prepared, split)
-        for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        for k in R.REFERENCE_COLUMNS:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-5)
         for k in ("chosen_tokens", "rejected_tokens"):
             np.testing.assert_array_equal(a[k], b[k])
@@ -75,7 +82,7 @@ def test_two_ranks_zero3_match_one_rank(tiny, prepared, plain_cache, tmp_path):
     assert any(f.startswith("shard-00001-") for f in files), "rank 1 wrote shards"
     _, one = cached(plain_cache, prepared)
     _, two = cached(str(out), prepared)
-    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+    for k in R.REFERENCE_COLUMNS:
         np.testing.assert_allclose(one[k], two[k], rtol=1e-5)
     v = run_module("dpo_ds.ref_cache", "verify", out, "--data", prepared, "--model", tiny[0])
     assert "OK" in v.stdout and "2 rank(s)" in v.stdout and "train: 216 examples" in v.stdout
@@ -112,7 +119,7 @@ def test_sigkill_then_rerun_gives_identical_cache(tiny, prepared, cache, tmp_pat
             else:
                 np.testing.assert_array_equal(a[k], b[k])
         _, c = cached(cache, prepared, split)  # another batch size: the documented tolerance
-        for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        for k in R.REFERENCE_COLUMNS:
             np.testing.assert_allclose(a[k], c[k], rtol=1e-5)
     for n, meta in done_before.items():  # complete shards were reused, not recomputed
         assert R.complete_shards(str(out), "train")[n] == meta
