@@ -39,20 +39,21 @@ class Scored(NamedTuple):
     stats: HeadStats | None
 
 
-def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor, stats: bool):
-    """hidden [N, H], targets [N] -> (log p(target) [N] fp32, HeadStats columns [N, 4] or None)."""
+def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor, stats_out: list | None = None) -> torch.Tensor:
+    """hidden [N, H], targets [N] -> log p(target) [N] fp32. With `stats_out` (an empty list), also appends
+    the HeadStats columns [N, 4], once: backward's recomputation of this chunk finds the list filled and skips
+    them (they need no gradient)."""
     logits = head(hidden)
     lse = logits.logsumexp(-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    if not stats:
-        return logp, None
-    with torch.no_grad():  # [N, V] temporaries, freed with the chunk
-        log_probs = logits - lse.unsqueeze(-1)
-        entropy = -(log_probs.exp() * log_probs).nan_to_num(0.0).sum(-1)
-        top1 = (logits.argmax(-1) == targets).to(logp.dtype)
-        log_sum_p2 = (2 * log_probs).logsumexp(-1)
-        columns = torch.stack([entropy, top1, logits.mean(-1), logp - log_sum_p2], -1)
-    return logp, columns
+    if stats_out is not None and not stats_out:
+        with torch.no_grad():  # one [N, V] softmax, freed with the chunk
+            p = logits.softmax(-1)
+            entropy = lse - (p * logits).nansum(-1)            # -Σ p log p; nansum: p = 0 where a logit is -inf
+            wpo = logp - (p * p).sum(-1).log()                 # log p(target) - log Σ_v p(v)²
+            top1 = (logits.argmax(-1) == targets).to(logp.dtype)
+            stats_out.append(torch.stack([entropy, top1, logits.mean(-1), wpo], -1))
+    return logp
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -93,21 +94,23 @@ def scored_logps(model, input_ids, attention_mask, position_ids, positions, targ
     n_chunks = math.ceil(h.shape[0] / chunk_size)
     if collective and dist.active():
         n_chunks = int(dist.all_reduce([n_chunks], op="max")[0])
-    pieces = []
+    pieces, stat_pieces = [], []
     for i in range(max(n_chunks, 1)):
         hc, tc = h[i * chunk_size:(i + 1) * chunk_size], targets[i * chunk_size:(i + 1) * chunk_size]
+        out = [] if stats else None
         if torch.is_grad_enabled():
-            pieces.append(checkpoint(_chunk_logps, head, hc, tc, stats, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, head, hc, tc, out, use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(head, hc, tc, stats))
-    token_logps = torch.cat([p[0] for p in pieces])
+            pieces.append(_chunk_logps(head, hc, tc, out))
+        stat_pieces += out or []
+    token_logps = torch.cat(pieces)
 
     def per_sequence(values):
         return torch.zeros((num_sequences, *values.shape[1:]), dtype=values.dtype,
                            device=values.device).index_add(0, sequence, values)
 
-    shared_logps = per_sequence(token_logps * shared) if shared is not None else torch.zeros_like(per_sequence(token_logps))
-    head_stats = HeadStats(*per_sequence(torch.cat([p[1] for p in pieces])).unbind(-1)) if stats else None
+    shared_logps = per_sequence(token_logps * shared if shared is not None else torch.zeros_like(token_logps))
+    head_stats = HeadStats(*per_sequence(torch.cat(stat_pieces)).unbind(-1)) if stats else None
     return Scored(per_sequence(token_logps), torch.bincount(sequence, minlength=num_sequences), shared_logps,
                   head_stats)
 
