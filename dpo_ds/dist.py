@@ -6,6 +6,7 @@ port, so the same DeepSpeed code path runs everywhere). Rank-0 side effects are 
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from datetime import timedelta
@@ -60,6 +61,14 @@ def init(timeout_minutes: int = 60) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, per_host)))
     tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                              timeout=timedelta(minutes=timeout_minutes))
+    atexit.register(_shut_down)
+
+
+def _shut_down() -> None:
+    """Destroy the process group before the interpreter exits: left to teardown, gloo's threads were once seen
+    to abort a rank that had finished its work ("terminate called without an active exception", exit -6)."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def active() -> bool:

@@ -365,3 +365,18 @@ def test_two_rank_zero3_runs_lower_each_loss(tiny, prepared, cache, tmp_path):
     assert set(results) == set(FAMILY_RUNS)
     worse = {name: r for name, r in results.items() if not r["after"] < r["before"]}
     assert not worse, worse
+
+
+def test_job_file_names_losses_as_a_list_or_one_string(tmp_path):
+    base = {"model": "m", "data": "d", "ref_cache": "r", "output_dir": "o", "deepspeed": "z.json"}
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({**base, "loss_type": ["sigmoid", "sft"], "loss_weights": [1, 0.2], "ld_alpha": 0.5}))
+    cfg = C.parse(C.TrainConfig, ["--config", str(job)])
+    assert (cfg.loss_type, cfg.weights(), cfg.ld_alpha) == (["sigmoid", "sft"], [1.0, 0.2], 0.5)
+    job.write_text(json.dumps({**base, "loss_type": "ipo"}))
+    assert C.parse(C.TrainConfig, ["--config", str(job), "--beta", "0.3"]).loss_type == ["ipo"]
+    cfg = C.parse(C.TrainConfig, ["--config", str(job), "--loss_type", "robust", "--label_smoothing", "0.2"])
+    assert (cfg.loss_type, cfg.label_smoothing) == (["robust"], 0.2)
+    job.write_text(json.dumps({**base, "loss_type": ["exo_pair"], "label_smoothing": 0}))
+    with pytest.raises(ConfigError, match="exo_pair needs"):
+        C.parse(C.TrainConfig, ["--config", str(job)])
