@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from dpo_ds import config as C, train
 from dpo_ds.errors import CacheError, ConfigError, UserError
 from dpo_ds.layout import PLAIN
+from dpo_ds.logps import HeadStats, Scored
+from dpo_ds.ref_cache import RefLogps
 from dpo_ds.report import read_metrics
 from conftest import ROOT, child_env, free_port, run_module
 
@@ -198,7 +200,8 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
         layout = PLAIN
 
         def __call__(self, num_sequences, **inputs):
-            return torch.full((num_sequences,), float("nan")), torch.ones(num_sequences, dtype=torch.long)
+            nan, ones = torch.full((num_sequences,), float("nan")), torch.ones(num_sequences)
+            return Scored(nan, ones.long(), nan, HeadStats(ones, ones, ones, ones))
 
         def backward(self, loss):
             calls.append("backward")
@@ -209,7 +212,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
     row = {"example_id": 0, "chosen_input_ids": [1, 2, 3], "chosen_labels": [-100, 2, 3],
            "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4]}
     cfg = C.TrainConfig(model="m", data="d", ref_cache="r", output_dir=str(tmp_path), deepspeed="z")
-    reference = lambda batch: (torch.tensor([-1.0]), torch.tensor([-2.0]))  # noqa: E731
+    reference = lambda batch: RefLogps(torch.tensor([-1.0]), torch.tensor([-2.0]), None, None)  # noqa: E731
     with pytest.raises(UserError, match="non-finite loss at step 5.*checkpoints is intact"):
         train.train_step(Engine(), datasets.Dataset.from_list([row]), reference, [np.array([0])], cfg, pad_id=0, step=4)
     assert calls == []
