@@ -70,6 +70,10 @@ class ModelConfig:
     packing: bool = opt(None, "several pairs per row with no padding between them (default: on where it is "
                               "exact: as --share_prompt, and flash-attn on Llama/Qwen through position_ids)")
     trust_remote_code: bool = opt(False, "allow code shipped with the model to run")
+    dist_timeout_minutes: float = opt(30.0, "how long a rank waits for the others to join, and in any "
+                                            "collective, before it stops with an error (a node whose processes "
+                                            "die is noticed within seconds; a hung or never-started one after "
+                                            "this). Raise it when ranks may work apart longer")
     local_rank: int = opt(-1, "set by the deepspeed launcher; ignored (LOCAL_RANK is read instead)")
 
 
@@ -324,3 +328,15 @@ def main_guard(fn):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:  # torch.distributed's errors when a peer rank is gone (no torch import here)
+        if not any(m in str(e) for m in LOST_PEER):
+            raise
+        print(f"error: lost contact with another rank ({str(e).splitlines()[0]}). Its node died or was stopped; "
+              f"rerun the same command on every node: train resumes from its last checkpoint, precompute "
+              f"reuses the complete shards", file=sys.stderr)
+        sys.exit(3)
+
+
+# what gloo and NCCL say when a peer's connection closes or a collective times out
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+             "NCCL communicator was aborted", "DistBackendError")

@@ -47,8 +47,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(timeout_minutes: int = 60) -> None:
-    """Join (or, for one plain process, create) the process group: nccl on CUDA, gloo on the CPU."""
+def init(timeout_minutes: float = 30.0) -> None:
+    """Join (or, for one plain process, create) the process group: nccl on CUDA, gloo on the CPU. A rank waits
+    `timeout_minutes` for the others to join, and as long in any collective, then stops with an error (a peer
+    whose processes die is noticed sooner: its connections close)."""
     if tdist.is_available() and tdist.is_initialized():
         return
     if "RANK" not in os.environ:  # one plain process
@@ -59,8 +61,15 @@ def init(timeout_minutes: int = 60) -> None:
     elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks on one host share its cores; oversubscription halves speed
         per_host = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, per_host)))
-    tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                             timeout=timedelta(minutes=timeout_minutes))
+    try:
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                 timeout=timedelta(minutes=timeout_minutes))
+    except (RuntimeError, TimeoutError) as e:  # DistStoreError / DistNetworkError: the ranks never all met
+        raise UserError(f"rank {rank()} could not form the process group of {world_size()} ranks at "
+                        f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                        f"--dist_timeout_minutes {timeout_minutes:g} ({str(e).splitlines()[0]}). Launch every node "
+                        f"with the same --master_addr and --master_port, and let GLOO_SOCKET_IFNAME (CPU) or "
+                        f"NCCL_SOCKET_IFNAME name an interface the other nodes reach") from None
     atexit.register(_shut_down)
 
 
@@ -124,6 +133,36 @@ def on_main(fn):
         Exception.__init__(err, message)
         raise err
     return result
+
+
+def check_shared_dir(path: str, flag: str) -> None:
+    """Collective: stop every rank with one message unless `path` is one directory every rank sees (storage
+    shared by all nodes, as the phases assume): rank 0 writes a token file there, every rank reads it back."""
+    if not active():
+        return
+    name = os.path.join(path, f".dpo_ds_shared_{os.environ.get('MASTER_PORT', '0')}")
+
+    def write_token() -> str:
+        os.makedirs(path, exist_ok=True)
+        token = os.urandom(8).hex()
+        with open(name, "w") as f:
+            f.write(token)
+        return token
+
+    token = on_main(write_token)
+    try:
+        with open(name) as f:
+            seen = f.read() == token
+    except OSError:
+        seen = False
+    blind = int(all_reduce([0.0 if seen else 1.0])[0])  # every rank has read before rank 0 removes the file
+    if is_main():
+        os.remove(name)
+    if blind:
+        raise UserError(f"{flag} {path} is not on storage every node sees: {blind} of {world_size()} rank(s) cannot "
+                        f"read a file rank 0 wrote there (another host has its own directory at that path, or "
+                        f"none). Put it on a filesystem shared by every node (NFS, Lustre, ...), mounted at the "
+                        f"same path")
 
 
 def _broadcast(objects: list) -> list:

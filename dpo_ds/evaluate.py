@@ -23,7 +23,7 @@ from dpo_ds.step import split_metrics
 
 
 def run(cfg: EvalConfig) -> dict:
-    dist.init()
+    dist.init(cfg.dist_timeout_minutes)
     engine.check_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != read_report(cfg.data)["tokenizer_fingerprint"]:

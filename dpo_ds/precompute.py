@@ -137,7 +137,7 @@ def check_inputs(cfg: PrecomputeConfig, tokenizer, splits: list, dtype_name: str
 
 
 def run(cfg: PrecomputeConfig) -> dict | None:
-    dist.init()
+    dist.init(cfg.dist_timeout_minutes)
     engine.check_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     dtype = engine.resolve_dtype(cfg.dtype)
@@ -145,6 +145,7 @@ def run(cfg: PrecomputeConfig) -> dict | None:
     fp = dist.on_main(lambda: check_inputs(cfg, tokenizer, requested, engine.dtype_name(dtype)))
     state, splits = ref_cache.start(cfg.output_dir, fp, requested)
     dist.barrier()  # every rank has read the directory before rank 0 writes into it
+    dist.check_shared_dir(cfg.output_dir, "--output_dir")  # every node must see the shards of the others
     if state == "complete":
         dist.print0(f"{cfg.output_dir}: already complete for this model and data; verify with "
                     f"`python -m dpo_ds.ref_cache verify {cfg.output_dir} --data {cfg.data}`")

@@ -200,7 +200,8 @@ class Job:
 def set_up(cfg: TrainConfig) -> Job:
     """Data and cache (verified once), the saved config, the engine, and the checkpoint to continue from."""
     launched = psutil.Process().create_time()
-    dist.init()
+    dist.init(cfg.dist_timeout_minutes)
+    dist.check_shared_dir(cfg.output_dir, "--output_dir")  # checkpoints are written by every rank, read by all
     engine.check_model_dir(cfg.model)
     ds_config = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     train_ds, train_reference, eval_ds, eval_reference = load_data(cfg)
