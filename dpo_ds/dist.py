@@ -165,6 +165,20 @@ def check_shared_dir(path: str, flag: str) -> None:
                         f"same path")
 
 
+def on_every_rank(fn):
+    """Run `fn` on every rank (e.g. reading files every rank must see). A UserError on any rank stops every
+    rank: the failing ones with their own message, the others pointing to it, none left waiting for them."""
+    try:
+        result, error = fn(), None
+    except UserError as e:
+        result, error = None, e
+    failed = int(all_reduce([1.0 if error else 0.0])[0])
+    if failed:
+        raise error or UserError(f"{failed} other rank(s) failed (their message says why, e.g. a node that does "
+                                 f"not see the same files)")
+    return result
+
+
 def _broadcast(objects: list) -> list:
     tdist.broadcast_object_list(objects, src=0)
     return objects

@@ -141,7 +141,7 @@ def run(cfg: PrecomputeConfig) -> dict | None:
     engine.check_model_dir(cfg.model)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     dtype = engine.resolve_dtype(cfg.dtype)
-    requested = cfg.splits or list(read_report(cfg.data)["counts"])
+    requested = cfg.splits or dist.on_main(lambda: list(read_report(cfg.data)["counts"]))
     fp = dist.on_main(lambda: check_inputs(cfg, tokenizer, requested, engine.dtype_name(dtype)))
     state, splits = ref_cache.start(cfg.output_dir, fp, requested)
     dist.barrier()  # every rank has read the directory before rank 0 writes into it
@@ -155,11 +155,11 @@ def run(cfg: PrecomputeConfig) -> dict | None:
         if planned != cfg.shard_size:
             raise UserError(f"{cfg.output_dir} was started with --shard_size {planned}; resume it with the same "
                             f"value (its complete shards hold those examples)")
+    datasets_ = dist.on_every_rank(lambda: {s: load_split(cfg.data, s) for s in splits})  # before any write
     if dist.is_main():
         ref_cache.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
                                                   "split_names": splits})
     dist.barrier()
-    datasets_ = {s: load_split(cfg.data, s) for s in splits}
     dist.print0(f"precompute: {'resuming' if state == 'resume' else 'starting'} {cfg.output_dir} "
                 f"({', '.join(splits)}; {dist.world_size()} rank(s), {dtype}, "
                 f"{'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")

@@ -149,6 +149,15 @@ def test_storage_the_nodes_do_not_share_is_refused_on_every_rank(tiny, prepared,
         assert "--output_dir" in "\n".join(node_lines(p, n)) and "not on storage every node sees" in p.stdout
     assert not (out / "plan.json").exists() and not (out / "manifest.json").exists()
     assert_clean()
+    data = tmp_path / "data"  # the prepared data on node 0 only: every rank stops, nothing is written
+    shutil.copytree(prepared, data)
+    out = tmp_path / "shared_out"
+    cmd = deepspeed_node("dpo_ds.precompute", ["--model", tiny[0], "--data", data, "--output_dir", out], free_port())
+    p = two_hosts(cmd, env={"TWO_HOSTS_PRIVATE_DIR": str(data)}, timeout=300)
+    assert p.returncode != 0 and "other rank(s) failed" in "\n".join(node_lines(p, 0)), p.stdout[-3000:]
+    assert f"{data}: no prepare_report.json" in "\n".join(node_lines(p, 1)), p.stdout[-3000:]
+    assert not (out / "plan.json").exists()
+    assert_clean()
     train_out = tmp_path / "train_private"
     cmd = deepspeed_node("dpo_ds.train", train_args(tiny, prepared, cache, train_out), free_port())
     p = two_hosts(cmd, env={"TWO_HOSTS_PRIVATE_DIR": str(train_out)}, timeout=300)
