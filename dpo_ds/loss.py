@@ -87,6 +87,15 @@ def f_difference(chosen_logratios, rejected_logratios, f_divergence: str = "reve
     raise ValueError(f"unknown f_divergence {f_divergence!r}")
 
 
+def _h(pw, pl, rw, rl, f_divergence: str, f_alpha: float | None) -> torch.Tensor:
+    """The pairwise log-ratio. DPO's is summed as (π_w - π_l) - (ref_w - ref_l), as the DPO code and TRL sum it
+    (and as dpo_ds did before the other divergences): another association changes the last bit, which a
+    training run amplifies."""
+    if f_divergence == "reverse_kl":
+        return (pw - pl) - (rw - rl)
+    return f_difference(pw - rw, pl - rl, f_divergence, f_alpha)
+
+
 def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
     return -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
 
@@ -99,10 +108,12 @@ def pair_loss(loss_type: str, x: LossInputs, beta: float, label_smoothing: float
     rw, rl = x.policy_chosen_logps - x.ref_chosen_logps, x.policy_rejected_logps - x.ref_rejected_logps
     if loss_type in ("ipo", "sigmoid_norm"):  # the log-ratios per token
         nw, nl = x.chosen_tokens.clamp(min=1), x.rejected_tokens.clamp(min=1)
-        h = f_difference(rw / nw, rl / nl, f_divergence, f_alpha)
+        h = _h(x.policy_chosen_logps / nw, x.policy_rejected_logps / nl, x.ref_chosen_logps / nw,
+               x.ref_rejected_logps / nl, f_divergence, f_alpha)
         return (h - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else _smoothed_sigmoid(beta * h, eps)
     if loss_type in PAIRED:
-        z = beta * f_difference(rw, rl, f_divergence, f_alpha)
+        z = beta * _h(x.policy_chosen_logps, x.policy_rejected_logps, x.ref_chosen_logps, x.ref_rejected_logps,
+                      f_divergence, f_alpha)
         if loss_type == "sigmoid":
             return _smoothed_sigmoid(z, eps)
         if loss_type == "robust":
