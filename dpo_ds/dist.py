@@ -6,7 +6,6 @@ port, so the same DeepSpeed code path runs everywhere). Rank-0 side effects are 
 """
 from __future__ import annotations
 
-import atexit
 import os
 import socket
 from datetime import timedelta
@@ -47,7 +46,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(timeout_minutes: float = 30.0) -> None:
+def init(timeout_minutes: float = 60.0) -> None:
     """Join (or, for one plain process, create) the process group: nccl on CUDA, gloo on the CPU. A rank waits
     `timeout_minutes` for the others to join, and as long in any collective, then stops with an error (a peer
     whose processes die is noticed sooner: its connections close)."""
@@ -70,14 +69,6 @@ def init(timeout_minutes: float = 30.0) -> None:
                         f"--dist_timeout_minutes {timeout_minutes:g} ({str(e).splitlines()[0]}). Launch every node "
                         f"with the same --master_addr and --master_port, and let GLOO_SOCKET_IFNAME (CPU) or "
                         f"NCCL_SOCKET_IFNAME name an interface the other nodes reach") from None
-    atexit.register(_shut_down)
-
-
-def _shut_down() -> None:
-    """Destroy the process group before the interpreter exits: left to teardown, gloo's threads were once seen
-    to abort a rank that had finished its work ("terminate called without an active exception", exit -6)."""
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
 
 
 def active() -> bool:

@@ -14,6 +14,7 @@ import shutil
 import torch
 
 from dpo_ds import dist
+from dpo_ds.data import load_tokenizer
 from dpo_ds.errors import ConfigError, UserError
 from dpo_ds.layout import Layout
 from dpo_ds.layout import resolve as resolve_layout
@@ -160,6 +161,16 @@ def _remove_shm_buffer() -> None:
             os.remove(path)
         except OSError:
             pass
+
+
+def open_model_dir(cfg):
+    """--model checked and its tokenizer loaded on every rank; a rank that cannot (e.g. a node without the
+    directory) stops every rank with the reason, instead of leaving them waiting in their next collective."""
+    def read():
+        check_model_dir(cfg.model)
+        return load_tokenizer(cfg.model, cfg.trust_remote_code)
+
+    return dist.on_every_rank(read)
 
 
 def check_model_dir(path: str) -> None:

@@ -14,7 +14,7 @@ import os
 from dpo_ds import dist, engine
 from dpo_ds.batching import pad_and_eos
 from dpo_ds.config import EvalConfig, main_guard, parse
-from dpo_ds.data import load_split, load_tokenizer, read_report
+from dpo_ds.data import load_split, read_report
 from dpo_ds.errors import UserError
 from dpo_ds.fingerprint import tokenizer_fingerprint
 from dpo_ds.ref_cache import open_verified
@@ -24,13 +24,12 @@ from dpo_ds.step import split_metrics
 
 def run(cfg: EvalConfig) -> dict:
     dist.init(cfg.dist_timeout_minutes)
-    engine.check_model_dir(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    if tokenizer_fingerprint(tokenizer) != read_report(cfg.data)["tokenizer_fingerprint"]:
+    tokenizer = engine.open_model_dir(cfg)
+    if tokenizer_fingerprint(tokenizer) != dist.on_main(lambda: read_report(cfg.data))["tokenizer_fingerprint"]:
         raise UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
     # the evaluated model need not be the reference (a trained policy is not): no model check here
     reference = open_verified(cfg.ref_cache, cfg.data, None, [cfg.split]).reference(cfg.split, cfg.ld_alpha is not None)
-    ds = load_split(cfg.data, cfg.split)
+    ds = dist.on_every_rank(lambda: load_split(cfg.data, cfg.split))
     metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),
                **split_metrics(engine.inference_engine(cfg, stats=True), ds, reference, cfg, cfg.batch_size,
                                *pad_and_eos(tokenizer), cfg.bco_delta)}

@@ -66,8 +66,9 @@ def wpo_weights(chosen_wpo: torch.Tensor, rejected_wpo: torch.Tensor) -> torch.T
 
 
 def _capped_exp(x: torch.Tensor) -> torch.Tensor:
-    """exp without overflow to inf: the exponent is capped at log(max) of its dtype."""
-    return torch.exp(x.clamp(max=math.log(torch.finfo(x.dtype).max)))
+    """exp without overflow to inf: the exponent is capped one below log(max) of its dtype (log(max) itself
+    rounds up in float32, and its exp is inf)."""
+    return torch.exp(x.clamp(max=math.log(torch.finfo(x.dtype).max) - 1))
 
 
 def f_difference(chosen_logratios, rejected_logratios, f_divergence: str = "reverse_kl",

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from dpo_ds import dist, engine, ref_cache
 from dpo_ds.batching import dummy_batch, pad_and_eos, pair_lengths, take
 from dpo_ds.config import PrecomputeConfig, main_guard, parse
-from dpo_ds.data import load_split, load_tokenizer, read_report, verify_files
+from dpo_ds.data import load_split, read_report, verify_files
 from dpo_ds.errors import UserError
 from dpo_ds.files import read_json
 from dpo_ds.fingerprint import tokenizer_fingerprint
@@ -138,12 +138,11 @@ def check_inputs(cfg: PrecomputeConfig, tokenizer, splits: list, dtype_name: str
 
 def run(cfg: PrecomputeConfig) -> dict | None:
     dist.init(cfg.dist_timeout_minutes)
-    engine.check_model_dir(cfg.model)
-    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = engine.open_model_dir(cfg)
     dtype = engine.resolve_dtype(cfg.dtype)
     requested = cfg.splits or dist.on_main(lambda: list(read_report(cfg.data)["counts"]))
     fp = dist.on_main(lambda: check_inputs(cfg, tokenizer, requested, engine.dtype_name(dtype)))
-    state, splits = ref_cache.start(cfg.output_dir, fp, requested)
+    state, splits = dist.on_every_rank(lambda: ref_cache.start(cfg.output_dir, fp, requested))
     dist.barrier()  # every rank has read the directory before rank 0 writes into it
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # every node must see the shards of the others
     if state == "complete":

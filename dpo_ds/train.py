@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dpo_ds import dist, engine
 from dpo_ds.batching import pad_and_eos, take
 from dpo_ds.config import TrainConfig, main_guard, parse, resume_keys, to_dict
-from dpo_ds.data import load_split, load_tokenizer, read_report
+from dpo_ds.data import load_split, read_report
 from dpo_ds.errors import UserError
 from dpo_ds.files import atomic_json, read_json
 from dpo_ds.layout import build
@@ -168,14 +168,14 @@ def restore(policy, ckpt_dir: str, window: Window) -> tuple[int, dict]:
 def load_data(cfg: TrainConfig):
     """(train split, its Reference, eval split or None, its Reference or None). Rank 0 alone hashes the data,
     the cache and the model's weights; the other ranks read what it verified."""
-    splits = [s for s in ("train", "eval") if s in read_report(cfg.data)["counts"]]
+    splits = [s for s in ("train", "eval") if s in dist.on_main(lambda: read_report(cfg.data))["counts"]]
     cache = open_verified(cfg.ref_cache, cfg.data, cfg.model, splits, cfg.trust_remote_code)
     shared = cfg.ld_alpha is not None
+    data = dist.on_every_rank(lambda: {s: load_split(cfg.data, s) for s in splits})
     if "eval" not in splits:
         dist.print0(f"train: {cfg.data} has no eval split (prepared with --eval_fraction 0): no evaluation")
-        return load_split(cfg.data, "train"), cache.reference("train", shared), None, None
-    return (load_split(cfg.data, "train"), cache.reference("train", shared), load_split(cfg.data, "eval"),
-            cache.reference("eval", shared))
+        return data["train"], cache.reference("train", shared), None, None
+    return data["train"], cache.reference("train", shared), data["eval"], cache.reference("eval", shared)
 
 
 class Job:
@@ -202,14 +202,14 @@ def set_up(cfg: TrainConfig) -> Job:
     launched = psutil.Process().create_time()
     dist.init(cfg.dist_timeout_minutes)
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # checkpoints are written by every rank, read by all
-    engine.check_model_dir(cfg.model)
+    tokenizer = engine.open_model_dir(cfg)
     ds_config = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     train_ds, train_reference, eval_ds, eval_reference = load_data(cfg)
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.world_size()
     if len(train_ds) < global_size:
         raise UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
                         f"({cfg.micro_batch_size} micro x {cfg.grad_accum} accumulation x {dist.world_size()} ranks)")
-    pad_id, eos_id = pad_and_eos(load_tokenizer(cfg.model, cfg.trust_remote_code))
+    pad_id, eos_id = pad_and_eos(tokenizer)
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
     resuming = check_resumable(cfg, ckpt_dir)
     dist.barrier()  # every rank has read OUT/config.json before rank 0 replaces it

@@ -32,13 +32,14 @@ PIDS=()
 
 cleanup() {
   trap - EXIT INT TERM
-  for ns in "${NS[@]}"; do
-    ip netns pids "$ns" 2> /dev/null | xargs -r kill -9 2> /dev/null
-  done
   for pid in "${PIDS[@]}"; do kill -9 "$pid" 2> /dev/null; done
-  sleep 0.2
-  for ns in "${NS[@]}"; do ip netns del "$ns" 2> /dev/null; done  # takes its end of the veth pair with it
-  ip link del "${IF[0]}" 2> /dev/null
+  for _ in 1 2 3 4 5 6 7 8 9 10; do  # until no process is left in either namespace (one may fork meanwhile)
+    left=$(for ns in "${NS[@]}"; do ip netns pids "$ns" 2> /dev/null; done)
+    [ -z "$left" ] && break
+    echo "$left" | xargs -r kill -9 2> /dev/null
+    sleep 0.2
+  done
+  for ns in "${NS[@]}"; do ip netns del "$ns" 2> /dev/null; done  # the veth pair goes with its namespaces
   rm -rf "$TMP"
 }
 trap cleanup EXIT

@@ -124,15 +124,21 @@ def test_each_loss_is_its_papers_equation_with_gradients(loss_type):
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_no_overflow_at_extreme_margins_in_fp32(loss_type):
-    """Margins of ±10^4 nats in float32: every loss and gradient finite (log-sigmoid forms, capped exps)."""
-    big = torch.tensor([1e4, -1e4, 0.0, 50.0], dtype=torch.float32)
-    pw = big.clone().requires_grad_()
-    zeros = torch.zeros(4)
+@pytest.mark.parametrize("f_divergence", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+def test_no_overflow_at_extreme_margins_in_fp32(loss_type, f_divergence):
+    """Margins of ±10^4 nats in float32, on either response: every loss and gradient finite (log-sigmoid
+    forms, exponents capped below float32's overflow)."""
+    if f_divergence != "reverse_kl" and loss_type not in C.F_DIVERGED:
+        pytest.skip("the divergence does not apply")
+    big = torch.tensor([1e4, -1e4, 0.0, 50.0, -1e4, -100.0], dtype=torch.float32)
+    pw, pl = big.clone().requires_grad_(), big.flip(0).clone().requires_grad_()
+    zeros = torch.zeros(6)
     eps = 0.1 if loss_type in C.SMOOTHED else 0.0
-    loss = pair_loss(loss_type, LossInputs(pw, zeros - 5, zeros, zeros, zeros + 3, zeros + 3, pw), 0.1, eps)
+    loss = pair_loss(loss_type, LossInputs(pw, pl, zeros, zeros, zeros + 3, zeros + 3, pw), 0.1, eps,
+                     f_divergence, 0.5 if f_divergence == "alpha_divergence" else None)
     loss.sum().backward()
-    assert torch.isfinite(loss).all() and torch.isfinite(pw.grad).all(), (loss, pw.grad)
+    grads = [g for g in (pw.grad, pl.grad) if g is not None]
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads), (loss, grads)
 
 
 @pytest.mark.parametrize("f_divergence", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
@@ -188,6 +194,9 @@ def test_invalid_combinations_are_refused(settings, message):
 def test_defaults_derived_from_the_loss():
     """One flag alone never produces a refusal: exo_pair gets EXO's ε, alpha_divergence its α."""
     assert C.LossConfig(loss_type=["exo_pair"]).label_smoothing == 1e-3
+    assert C.LossConfig(loss_type=["exo_pair", "sft"]).label_smoothing == 1e-3
+    with pytest.raises(ConfigError, match="give it explicitly"):  # EXO's ε would smooth sigmoid too
+        C.LossConfig(loss_type=["sigmoid", "exo_pair"]).check_loss()
     assert C.LossConfig(f_divergence="alpha_divergence").f_alpha == 0.5
     for t in LOSS_TYPES[:-1]:
         C.LossConfig(loss_type=[t]).check_loss()

@@ -14,7 +14,7 @@ import pytest
 from dpo_ds import ref_cache as R
 from dpo_ds.report import read_metrics
 from conftest import ROOT, child_env, free_port, run_module
-from test_train import ZERO3, train_args
+from test_train import train_args
 
 HARNESS = os.path.join(ROOT, "scripts", "two_hosts.sh")
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
@@ -33,19 +33,30 @@ def torchrun_node(module, args, port):
 
 
 def two_hosts(node0, node1=None, env=None, timeout=600):
+    """Run the harness; on a timeout it gets SIGTERM first, so its trap removes both hosts before the test fails."""
     t0 = time.time()
-    p = subprocess.run(["bash", HARNESS, node0, node1 or node0], capture_output=True, cwd=ROOT,
-                       env=child_env(env), timeout=timeout)
-    p.stdout = p.stdout.decode(errors="replace")  # as bytes: text mode would turn tqdm's \r into line breaks
+    proc = subprocess.Popen(["bash", HARNESS, node0, node1 or node0], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=ROOT, env=child_env(env))
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+        raise AssertionError(f"two hosts did not finish in {timeout} s:\n{out.decode(errors='replace')[-4000:]}")
+    # as bytes: text mode would turn tqdm's \r into line breaks, splitting a line from its [node N] prefix
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(errors="replace"))
     p.seconds = time.time() - t0
     return p
 
 
 def assert_clean():
-    """No namespace, veth or process of the harness left behind."""
+    """No namespace, veth or rank of the harness left behind (a rank surviving in a deleted namespace would
+    still show up as a process holding the veth's address)."""
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
-    assert "dpo2h" not in left and "dpo2h" not in links, (left, links)
+    ranks = subprocess.run(["pgrep", "-f", "MASTER_ADDR=10.231.|--master_addr 10.231.|10.231.[0-9]+.1"],
+                           capture_output=True, text=True).stdout
+    assert "dpo2h" not in left and "dpo2h" not in links and not ranks.strip(), (left, links, ranks)
 
 
 def node_lines(p, n):
@@ -145,8 +156,8 @@ def test_storage_the_nodes_do_not_share_is_refused_on_every_rank(tiny, prepared,
                          free_port())
     p = two_hosts(cmd, env={"TWO_HOSTS_PRIVATE_DIR": str(out)}, timeout=300)
     assert p.returncode != 0 and p.seconds < 120, p.stdout[-3000:]
-    for n in (0, 1):
-        assert "--output_dir" in "\n".join(node_lines(p, n)) and "not on storage every node sees" in p.stdout
+    for n in (0, 1):  # each rank stops with the message itself
+        assert f"error: --output_dir {out} is not on storage every node sees" in "\n".join(node_lines(p, n))
     assert not (out / "plan.json").exists() and not (out / "manifest.json").exists()
     assert_clean()
     data = tmp_path / "data"  # the prepared data on node 0 only: every rank stops, nothing is written
@@ -161,7 +172,9 @@ def test_storage_the_nodes_do_not_share_is_refused_on_every_rank(tiny, prepared,
     train_out = tmp_path / "train_private"
     cmd = deepspeed_node("dpo_ds.train", train_args(tiny, prepared, cache, train_out), free_port())
     p = two_hosts(cmd, env={"TWO_HOSTS_PRIVATE_DIR": str(train_out)}, timeout=300)
-    assert p.returncode != 0 and "not on storage every node sees" in p.stdout, p.stdout[-3000:]
+    assert p.returncode != 0, p.stdout[-3000:]
+    for n in (0, 1):
+        assert f"error: --output_dir {train_out} is not on storage" in "\n".join(node_lines(p, n)), p.stdout[-3000:]
     assert_clean()
 
 
