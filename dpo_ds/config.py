@@ -70,6 +70,9 @@ class ModelConfig:
                                    "eager attention and a model type listed in dpo_ds/layout.py)")
     packing: bool = opt(None, "several pairs per row with no padding between them (default: on where it is "
                               "exact: as --share_prompt, and flash-attn on Llama/Qwen through position_ids)")
+    sequence_parallel_size: int = opt(1, "K: split every row across K ranks (DeepSpeed Ulysses) for sequences one "
+                                         "device cannot hold; K divides the ranks, which form world / K "
+                                         "data-parallel groups (README: long context)", resume=True)
     trust_remote_code: bool = opt(False, "allow code shipped with the model to run")
     dist_timeout_minutes: float = opt(60.0, "how long a rank waits for the others to join, and in any "
                                             "collective, before it stops with an error (a node whose processes "
@@ -95,7 +98,7 @@ class PrecomputeConfig(InferenceConfig):
     splits: list = opt(None, "splits to compute (default: every split of --data)")
 
     def check(self):
-        _positive(self, "batch_size", "shard_size", "logp_chunk_size")
+        _positive(self, "batch_size", "shard_size", "logp_chunk_size", "sequence_parallel_size")
 
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -210,7 +213,7 @@ class TrainConfig(LossConfig, ModelConfig):
 
     def check(self):
         _positive(self, "learning_rate", "max_steps", "micro_batch_size", "grad_accum",
-                  "log_every", "logp_chunk_size")
+                  "log_every", "logp_chunk_size", "sequence_parallel_size")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"--warmup_steps {self.warmup_steps} must be between 0 and --max_steps "
                               f"{self.max_steps}")
@@ -225,7 +228,7 @@ class EvalConfig(LossConfig, InferenceConfig):
     bco_delta: float = opt(0.0, "bco_pair's reward shift δ (train logs its running mean as bco/delta)")
 
     def check(self):
-        _positive(self, "batch_size", "logp_chunk_size")
+        _positive(self, "batch_size", "logp_chunk_size", "sequence_parallel_size")
         self.check_loss()
 
 

@@ -32,6 +32,47 @@ def is_main() -> bool:
     return rank() == 0
 
 
+# Sequence parallelism (--sequence_parallel_size K): ranks k*K .. k*K + K-1 form sequence-parallel group k (the
+# groups DeepSpeed's Ulysses builds), which splits every row of one stream of batches K ways. Work is dealt to
+# data-parallel ranks, one per group: every rank of a group sees the same pairs.
+_SP_SIZE = 1
+
+
+def set_sequence_parallel(size: int) -> None:
+    """Declare K (before any work is dealt); K must divide the number of ranks."""
+    global _SP_SIZE
+    if world_size() % size:
+        raise UserError(f"--sequence_parallel_size {size} does not divide the {world_size()} rank(s): every "
+                        f"sequence-parallel group needs {size} ranks (launch a multiple of {size}, e.g. "
+                        f"--num_gpus {size * max(1, world_size() // size)})")
+    _SP_SIZE = size
+
+
+def sp_size() -> int:
+    return _SP_SIZE
+
+
+def sp_rank() -> int:
+    """This rank's slice of each row: 0 .. K-1."""
+    return rank() % _SP_SIZE
+
+
+def dp_size() -> int:
+    """Data-parallel ranks: world / K."""
+    return world_size() // _SP_SIZE
+
+
+def dp_rank() -> int:
+    return rank() // _SP_SIZE
+
+
+def describe() -> str:
+    """'2 rank(s)', or with sequence parallelism '4 ranks = 2 data-parallel x 2 sequence-parallel'."""
+    if _SP_SIZE == 1:
+        return f"{world_size()} rank(s)"
+    return f"{world_size()} ranks = {dp_size()} data-parallel x {_SP_SIZE} sequence-parallel"
+
+
 def device() -> torch.device:
     return torch.device(f"cuda:{local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -46,11 +87,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init(timeout_minutes: float = 60.0) -> None:
+def init(timeout_minutes: float = 60.0, sequence_parallel_size: int | None = None) -> None:
     """Join (or, for one plain process, create) the process group: nccl on CUDA, gloo on the CPU. A rank waits
     `timeout_minutes` for the others to join, and as long in any collective, then stops with an error (a peer
-    whose processes die is noticed sooner: its connections close)."""
+    whose processes die is noticed sooner: its connections close). `sequence_parallel_size`: see
+    set_sequence_parallel (a phase gives it; None keeps what was set, 1 when nothing was)."""
     if tdist.is_available() and tdist.is_initialized():
+        if sequence_parallel_size is not None:
+            set_sequence_parallel(sequence_parallel_size)
         return
     if "RANK" not in os.environ:  # one plain process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -69,6 +113,7 @@ def init(timeout_minutes: float = 60.0) -> None:
                         f"--dist_timeout_minutes {timeout_minutes:g} ({str(e).splitlines()[0]}). Launch every node "
                         f"with the same --master_addr and --master_port, and let GLOO_SOCKET_IFNAME (CPU) or "
                         f"NCCL_SOCKET_IFNAME name an interface the other nodes reach") from None
+    set_sequence_parallel(sequence_parallel_size or 1)
 
 
 def active() -> bool:
@@ -88,6 +133,13 @@ def all_reduce(values, op: str = "sum") -> torch.Tensor:
         t = t.to(backend_device)
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM)
     return t.cpu()
+
+
+def all_reduce_data(values) -> torch.Tensor:
+    """Sum a small float64 vector of per-batch figures over the data-parallel ranks: the ranks of a
+    sequence-parallel group hold the same pairs' figures, so each group's are counted once."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    return all_reduce(t if sp_rank() == 0 else torch.zeros_like(t))
 
 
 def even(items: list, collective: bool):

@@ -1,5 +1,5 @@
-"""The only importer of deepspeed: config injection, model loading (ZeRO-3 aware), engines, checkpoints,
-and the export of a gathered HF checkpoint."""
+"""The only importer of deepspeed: config injection, model loading (ZeRO-3 aware), Ulysses sequence
+parallelism, engines, checkpoints, and the export of a gathered HF checkpoint."""
 from __future__ import annotations
 
 import atexit
@@ -16,10 +16,11 @@ import torch
 from dpo_ds import dist
 from dpo_ds.data import load_tokenizer
 from dpo_ds.errors import ConfigError, UserError
-from dpo_ds.layout import Layout
+from dpo_ds.layout import FLASH_PACKING_TYPES, Layout
 from dpo_ds.layout import resolve as resolve_layout
 from dpo_ds.layout import unsupported as unsupported_by
 from dpo_ds.logps import SequenceLogps
+from dpo_ds.sequence_parallel import Group
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HF_DS_CONFIG = None  # transformers reads ZeRO-3 from a live HfDeepSpeedConfig: keep it referenced
@@ -50,10 +51,10 @@ def inject(ds: dict, path: str, key: str, value):
 def train_ds_config(path: str, micro_batch_size: int, grad_accum: int, max_grad_norm: float) -> dict:
     """The DeepSpeed config with the job's batch sizes injected (the JSON may only say "auto" or agree)."""
     ds = copy.deepcopy(read_ds_config(path))
-    world = dist.world_size()
     inject(ds, path, "train_micro_batch_size_per_gpu", micro_batch_size)
     inject(ds, path, "gradient_accumulation_steps", grad_accum)
-    inject(ds, path, "train_batch_size", micro_batch_size * grad_accum * world)
+    inject(ds, path, "train_batch_size", micro_batch_size * grad_accum * dist.dp_size())
+    _sequence_parallel(ds)
     inject(ds, path, "gradient_clipping", max_grad_norm)
     ds.setdefault("steps_per_print", 10 ** 9)  # our own logger reports; keep DeepSpeed's quiet
     ds.setdefault("wall_clock_breakdown", False)
@@ -66,10 +67,18 @@ def inference_ds_config(path: str, batch_size: int, dtype: torch.dtype) -> dict:
     ds["bf16"] = {"enabled": dtype == torch.bfloat16}
     ds["fp16"] = {"enabled": dtype == torch.float16}
     ds["train_micro_batch_size_per_gpu"] = batch_size  # required by DeepSpeed even without training
-    ds["train_batch_size"] = batch_size * dist.world_size()
+    ds["train_batch_size"] = batch_size * dist.dp_size()
+    _sequence_parallel(ds)
     ds.pop("gradient_accumulation_steps", None)
     ds.setdefault("steps_per_print", 10 ** 9)
     return ds
+
+
+def _sequence_parallel(ds: dict) -> None:
+    """K in the config too: zero.Init reads the data-parallel size (batch sizes' world) from it before the
+    engine is given the mpu."""
+    if dist.sp_size() > 1:
+        ds["sequence_parallel_size"] = dist.sp_size()
 
 
 def zero_stage(ds: dict) -> int:
@@ -96,7 +105,7 @@ def layout_of(logps_fn) -> Layout:
 
 def _layout(cfg, model) -> Layout:
     return resolve_layout(cfg.share_prompt, cfg.packing, model.config._attn_implementation, unsupported_by(model),
-                          model.config.model_type)
+                          model.config.model_type, cfg.sequence_parallel_size)
 
 
 def partitions_nothing(ds: dict) -> bool:
@@ -210,9 +219,9 @@ def training_engine(cfg, ds_config: dict):
     model = _load(cfg, ds_dtype(ds_config), ds_config)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    logps = SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds_config), _layout(cfg, model), stats=True)
+    logps, mpu = _sequence_logps(cfg, model, collective_forwards(ds_config), True, ds_config)
     return _deepspeed_training(logps, ds_config, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
-                               cfg.max_steps, cfg.lr_schedule)
+                               cfg.max_steps, cfg.lr_schedule, mpu)
 
 
 def inference_engine(cfg, stats: bool = False):
@@ -224,13 +233,97 @@ def inference_engine(cfg, stats: bool = False):
     dtype = resolve_dtype(cfg.dtype)
     if not cfg.deepspeed:
         model = _load(cfg, dtype).to(dist.device()).eval()
-        return SequenceLogps(model, cfg.logp_chunk_size, layout=_layout(cfg, model), stats=stats)
+        return _sequence_logps(cfg, model, False, stats, None)[0]
     ds_config = inference_ds_config(cfg.deepspeed, cfg.batch_size, dtype)
     model = _load(cfg, dtype, ds_config)
-    logps = SequenceLogps(model, cfg.logp_chunk_size, collective_forwards(ds_config), _layout(cfg, model), stats)
-    engine, *_ = deepspeed.initialize(model=logps, config=ds_config)
+    logps, mpu = _sequence_logps(cfg, model, collective_forwards(ds_config), stats, ds_config)
+    engine, *_ = deepspeed.initialize(model=logps, config=ds_config, mpu=mpu)
     engine.eval()
     return engine
+
+
+# ---------------------------------------------------------------- sequence parallelism (Ulysses)
+
+ULYSSES_ATTENTION = ("sdpa", "flash_attention_2")  # attention that needs no 4-D mask to be causal
+
+
+def check_sequence_parallel(model, size: int) -> None:
+    """Refuse, with what to change, a model Ulysses cannot split `size` ways exactly."""
+    cfg, attn = model.config.get_text_config(), model.config._attn_implementation
+    flag = f"--sequence_parallel_size {size}"
+    if attn not in ULYSSES_ATTENTION:
+        raise UserError(f"{flag} needs --attn_implementation sdpa or flash_attention_2; {attn!r} builds a "
+                        f"[T, T] mask that Ulysses' attention drops")
+    if model.config.model_type not in FLASH_PACKING_TYPES or unsupported_by(model):
+        why = unsupported_by(model) or "its decoder is not known to pass position_ids to attention"
+        raise UserError(f"{flag}: model type {model.config.model_type!r} is not supported ({why}); sequence "
+                        f"parallelism runs {', '.join(sorted(FLASH_PACKING_TYPES))} (dpo_ds/layout.py)")
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if heads % size:
+        raise UserError(f"{flag}: the model's {heads} attention heads do not divide into {size} groups; choose a "
+                        f"K that divides {heads}")
+    if kv % size and size % kv:
+        raise UserError(f"{flag}: the model's {kv} key/value heads must be a multiple or a divisor of K; "
+                        f"choose a K that divides {kv} or that {kv} divides")
+
+
+def register_ulysses(model, size: int, ds_config: dict | None):
+    """Route the model's attention through DeepSpeed's Ulysses for sequence-parallel groups of `size` ranks
+    (dpo_ds.dist's grouping) -> (the rank's sequence_parallel.Group, the `mpu` deepspeed.initialize takes).
+    Process-wide: every model using the same attention implementation is affected (a phase loads one)."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    check_sequence_parallel(model, size)
+    _init_deepspeed()
+    mpu.initialize_sequence_parallel(sequence_parallel_size=size)
+    cfg, attn = model.config.get_text_config(), model.config._attn_implementation
+
+    class RowsPerCall(UlyssesSPAttentionHF):
+        """Ulysses with the number of rows taken from each call: a batch's layout decides it (the plain layout
+        has 2 per pair, packing fewer), where DeepSpeed's fixes one micro-batch size at registration."""
+
+        def forward(self, module, query, key, value, attention_mask, *args, **kwargs):
+            rows = query.shape[0]
+            if rows != self.batch_size:  # the sequence dims are updated by forward (seq_length_is_variable)
+                self.batch_size = rows
+                for name in ("required_query_shape", "required_key_value_shape", "required_context_shape"):
+                    shape = getattr(self, name)
+                    setattr(self, name, torch.Size([shape[0], rows, *shape[2:]]))
+            return super().forward(module, query, key, value, None, *args, **kwargs)
+
+    uattn = RowsPerCall(ALL_ATTENTION_FUNCTIONS[attn], batch_size=1, attn_head_count=cfg.num_attention_heads,
+                        attn_head_size=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                        kv_head_count=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                        num_hidden_layers=cfg.num_hidden_layers, process_group=mpu.get_sequence_parallel_group(),
+                        seq_length_is_variable=True)
+    uattn.core_attn_implementation = attn
+
+    def ulysses(module, query, key, value, attention_mask, *args, **kwargs):
+        return uattn(module, query, key, value, None, *args, **kwargs)  # causal along the whole row
+
+    ALL_ATTENTION_FUNCTIONS[attn] = ulysses
+    return Group(mpu.get_sequence_parallel_group(), size if divides_by_world(ds_config) else 1), mpu
+
+
+def divides_by_world(ds: dict | None) -> bool:
+    """Whether DeepSpeed averages gradients over every rank rather than over world / K: ZeRO-3's reduce-scatter
+    (on unless the config turns it off) pre-divides by the world size, its other paths and stages 0-2 by
+    world / sequence_parallel_size (DeepSpeed 0.19.8: runtime/comm/coalesced_collectives.py vs
+    runtime/zero/stage3.py, stage_1_and_2.py, engine.py). tests/test_sequence_parallel.py checks the
+    gradient norm against one rank's."""
+    zero = (ds or {}).get("zero_optimization", {})
+    return zero_stage(ds or {}) == 3 and zero.get("reduce_scatter", True)
+
+
+def _sequence_logps(cfg, model, collective: bool, stats: bool, ds_config: dict | None) -> tuple[SequenceLogps, object]:
+    """The model as a SequenceLogps in its layout -> (it, the mpu for deepspeed.initialize: None without
+    sequence parallelism)."""
+    group, mpu = None, None
+    if cfg.sequence_parallel_size > 1:
+        group, mpu = register_ulysses(model, cfg.sequence_parallel_size, ds_config)
+    return SequenceLogps(model, cfg.logp_chunk_size, collective, _layout(cfg, model), stats, group), mpu
 
 
 def lr_lambda(warmup_steps: int, max_steps: int, schedule: str):
@@ -245,7 +338,7 @@ def lr_lambda(warmup_steps: int, max_steps: int, schedule: str):
 
 
 def _deepspeed_training(model, ds_config: dict, learning_rate: float, weight_decay: float, warmup_steps: int,
-                        max_steps: int, schedule: str):
+                        max_steps: int, schedule: str, mpu=None):
     """ZeRO engine with AdamW (DeepSpeed's own when the config names one, e.g. CPU-Adam for offload)
     and a warm-up-then-decay schedule; both are checkpointed by DeepSpeed."""
     import deepspeed
@@ -260,7 +353,7 @@ def _deepspeed_training(model, ds_config: dict, learning_rate: float, weight_dec
                                       fused=True)
     schedule_fn = lr_lambda(warmup_steps, max_steps, schedule)
     engine, *_ = deepspeed.initialize(  # the scheduler is stepped by engine.step() and checkpointed with it
-        model=model, optimizer=optimizer, config=ds_config,
+        model=model, optimizer=optimizer, config=ds_config, mpu=mpu,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule_fn))
     return engine
 

@@ -23,7 +23,7 @@ from dpo_ds.step import split_metrics
 
 
 def run(cfg: EvalConfig) -> dict:
-    dist.init(cfg.dist_timeout_minutes)
+    dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
     tokenizer = engine.open_model_dir(cfg)
     if tokenizer_fingerprint(tokenizer) != dist.on_main(lambda: read_report(cfg.data))["tokenizer_fingerprint"]:
         raise UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")

@@ -92,10 +92,19 @@ def unsupported(model) -> str | None:
 
 
 def resolve(share_prompt: bool | None, packing: bool | None, attn: str, reason: str | None = None,
-            model_type: str | None = None) -> Layout:
+            model_type: str | None = None, sequence_parallel: int = 1) -> Layout:
     """The layout for an attention implementation and a model (`reason`: why the model cannot run the
-    token-efficient layouts, see `unsupported`): None = the fastest exact one, an explicit True that cannot be
-    computed exactly is refused."""
+    token-efficient layouts, see `unsupported`) with rows split `sequence_parallel` ways: None = the fastest
+    exact one, an explicit True that cannot be computed exactly is refused.
+
+    Split rows (K > 1) go through Ulysses' attention, which drops 4-D masks: sdpa is then causal along the whole
+    row (the plain layout alone is exact), flash_attention_2 still follows position_ids (packing in one row)."""
+    if sequence_parallel > 1 and attn in MASKED:
+        if share_prompt or packing:
+            raise UserError(f"--share_prompt/--packing need a 4-D attention mask, which Ulysses' attention drops "
+                            f"under --sequence_parallel_size {sequence_parallel}: pass --no-share_prompt "
+                            f"--no-packing with {attn} (flash_attention_2 packs through position_ids)")
+        return PLAIN
     if reason is not None:
         if share_prompt or packing:
             raise UserError(f"--share_prompt/--packing cannot be computed exactly for this model: {reason}; pass "

@@ -18,6 +18,7 @@ from dpo_ds.config import LOGP_CHUNK_SIZE
 from dpo_ds.encode import IGNORE
 from dpo_ds.head import output_head
 from dpo_ds.layout import PLAIN, Layout
+from dpo_ds.sequence_parallel import local_slice, sum_over_group
 
 
 class HeadStats(NamedTuple):
@@ -69,7 +70,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def scored_logps(model, input_ids, attention_mask, position_ids, positions, targets, sequence, num_sequences: int,
                  chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, head=None, shared=None,
-                 stats: bool = False) -> Scored:
+                 stats: bool = False, sp_group=None) -> Scored:
     """Rows in any `dpo_ds.layout` -> Scored per sequence: the token `targets[n]` is scored at flat row
     position `positions[n]` and summed into `sequence[n]`; `shared[n]` (bool, optional) marks the tokens
     summed into `shared_logps` too; `stats` adds HeadStats.
@@ -80,8 +81,17 @@ def scored_logps(model, input_ids, attention_mask, position_ids, positions, targ
     with `collective` (engine.collective_forwards) the chunk count is agreed across ranks (ranks with fewer
     tokens run empty chunks).
     `head` is the model's `head.output_head` (built here when not given). No KV cache is built.
+    With `sp_group` (a sequence_parallel.Group: the model's attention is Ulysses', dpo_ds.engine) this rank computes
+    its slice of the rows (dpo_ds.sequence_parallel) and the sums are over the group; every rank of the group
+    must call this with the same batch.
     """
     head = head or output_head(model)
+    tokens = torch.bincount(sequence, minlength=num_sequences)
+    if sp_group is not None:  # Ulysses drops attention masks: the layouts it is given are causal along the row
+        part = local_slice(input_ids, position_ids, positions, dist.sp_size(), dist.sp_rank())
+        input_ids, position_ids, positions, attention_mask = part.input_ids, part.position_ids, part.positions, None
+        targets, sequence = targets[part.keep], sequence[part.keep]
+        shared = None if shared is None else shared[part.keep]
     if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
         attention_mask = None  # no padding: let attention take its causal fast path
     elif attention_mask is not None and attention_mask.dim() == 4 and model.config._attn_implementation == "eager":
@@ -110,9 +120,14 @@ def scored_logps(model, input_ids, attention_mask, position_ids, positions, targ
                            device=values.device).index_add(0, sequence, values)
 
     shared_logps = per_sequence(token_logps * shared if shared is not None else torch.zeros_like(token_logps))
-    head_stats = HeadStats(*per_sequence(torch.cat(stat_pieces)).unbind(-1)) if stats else None
-    return Scored(per_sequence(token_logps), torch.bincount(sequence, minlength=num_sequences), shared_logps,
-                  head_stats)
+    sums = [per_sequence(token_logps)[:, None], shared_logps[:, None]]
+    if stats:
+        sums.append(per_sequence(torch.cat(stat_pieces)).to(token_logps.dtype))
+    sums = torch.cat(sums, 1)                                      # [S, 2 (+ 4)]: one reduction for all of them
+    if sp_group is not None:
+        sums = sum_over_group(sums, sp_group)
+    head_stats = HeadStats(*sums[:, 2:].unbind(-1)) if stats else None
+    return Scored(sums[:, 0], tokens, sums[:, 1], head_stats)
 
 
 def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -133,15 +148,17 @@ class SequenceLogps(torch.nn.Module):
     micro-batch)."""
 
     def __init__(self, lm, chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, layout: Layout = PLAIN,
-                 stats: bool = False):
+                 stats: bool = False, sp_group=None):
         super().__init__()
         self.lm, self.chunk_size, self.collective, self.layout, self.stats = lm, chunk_size, collective, layout, stats
+        self.sp_group = sp_group  # a sequence_parallel.Group when the model's attention is Ulysses
         self.head = output_head(lm)  # refuses a model whose logits it cannot reproduce exactly
 
     def forward(self, input_ids, attention_mask, position_ids, positions, targets, sequence, num_sequences: int,
                 shared=None):
         return scored_logps(self.lm, input_ids, attention_mask, position_ids, positions, targets, sequence,
-                            num_sequences, self.chunk_size, self.collective, self.head, shared, self.stats)
+                            num_sequences, self.chunk_size, self.collective, self.head, shared, self.stats,
+                            self.sp_group)
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "positions", "targets", "sequence")

@@ -231,7 +231,8 @@ class MetricSums:
         return {name: float(v) for name, v in zip(self.NAMES, self.values)}
 
     def all_reduce(self) -> "MetricSums":
-        return MetricSums(dist.all_reduce(self.values))
+        """Summed over the data-parallel ranks (a sequence-parallel group's pairs counted once)."""
+        return MetricSums(dist.all_reduce_data(self.values))
 
     def mean(self) -> dict:
         """{metric: mean} for every name in METRICS: per pair, or per token of its count."""

@@ -4,9 +4,10 @@
         [--batch_size 8] [--dtype bf16] [--deepspeed ds_configs/zero3_inference.json]
     python -m dpo_ds.precompute ...            # one plain process (also works under torchrun)
 
-Examples are sorted by length and cut into shards of --shard_size; shard n belongs to rank n % world_size,
-so the plan (and every value) does not depend on the number of ranks. Rerunning the same command after a
-crash reuses complete shards and computes the rest.
+Examples are sorted by length and cut into shards of --shard_size; shard n belongs to data-parallel rank
+n % (world_size / K) (K = --sequence_parallel_size: the K ranks of a group compute its shards together, the
+first writes them), so the plan (and every value) does not depend on the number of ranks or on K. Rerunning
+the same command after a crash reuses complete shards and computes the rest.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_
     cache_dir = cfg.output_dir
     shards = shard_plan(ds, cfg.shard_size)
     done = dist.on_main(lambda: ref_cache.complete_shards(cache_dir, split))  # one rank hashes what is on disk
-    mine = [n for n in range(len(shards)) if n % dist.world_size() == dist.rank() and n not in done]
+    mine = [n for n in range(len(shards)) if n % dist.dp_size() == dist.dp_rank() and n not in done]
     size = lengths(ds, engine.layout_of(logps_fn))  # within a shard, batches group pairs of similar row length
     work = [(n, rows) for n in mine
             for rows in batches_of(shards[n][np.argsort(-size[shards[n]], kind="stable")], cfg.batch_size)]
@@ -83,7 +84,8 @@ def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_
             continue
         n, rows = item
         if n not in parts:
-            ref_cache.remove_partial_shard(cache_dir, split, n)  # e.g. renamed but unrecorded when the last run died
+            if dist.sp_rank() == 0:  # e.g. renamed but unrecorded when the last run died
+                ref_cache.remove_partial_shard(cache_dir, split, n)
             parts[n] = []
         batch = build(take(ds, rows), engine.layout_of(logps_fn), pad_id)
         parts[n].append(compute_batch(logps_fn, batch))
@@ -97,22 +99,24 @@ def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_
 
 
 def save_shard(cache_dir: str, split: str, n: int, parts: list) -> list[int]:
-    """One shard's batches as one Arrow shard when every value is finite; else nothing is written and the
-    example_ids at fault are returned (every rank learns of them after its last forward: raising here, on
-    one rank, would leave the others waiting in a collective)."""
+    """One shard's batches as one Arrow shard when every value is finite (written by the first rank of the
+    sequence-parallel group; the others hold the same values); else nothing is written and the example_ids
+    at fault are returned (every rank learns of them after its last forward: raising here, on one rank, would
+    leave the others waiting in a collective)."""
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     bad = np.zeros(len(columns["example_id"]), dtype=bool)
     for name in ref_cache.REFERENCE_COLUMNS:
         bad |= ~np.isfinite(columns[name])
     if bad.any():
         return columns["example_id"][bad].tolist()
-    ref_cache.write_shard(cache_dir, split, dist.rank(), n, columns)
+    if dist.sp_rank() == 0:
+        ref_cache.write_shard(cache_dir, split, dist.rank(), n, columns)
     return []
 
 
 def check_finite(progress: Progress) -> None:
     """Collective: every rank raises when any rank met non-finite reference values."""
-    total = int(dist.all_reduce([len(progress.non_finite)])[0])
+    total = int(dist.all_reduce_data([len(progress.non_finite)])[0])
     if total:
         mine = f" (this rank: example_ids {progress.non_finite[:5]})" if progress.non_finite else ""
         raise UserError(f"the reference model gave non-finite log-probs for {total} example(s){mine}; their "
@@ -137,7 +141,7 @@ def check_inputs(cfg: PrecomputeConfig, tokenizer, splits: list, dtype_name: str
 
 
 def run(cfg: PrecomputeConfig) -> dict | None:
-    dist.init(cfg.dist_timeout_minutes)
+    dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
     tokenizer = engine.open_model_dir(cfg)
     dtype = engine.resolve_dtype(cfg.dtype)
     requested = cfg.splits or dist.on_main(lambda: list(read_report(cfg.data)["counts"]))
@@ -160,7 +164,7 @@ def run(cfg: PrecomputeConfig) -> dict | None:
                                                   "split_names": splits})
     dist.barrier()
     dist.print0(f"precompute: {'resuming' if state == 'resume' else 'starting'} {cfg.output_dir} "
-                f"({', '.join(splits)}; {dist.world_size()} rank(s), {dtype}, "
+                f"({', '.join(splits)}; {dist.describe()}, {dtype}, "
                 f"{'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")
 
     logps_fn = engine.inference_engine(cfg)
@@ -178,9 +182,9 @@ def run(cfg: PrecomputeConfig) -> dict | None:
 
 def summarise(progress: Progress, resumed: bool) -> dict:
     """The run's throughput over every rank (collective), for the manifest."""
-    tokens, slots, examples = dist.all_reduce([progress.tokens, progress.slots, progress.examples]).tolist()
+    tokens, slots, examples = dist.all_reduce_data([progress.tokens, progress.slots, progress.examples]).tolist()
     elapsed = float(dist.all_reduce([time.time() - progress.start], op="max")[0])
-    return {"world_size": dist.world_size(), "seconds": elapsed, "examples": int(examples), "tokens": int(tokens),
+    return {"world_size": dist.world_size(), "sequence_parallel_size": dist.sp_size(), "seconds": elapsed, "examples": int(examples), "tokens": int(tokens),
             "slots": int(slots),
             "tokens_per_s": tokens / max(elapsed, 1e-9), "examples_per_s": examples / max(elapsed, 1e-9),
             "padding_fraction": 1 - tokens / slots if slots else 0.0, "resumed": resumed}

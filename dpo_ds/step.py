@@ -51,8 +51,8 @@ def split_metrics(logps_fn, ds, reference, loss_cfg: LossConfig, batch_size: int
                   bco_delta: float = 0.0) -> dict:
     """Mean metrics over the whole split `ds` against `reference` (its RefCache.reference), its pairs dealt
     across ranks by length; under ZeRO-3 (is_collective) ranks with fewer batches run dummy ones to stay in
-    step. Collective."""
-    order = np.argsort(-lengths(ds, layout_of(logps_fn)), kind="stable")[dist.rank()::dist.world_size()]
+    step (the ranks of a sequence-parallel group share their pairs). Collective."""
+    order = np.argsort(-lengths(ds, layout_of(logps_fn)), kind="stable")[dist.dp_rank()::dist.dp_size()]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     sums = MetricSums()
     bar = tqdm(total=len(batches), desc="eval (rank 0)", unit="batch", disable=not dist.is_main(), leave=False,

@@ -42,11 +42,12 @@ def global_batch(step: int, n: int, size: int, seed: int) -> np.ndarray:
 
 
 def rank_micro_batches(rows: np.ndarray, lengths: np.ndarray, micro: int, grad_accum: int) -> list[np.ndarray]:
-    """Sort the global batch by length (little padding), cut it into world x grad_accum micro-batches and
-    deal micro-batch j to rank j % world. The step's examples do not depend on micro x accumulation."""
+    """Sort the global batch by length (little padding), cut it into D x grad_accum micro-batches and deal
+    micro-batch j to data-parallel rank j % D (D = world / --sequence_parallel_size: the ranks of a sequence-
+    parallel group share theirs). The step's examples do not depend on micro x accumulation."""
     rows = rows[np.argsort(-lengths[rows], kind="stable")]
-    chunks = rows.reshape(dist.world_size() * grad_accum, micro)
-    return [chunks[j] for j in range(dist.rank(), len(chunks), dist.world_size())]
+    chunks = rows.reshape(dist.dp_size() * grad_accum, micro)
+    return [chunks[j] for j in range(dist.dp_rank(), len(chunks), dist.dp_size())]
 
 
 def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: int, step: int,
@@ -200,15 +201,16 @@ class Job:
 def set_up(cfg: TrainConfig) -> Job:
     """Data and cache (verified once), the saved config, the engine, and the checkpoint to continue from."""
     launched = psutil.Process().create_time()
-    dist.init(cfg.dist_timeout_minutes)
+    dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # checkpoints are written by every rank, read by all
     tokenizer = engine.open_model_dir(cfg)
     ds_config = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     train_ds, train_reference, eval_ds, eval_reference = load_data(cfg)
-    global_size = cfg.micro_batch_size * cfg.grad_accum * dist.world_size()
+    global_size = cfg.micro_batch_size * cfg.grad_accum * dist.dp_size()
     if len(train_ds) < global_size:
         raise UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
-                        f"({cfg.micro_batch_size} micro x {cfg.grad_accum} accumulation x {dist.world_size()} ranks)")
+                        f"({cfg.micro_batch_size} micro x {cfg.grad_accum} accumulation x {dist.dp_size()} "
+                        f"data-parallel ranks)")
     pad_id, eos_id = pad_and_eos(tokenizer)
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
     resuming = check_resumable(cfg, ckpt_dir)
@@ -226,7 +228,7 @@ def set_up(cfg: TrainConfig) -> Job:
         dist.print0(f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing and only costs time; "
                     f"{lighter} holds the same memory")
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
-                f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.world_size()} rank(s), "
+                f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.describe()}, "
                 f"ZeRO stage {engine.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}, "
                 f"layout: {engine.layout_of(policy)}")
     return Job(cfg=cfg, policy=policy, train_ds=train_ds, train_reference=train_reference, eval_ds=eval_ds,
