@@ -199,6 +199,8 @@ class TrainConfig(LossConfig, ModelConfig):
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (ZeRO-3 safe variant)")
+    tiled_mlp: bool = opt(False, "run each layer's MLP over hidden-size tiles of tokens (DeepSpeed's TiledMLP): "
+                                 "less activation memory for long sequences, more time (README: long context)")
     log_every: int = opt(10, "steps between train metric lines")
     eval_every: int = opt(100, "steps between evaluations (and one at the end); 0 = only at the end")
     save_every: int = opt(100, "steps between DeepSpeed checkpoints; 0 = only at the end")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import glob
 import importlib.util
 import json
@@ -216,10 +217,13 @@ def training_engine(cfg, ds_config: dict):
     """The policy of a TrainConfig under DeepSpeed (built under zero.Init for ZeRO-3), gradient checkpointing
     as asked, AdamW and the lr schedule: called like SequenceLogps, trained with backward() and step()."""
     torch.manual_seed(cfg.seed)
+    scale = gradient_scale(ds_config, cfg.sequence_parallel_size) if cfg.sequence_parallel_size > 1 else 1
     model = _load(cfg, ds_dtype(ds_config), ds_config)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    logps, mpu = _sequence_logps(cfg, model, collective_forwards(ds_config), True, ds_config)
+    if cfg.tiled_mlp:
+        tile_mlp(model, collective=collective_forwards(ds_config))
+    logps, mpu = _sequence_logps(cfg, model, collective_forwards(ds_config), True, scale)
     return _deepspeed_training(logps, ds_config, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps,
                                cfg.max_steps, cfg.lr_schedule, mpu)
 
@@ -233,10 +237,10 @@ def inference_engine(cfg, stats: bool = False):
     dtype = resolve_dtype(cfg.dtype)
     if not cfg.deepspeed:
         model = _load(cfg, dtype).to(dist.device()).eval()
-        return _sequence_logps(cfg, model, False, stats, None)[0]
+        return _sequence_logps(cfg, model, False, stats)[0]
     ds_config = inference_ds_config(cfg.deepspeed, cfg.batch_size, dtype)
     model = _load(cfg, dtype, ds_config)
-    logps, mpu = _sequence_logps(cfg, model, collective_forwards(ds_config), stats, ds_config)
+    logps, mpu = _sequence_logps(cfg, model, collective_forwards(ds_config), stats)
     engine, *_ = deepspeed.initialize(model=logps, config=ds_config, mpu=mpu)
     engine.eval()
     return engine
@@ -267,9 +271,10 @@ def check_sequence_parallel(model, size: int) -> None:
                         f"choose a K that divides {kv} or that {kv} divides")
 
 
-def register_ulysses(model, size: int, ds_config: dict | None):
+def register_ulysses(model, size: int, backward_scale: int):
     """Route the model's attention through DeepSpeed's Ulysses for sequence-parallel groups of `size` ranks
-    (dpo_ds.dist's grouping) -> (the rank's sequence_parallel.Group, the `mpu` deepspeed.initialize takes).
+    (dpo_ds.dist's grouping) -> (the rank's sequence_parallel.Group, the `mpu` deepspeed.initialize takes);
+    `backward_scale`: gradient_scale's for training, anything without gradients.
     Process-wide: every model using the same attention implementation is affected (a phase loads one)."""
     import deepspeed.runtime.sequence_parallel.parallel_state_sp as mpu
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
@@ -304,26 +309,58 @@ def register_ulysses(model, size: int, ds_config: dict | None):
         return uattn(module, query, key, value, None, *args, **kwargs)  # causal along the whole row
 
     ALL_ATTENTION_FUNCTIONS[attn] = ulysses
-    return Group(mpu.get_sequence_parallel_group(), size if divides_by_world(ds_config) else 1), mpu
+    return Group(mpu.get_sequence_parallel_group(), backward_scale), mpu
 
 
-def divides_by_world(ds: dict | None) -> bool:
-    """Whether DeepSpeed averages gradients over every rank rather than over world / K: ZeRO-3's reduce-scatter
-    (on unless the config turns it off) pre-divides by the world size, its other paths and stages 0-2 by
-    world / sequence_parallel_size (DeepSpeed 0.19.8: runtime/comm/coalesced_collectives.py vs
-    runtime/zero/stage3.py, stage_1_and_2.py, engine.py). tests/test_sequence_parallel.py checks the
-    gradient norm against one rank's."""
+def gradient_scale(ds: dict | None, size: int) -> int:
+    """The backward scale of the group sum (dpo_ds.sequence_parallel) for how DeepSpeed averages gradients:
+    ZeRO-3 reduce-scatters them, pre-dividing by the world size (runtime/comm/coalesced_collectives.py in
+    DeepSpeed 0.19.8): K; stages 0-2 divide by world / K (engine.py, stage_1_and_2.py): 1. ZeRO-3 without
+    reduce-scatter mixes both per parameter (stage3.py: by bucket size) and quantized gradients take a path of
+    their own: refused. tests/test_sequence_parallel.py checks the gradient norm against one rank's."""
     zero = (ds or {}).get("zero_optimization", {})
-    return zero_stage(ds or {}) == 3 and zero.get("reduce_scatter", True)
+    if zero_stage(ds or {}) != 3:
+        return 1
+    if not zero.get("reduce_scatter", True) or zero.get("zero_quantized_gradients", False):
+        raise UserError(f"--sequence_parallel_size {size} with ZeRO-3 needs its default gradient reduce-scatter: "
+                        f"remove \"reduce_scatter\": false and \"zero_quantized_gradients\" from the DeepSpeed "
+                        f"config (their gradient averaging is not the one dpo_ds scales for)")
+    return size
 
 
-def _sequence_logps(cfg, model, collective: bool, stats: bool, ds_config: dict | None) -> tuple[SequenceLogps, object]:
+def _sequence_logps(cfg, model, collective: bool, stats: bool, backward_scale: int = 1) -> tuple[SequenceLogps, object]:
     """The model as a SequenceLogps in its layout -> (it, the mpu for deepspeed.initialize: None without
     sequence parallelism)."""
     group, mpu = None, None
     if cfg.sequence_parallel_size > 1:
-        group, mpu = register_ulysses(model, cfg.sequence_parallel_size, ds_config)
+        group, mpu = register_ulysses(model, cfg.sequence_parallel_size, backward_scale)
     return SequenceLogps(model, cfg.logp_chunk_size, collective, _layout(cfg, model), stats, group), mpu
+
+
+def tile_mlp(model, tile: int | None = None, collective: bool = False) -> None:
+    """Run each decoder layer's gated MLP through DeepSpeed's TiledMLP: `tile` tokens at a time (default: the
+    hidden size, DeepSpeed's choice), recomputed tile by tile in backward, so a layer never holds its
+    [tokens, intermediate] activations for the whole sequence. Under ZeRO-3 (`collective`) the ranks agree on
+    the tile count: each tile gathers the MLP's weights."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    for layer in model.get_decoder().layers:
+        mlp = layer.mlp
+        if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            raise UserError(f"--tiled_mlp: {type(mlp).__name__} is not a gated MLP (gate_proj, up_proj, down_proj)")
+        mlp.forward = functools.partial(_tiled_mlp, TiledMLP, mlp, tile or model.config.get_text_config().hidden_size,
+                                        collective)
+
+
+def _gated_mlp(mlp, x):
+    return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))  # Llama's, Qwen2/3's MLP.forward
+
+
+def _tiled_mlp(tiled, mlp, tile: int, collective: bool, x):
+    tiles = max(1, math.ceil(x.shape[-2] / tile))
+    if collective and dist.active():
+        tiles = int(dist.all_reduce([tiles], op="max")[0])
+    return tiled.apply(_gated_mlp, mlp, x, tiles, [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight])
 
 
 def lr_lambda(warmup_steps: int, max_steps: int, schedule: str):

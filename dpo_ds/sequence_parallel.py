@@ -14,9 +14,9 @@ i + 1, which `targets` holds already.
 Gradient: every rank of a group computes the same loss from the summed log-probs, and the sum over the group
 is an all-reduce whose backward hands each slice's partial sum the loss's gradient times `backward_scale`
 (the attention all-to-all carries it on to the other slices' activations). DeepSpeed then averages the
-ranks' gradients, dividing by world size on ZeRO-3's reduce-scatter path (its default) but by world / K on
-every other path (DeepSpeed 0.19.8); the engine picks the scale (K or 1) that makes the result the gradient
-of the mean loss over the data-parallel groups either way (dpo_ds.engine.register_ulysses).
+ranks' gradients, dividing by world size on ZeRO-3's reduce-scatter path (its default) but by world / K in
+stages 0-2 (DeepSpeed 0.19.8); the engine picks the scale (K or 1) that makes the result the gradient of the
+mean loss over the data-parallel groups either way (dpo_ds.engine.gradient_scale).
 """
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ def local_slice(input_ids: torch.Tensor, position_ids: torch.Tensor | None, posi
     start = rank * L
     r, t = positions // T, positions % T
     keep = (t >= start) & (t < start + L)
-    return Slice(input_ids[:, start:start + L], position_ids[:, start:start + L], r[keep] * L + t[keep] - start,
-                 keep)
+    # contiguous: NCCL's all-gather (Ulysses gathers position_ids in every layer) refuses strided tensors
+    return Slice(input_ids[:, start:start + L].contiguous(), position_ids[:, start:start + L].contiguous(),
+                 r[keep] * L + t[keep] - start, keep)
 
 
 class Group(NamedTuple):

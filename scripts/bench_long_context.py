@@ -5,7 +5,7 @@ Benchmark (not a test) of sequence parallelism: one DPO training step (ZeRO-3, g
 the plain layout: a pair is two rows of T tokens, prompt T/2 + response T/2) on a small Qwen3 (hidden 256,
 8 layers, 8 heads, 4 KV heads, MLP 1024, vocabulary 32,000), for each sequence length T:
   K = 1 on one rank, and K = --ranks (every rank in one sequence-parallel group), same pair, same step;
-  with --tiled_mlp also K = --ranks with DeepSpeed's TiledMLP patched into the MLP.
+  with --tiled_mlp also K = --ranks with dpo_ds.train's --tiled_mlp (DeepSpeed's TiledMLP in every layer).
 Per configuration: median step time over --steps steps after one warm-up step, and per rank (the largest
 rank's) the peak resident memory (ru_maxrss) and its part above what a step leaves behind (weights,
 optimizer state, DeepSpeed's buffers): the step's transient memory, activations and their temporaries. Large
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -55,23 +54,6 @@ def build_model(out: str) -> str:
     return path
 
 
-def tile_mlp() -> None:
-    """DeepSpeed's TiledMLP in Qwen3's MLP: the [T, intermediate] activations one tile of T at a time."""
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
-    from transformers.models.qwen3 import modeling_qwen3
-
-    from dpo_ds import dist
-
-    def forward(self, x):
-        shards = math.ceil(x.shape[-2] / x.shape[-1])  # tiles of hidden_size tokens, as DeepSpeed's example
-        shards = int(dist.all_reduce([shards], op="max")[0])  # every rank the same count (ZeRO-3 gathers)
-        params = [self.down_proj.weight, self.gate_proj.weight, self.up_proj.weight]
-        return TiledMLP.apply(lambda m, h: m.down_proj(m.act_fn(m.gate_proj(h)) * m.up_proj(h)), self, x, shards,
-                              params)
-
-    modeling_qwen3.Qwen3MLP.forward = forward
-
-
 def worker(a) -> None:
     import torch
 
@@ -80,13 +62,11 @@ def worker(a) -> None:
     from dpo_ds.logps import pair_logps
 
     dist.init(sequence_parallel_size=a.sp)
-    if a.tiled_mlp:
-        tile_mlp()
     ds = engine.train_ds_config(os.path.join(ROOT, "ds_configs", "zero3_cpu.json"), 1, 1, 1.0)
     cfg = SimpleNamespace(seed=0, model=a.model, attn_implementation="sdpa", trust_remote_code=False,
                           gradient_checkpointing=True, logp_chunk_size=256, share_prompt=False, packing=False,
                           sequence_parallel_size=a.sp, learning_rate=1e-6, weight_decay=0.0, warmup_steps=0,
-                          max_steps=100, lr_schedule="constant")
+                          max_steps=100, lr_schedule="constant", tiled_mlp=bool(a.tiled_mlp))
     policy = engine.training_engine(cfg, ds)
     policy.train()  # HF models load in eval mode, where gradient checkpointing is off
     g = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ import torch.distributed as tdist
 from safetensors.torch import load_file
 
 from dpo_ds import config as C, dist, ref_cache as R
-from dpo_ds.engine import check_sequence_parallel, divides_by_world
+from dpo_ds.engine import check_sequence_parallel, gradient_scale
 from dpo_ds.errors import ConfigError, UserError
 from dpo_ds.layout import PLAIN, Layout, build, resolve
 from dpo_ds.report import read_metrics
@@ -55,6 +55,7 @@ def test_slices_score_every_token_once_at_its_own_position(layout, K):
     for rank in range(K):
         s = local_slice(ids, pos, batch["positions"], K, rank)
         assert s.input_ids.shape[1] * K >= T and s.input_ids.shape[1] * K < T + K
+        assert s.input_ids.is_contiguous() and s.position_ids.is_contiguous()  # NCCL gathers position_ids
         assert torch.equal(s.input_ids.flatten()[s.positions], ids.flatten()[batch["positions"][s.keep]])
         assert torch.equal(s.position_ids.flatten()[s.positions], full_pos.flatten()[batch["positions"][s.keep]])
         seen += s.keep.long()
@@ -71,9 +72,36 @@ def test_group_sum_scales_its_gradient():
 
 
 def test_gradient_scale_follows_deepspeeds_averaging():
-    assert divides_by_world({"zero_optimization": {"stage": 3}})
-    assert not divides_by_world({"zero_optimization": {"stage": 3, "reduce_scatter": False}})
-    assert not divides_by_world({"zero_optimization": {"stage": 2}}) and not divides_by_world(None)
+    """ZeRO-3 reduce-scatters (dividing by the world size): K; stages 0-2 divide by world / K: 1 (the training
+    test below checks the ZeRO-3 case against one rank's gradient norm)."""
+    assert gradient_scale({"zero_optimization": {"stage": 3}}, 2) == 2
+    assert gradient_scale({"zero_optimization": {"stage": 2}}, 4) == 1 and gradient_scale({}, 4) == 1
+    for other in ({"reduce_scatter": False}, {"zero_quantized_gradients": True}):
+        with pytest.raises(UserError, match="needs its default gradient reduce-scatter"):
+            gradient_scale({"zero_optimization": {"stage": 3, **other}}, 2)
+
+
+def test_tiled_mlp_gives_the_untiled_values_and_gradients(tiny):
+    """--tiled_mlp: each layer's MLP over 7-token tiles (a tiny model's sequences are shorter than its hidden
+    size, the default tile) = the plain MLP, log-probs and every parameter gradient, in float64."""
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ds.engine import tile_mlp
+    from dpo_ds.logps import SequenceLogps, pair_logps
+
+    batch = build(random_rows(4), PLAIN, pad_id=0)
+    grads = []
+    for tiled in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny[0], dtype=torch.float64, attn_implementation="sdpa")
+        if tiled:
+            tile_mlp(model, tile=7)
+        p = pair_logps(SequenceLogps(model, chunk_size=5), batch)
+        (p.chosen_logps - 0.5 * p.rejected_logps).sum().backward()
+        grads.append((torch.cat([p.chosen_logps, p.rejected_logps]).detach(),
+                      {n: w.grad for n, w in model.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-12, atol=1e-12)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_layouts_under_sequence_parallelism():
@@ -141,6 +169,7 @@ def test_precompute_and_evaluate_do_not_depend_on_k(tiny, prepared, cache, tmp_p
                      "--deepspeed", ZERO3_INFERENCE, launcher=2)
     a, b = (json.load(open(tmp_path / f"{n}.json")) for n in ("one", "two"))
     assert a.keys() == b.keys() and "2 ranks" not in one.stdout
+    assert b["num_tokens"] == a["num_tokens"] and b["examples"] == a["examples"]
     for k, v in a.items():
         if isinstance(v, float):
             assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
@@ -158,26 +187,34 @@ def train_args(tiny, prepared, cache, out, **kw):
 
 
 def test_training_does_not_depend_on_k_and_resumes(tiny, prepared, cache, tmp_path):
-    """Ten ZeRO-3 steps with K = 2 on 2 ranks = one rank with K = 1 on the same global batches in the same
-    (plain) layout: loss, gradient norm and metrics of every step (the first step's before any update), then
-    the exported weights. The K = 2
+    """Ten ZeRO-3 steps with K = 2 on 2 ranks, and on 4 ranks (2 data-parallel groups), = one rank with K = 1 on
+    the same global batches in the same (plain) layout: loss, gradient norm and metrics of every step (the
+    first step's before any update), then the exported weights. The 2-rank K = 2
     run SIGKILLed once its step-4 checkpoint is complete and rerun continues the same trajectory."""
     run_module("dpo_ds.train", *train_args(tiny, prepared, cache, tmp_path / "k1"), "--no-share_prompt", "--no-packing")
     sp = ["--sequence_parallel_size", "2"]
     p = run_module("dpo_ds.train", *train_args(tiny, prepared, cache, tmp_path / "k2"), *sp, launcher=2)
     assert "2 ranks = 1 data-parallel x 2 sequence-parallel" in p.stdout and "global batch 4" in p.stdout
 
-    a, b = read_metrics(tmp_path / "k1" / "metrics.jsonl"), read_metrics(tmp_path / "k2" / "metrics.jsonl")
-    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
-    for ra, rb in zip(a, b):
-        for k in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "entropy", "num_tokens"):
-            if k in ra:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["step"], ra["split"], k)
-    assert a[1]["grad_norm"] > 0.1  # step 1: the gradient of the same weights, compared above
-    w1, w2 = (load_file(str(tmp_path / run / "final" / "model.safetensors")) for run in ("k1", "k2"))
-    assert w1.keys() == w2.keys()
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6, msg=name)
+    # 4 ranks = 2 data-parallel x 2 sequence-parallel groups, one micro-batch each: the same global batches
+    p = run_module("dpo_ds.train", *train_args(tiny, prepared, cache, tmp_path / "k2d2", grad_accum=1), *sp, launcher=4)
+    assert "4 ranks = 2 data-parallel x 2 sequence-parallel" in p.stdout and "global batch 4" in p.stdout
+
+    a = read_metrics(tmp_path / "k1" / "metrics.jsonl")
+    assert a[1]["grad_norm"] > 0.1  # step 1: the gradient of the same weights, compared below
+    w1 = load_file(str(tmp_path / "k1" / "final" / "model.safetensors"))
+    for run in ("k2", "k2d2"):
+        b = read_metrics(tmp_path / run / "metrics.jsonl")
+        assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+        for ra, rb in zip(a, b):
+            for k in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "entropy", "num_tokens"):
+                if k in ra:
+                    assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (run, ra["step"], ra["split"], k)
+        w2 = load_file(str(tmp_path / run / "final" / "model.safetensors"))
+        assert w1.keys() == w2.keys()
+        for name in w1:
+            torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6, msg=f"{run} {name}")
+    b = read_metrics(tmp_path / "k2" / "metrics.jsonl")
     moved = max(float((w1[n] - w).abs().max()) for n, w in load_file(
         os.path.join(tiny[0], "model.safetensors")).items() if n in w1)
     assert moved > 1e-3, "training moved the weights"
