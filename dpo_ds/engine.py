@@ -344,12 +344,16 @@ def tile_mlp(model, tile: int | None = None, collective: bool = False) -> None:
     the tile count: each tile gathers the MLP's weights."""
     from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
 
+    if model.config.model_type not in GATED_MLP_TYPES:
+        raise UserError(f"--tiled_mlp: model type {model.config.model_type!r} is not one whose MLP dpo_ds tiles "
+                        f"({', '.join(sorted(GATED_MLP_TYPES))})")
     for layer in model.get_decoder().layers:
         mlp = layer.mlp
-        if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            raise UserError(f"--tiled_mlp: {type(mlp).__name__} is not a gated MLP (gate_proj, up_proj, down_proj)")
         mlp.forward = functools.partial(_tiled_mlp, TiledMLP, mlp, tile or model.config.get_text_config().hidden_size,
                                         collective)
+
+
+GATED_MLP_TYPES = frozenset({"llama", "qwen2", "qwen3"})  # mlp = down(act(gate(x)) * up(x)), as _gated_mlp
 
 
 def _gated_mlp(mlp, x):

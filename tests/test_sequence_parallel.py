@@ -134,6 +134,9 @@ def test_start_up_refusals(tiny, monkeypatch):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64))
     with pytest.raises(UserError, match="model type 'gpt2' is not supported"):
         check_sequence_parallel(gpt2, 2)
+    from dpo_ds.engine import tile_mlp
+    with pytest.raises(UserError, match="--tiled_mlp: model type 'gpt2' is not one whose MLP dpo_ds tiles"):
+        tile_mlp(gpt2)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="--sequence_parallel_size 3 does not divide the 2 rank"):
         dist.set_sequence_parallel(3)
