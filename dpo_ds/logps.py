@@ -33,10 +33,10 @@ class HeadStats(NamedTuple):
 
 class Scored(NamedTuple):
     """`scored_logps`' result, per sequence [S]: summed log-probs, scored tokens, the log-probs summed over
-    the tokens marked `shared` (LD-DPO), and HeadStats (None unless asked for)."""
+    the tokens marked `shared` (LD-DPO; None unless given), and HeadStats (None unless asked for)."""
     logps: torch.Tensor
     tokens: torch.Tensor
-    shared_logps: torch.Tensor
+    shared_logps: torch.Tensor | None
     stats: HeadStats | None
 
 
@@ -119,15 +119,17 @@ def scored_logps(model, input_ids, attention_mask, position_ids, positions, targ
         return torch.zeros((num_sequences, *values.shape[1:]), dtype=values.dtype,
                            device=values.device).index_add(0, sequence, values)
 
-    shared_logps = per_sequence(token_logps * shared if shared is not None else torch.zeros_like(token_logps))
-    sums = [per_sequence(token_logps)[:, None], shared_logps[:, None]]
+    sums = [per_sequence(token_logps)[:, None]]
+    if shared is not None:
+        sums.append(per_sequence(token_logps * shared)[:, None])
     if stats:
         sums.append(per_sequence(torch.cat(stat_pieces)).to(token_logps.dtype))
-    sums = torch.cat(sums, 1)                                      # [S, 2 (+ 4)]: one reduction for all of them
+    sums = torch.cat(sums, 1)                                # [S, 1 (+ 1) (+ 4)]: one reduction for all of them
     if sp_group is not None:
         sums = sum_over_group(sums, sp_group)
-    head_stats = HeadStats(*sums[:, 2:].unbind(-1)) if stats else None
-    return Scored(sums[:, 0], tokens, sums[:, 1], head_stats)
+    n = 1 + (shared is not None)
+    return Scored(sums[:, 0], tokens, sums[:, 1] if shared is not None else None,
+                  HeadStats(*sums[:, n:].unbind(-1)) if stats else None)
 
 
 def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -166,12 +168,12 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "positions", "tar
 
 class PairLogps(NamedTuple):
     """One batch's pairs [B] each: summed response log-probs, the same over each pair's first
-    min(|y_w|, |y_l|) tokens (LD-DPO's shared length), token counts, and HeadStats (None when the
-    SequenceLogps computes none)."""
+    min(|y_w|, |y_l|) tokens (LD-DPO's shared length; None unless asked for), token counts, and HeadStats
+    (None when the SequenceLogps computes none)."""
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
-    chosen_shared_logps: torch.Tensor
-    rejected_shared_logps: torch.Tensor
+    chosen_shared_logps: torch.Tensor | None
+    rejected_shared_logps: torch.Tensor | None
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
     chosen_stats: HeadStats | None
@@ -191,15 +193,16 @@ def shared_tokens(positions: torch.Tensor, sequence: torch.Tensor, B: int) -> to
     return ordinal < shared_len[sequence]
 
 
-def pair_logps(logps_fn, batch: dict) -> PairLogps:
+def pair_logps(logps_fn, batch: dict, shared: bool = True) -> PairLogps:
     """A batch of `dpo_ds.layout.build` -> PairLogps: chosen and rejected go through one forward. `logps_fn`
-    is a SequenceLogps or a DeepSpeed engine wrapping one."""
+    is a SequenceLogps or a DeepSpeed engine wrapping one. `shared`: also the sums over LD-DPO's shared
+    length (the cache stores them; a loss needs them only with --ld_alpha)."""
     B = batch["example_id"].numel()
     device = dist.device()
     inputs = {k: None if batch.get(k) is None else batch[k].to(device) for k in MODEL_INPUTS}
-    shared = shared_tokens(batch["positions"], batch["sequence"], B).to(device)
-    s = logps_fn(**inputs, num_sequences=2 * B, shared=shared)
+    mask = shared_tokens(batch["positions"], batch["sequence"], B).to(device) if shared else None
+    s = logps_fn(**inputs, num_sequences=2 * B, shared=mask)
     stats = (None, None) if s.stats is None else (HeadStats(*(v[:B] for v in s.stats)),
                                                    HeadStats(*(v[B:] for v in s.stats)))
-    return PairLogps(s.logps[:B], s.logps[B:], s.shared_logps[:B], s.shared_logps[B:], s.tokens[:B],
-                     s.tokens[B:], *stats)
+    shared_sums = (None, None) if s.shared_logps is None else (s.shared_logps[:B], s.shared_logps[B:])
+    return PairLogps(s.logps[:B], s.logps[B:], *shared_sums, s.tokens[:B], s.tokens[B:], *stats)

@@ -54,7 +54,7 @@ class LossInputs(NamedTuple):
     policy_chosen_raw_logps: torch.Tensor
 
 
-def ld_logps(logps: torch.Tensor, shared_logps: torch.Tensor, alpha: float | None) -> torch.Tensor:
+def ld_logps(logps: torch.Tensor, shared_logps: torch.Tensor | None, alpha: float | None) -> torch.Tensor:
     """LD-DPO: the log-prob of the first min(|y_w|, |y_l|) tokens plus α times the rest; α None = plain."""
     return logps if alpha is None else shared_logps + alpha * (logps - shared_logps)
 

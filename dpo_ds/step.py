@@ -36,7 +36,7 @@ def loss_inputs(policy: PairLogps, ref: RefLogps, ld_alpha: float | None) -> Los
 def batch_losses(logps_fn, batch: dict, reference, loss_cfg: LossConfig, bco_delta: float = 0.0):
     """-> (per-pair losses [B], MetricSums of the batch). `logps_fn` is a SequenceLogps (with stats) or a
     DeepSpeed engine wrapping one; `reference(batch)` gives RefLogps, e.g. the cache's `Reference`."""
-    policy = pair_logps(logps_fn, batch)
+    policy = pair_logps(logps_fn, batch, shared=loss_cfg.ld_alpha is not None)
     x = loss_inputs(policy, reference(batch), loss_cfg.ld_alpha)
     weights = None
     if loss_cfg.use_weighting:
@@ -59,7 +59,7 @@ def split_metrics(logps_fn, ds, reference, loss_cfg: LossConfig, batch_size: int
                mininterval=2.0)
     for rows in dist.even(batches, is_collective(logps_fn)):
         if rows is None:
-            pair_logps(logps_fn, dummy_batch(pad_id, eos_id))
+            pair_logps(logps_fn, dummy_batch(pad_id, eos_id), shared=False)
             continue
         batch = build(take(ds, rows), layout_of(logps_fn), pad_id)
         sums = sums + batch_losses(logps_fn, batch, reference, loss_cfg, bco_delta)[1]

@@ -81,7 +81,7 @@ def worker_train(a) -> None:
 
         def reference(batch):
             with torch.no_grad():
-                p = pair_logps(ref, batch)
+                p = pair_logps(ref, batch, shared=cfg.ld_alpha is not None)
             return RefLogps(p.chosen_logps, p.rejected_logps, p.chosen_shared_logps, p.rejected_shared_logps)
     policy.train()
     lengths, size = layout_lengths(ds, engine.layout_of(policy)), a.micro * a.accum * dist.world_size()

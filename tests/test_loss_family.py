@@ -274,6 +274,10 @@ def test_wpo_weights_and_head_metrics_equal_a_full_softmax(models, batch):
         full = per_token(policy, batch)
     Bn = batch["example_id"].numel()
     stats = {k: torch.cat([getattr(p.chosen_stats, k), getattr(p.rejected_stats, k)]) for k in p.chosen_stats._fields}
+    with torch.no_grad():  # without LD-DPO's sums (a loss without --ld_alpha): the same values, none of those
+        q = pair_logps(SequenceLogps(policy, chunk_size=5, stats=True), batch, shared=False)
+    assert q.chosen_shared_logps is None and q.rejected_shared_logps is None
+    assert torch.equal(q.chosen_logps, p.chosen_logps) and torch.equal(q.rejected_stats.wpo, p.rejected_stats.wpo)
     for i, (logp, logsm, logits) in enumerate(full):
         probs = logsm.exp()
         target = batch["labels"][i, 1:][batch["labels"][i, 1:] != -100]
