@@ -56,16 +56,16 @@ PLAIN = Layout()
 # position_ids honoured, no recurrent state or position bias crossing segments), checked in float64 against
 # each sequence alone by tests/test_architectures.py; every other type runs the plain layout
 EXACT_TYPES: frozenset[str] = frozenset({
-    "apertus", "apertus1p5_text", "arcee", "aria_text", "biogpt", "bitnet", "codegen", "cohere",
+    "apertus", "apertus1p5_text", "arcee", "aria_text", "axk1", "biogpt", "bitnet", "codegen", "cohere",
     "cohere_compass_text", "ctrl", "dbrx", "deepseek_v2", "deepseek_v3", "diffllama", "doge", "dots1",
-    "emu3_text_model", "ernie4_5", "ernie4_5_moe", "exaone", "falcon", "flex_olmo", "fuyu", "gemma", "git",
-    "glm", "glm4", "glm4_moe", "glm4_moe_lite", "got_ocr2", "gpt2", "gpt_bigcode", "gpt_neox",
-    "gpt_neox_japanese", "gptj", "granite", "granitemoe", "granitemoeshared", "helium", "hrm_text",
-    "hunyuan_v1_dense", "hunyuan_v1_moe", "hyperclovax", "internlm3", "iquestcoder", "jais2", "jetmoe",
-    "laguna", "lfm2", "llama", "longcat_flash", "mellum", "minicpm3", "minimax_m2", "ministral3", "mixtral",
-    "moshi", "moss_transcribe_diarize", "nanochat", "nemotron", "olmo", "olmo2", "olmoe", "opt", "persimmon",
-    "phi", "phi3", "phi4_multimodal", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "sarvam_mla",
-    "sarvam_moe", "seed_oss", "smollm3", "solar_open", "stablelm", "starcoder2", "xglm", "youtu",
+    "emu3_text_model", "ernie4_5", "ernie4_5_moe", "exaone", "falcon", "flex_olmo", "fuyu", "gemma", "git", "glm",
+    "glm4", "glm4_moe", "glm4_moe_lite", "got_ocr2", "gpt2", "gpt_bigcode", "gpt_neox", "gpt_neox_japanese", "gptj",
+    "granite", "granitemoe", "granitemoeshared", "helium", "hrm_text", "hunyuan_v1_dense", "hunyuan_v1_moe",
+    "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "jetmoe", "laguna", "lfm2", "llama",
+    "longcat_flash", "mellum", "minicpm3", "minimax_m2", "minimax_m3_vl_text", "ministral3", "mixtral", "moshi",
+    "moss_transcribe_diarize", "nanochat", "nemotron", "olmo", "olmo2", "olmoe", "opt", "persimmon", "phi", "phi3",
+    "phi4_multimodal", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "sarvam_mla", "sarvam_moe", "seed_oss",
+    "smollm3", "solar_open", "stablelm", "starcoder2", "xglm", "youtu",
 })
 
 
