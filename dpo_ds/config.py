@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import errno
 import json
 import os
+import signal
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -329,21 +331,84 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class Stopped(BaseException):
+    """SIGTERM (a scheduler's preemption, `kill`), raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
+# what a phase leaves intact after a fault, and what to run next: set by the phase once it knows its output
+_after_fault = [lambda: "rerun the same command"]
+
+
+def on_fault(describe) -> None:
+    """`describe()` -> what is intact and what to run next, for the `error:` line of an interrupted phase."""
+    _after_fault[0] = describe
+
+
+def _after() -> str:
+    try:
+        return _after_fault[0]()
+    except Exception:  # noqa: BLE001 - the message of a fault must not fail in turn
+        return "rerun the same command"
+
+
+# errno values of storage faults: told in one line (what failed, where), never as a traceback
+STORAGE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+           errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+           errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
+
+
+def storage_fault(e: BaseException) -> str | None:
+    """The one-line description of a storage fault, or None. torch.save reports a full disk as a
+    RuntimeError of its stream writer ("unexpected pos ...", "file write failed"): errno is then unknown."""
+    if isinstance(e, OSError) and e.errno in STORAGE:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{STORAGE[e.errno]}{where}"
+    if isinstance(e, RuntimeError) and any(m in str(e) for m in ("unexpected pos", "file write failed",
+                                                                  "PytorchStreamWriter failed")):
+        return f"a write failed ({str(e).splitlines()[0][:120]}): the disk is probably full"
+    return None
+
+
+def _close_progress_bars() -> None:
+    """An interrupted loop leaves its tqdm bar mid-line: closed, it ends its line showing where it stopped, so
+    the error line starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.leave = True  # a transient bar (leave=False) would be erased without ending its line
+        bar.close()
+
+
 def main_guard(fn):
-    """Run a phase's main: a ConfigError or user-facing error is printed as one line, not a traceback."""
+    """Run a phase's main so that it ends in one `error:` line, never a traceback, for what the user can act on:
+    a setting or input (exit 2), a lost peer rank (3), a storage fault (4), Ctrl-C (130) or SIGTERM (143)."""
+    signal.signal(signal.SIGTERM, _stop)
     try:
         fn()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        _exit(2)
-    except RuntimeError as e:  # torch.distributed's errors when a peer rank is gone (no torch import here)
+        _fail(str(e), 2)
+    except (KeyboardInterrupt, Stopped) as e:
+        ctrl_c = isinstance(e, KeyboardInterrupt)
+        _fail(f"{'interrupted (Ctrl-C)' if ctrl_c else 'stopped by SIGTERM'}; {_after()}", 130 if ctrl_c else 143)
+    except (OSError, RuntimeError) as e:  # (no torch import here: torch.distributed's errors are RuntimeErrors)
+        fault = storage_fault(e)
+        if fault:
+            _fail(f"{fault}; {_after()}", 4)
         if not any(m in str(e) for m in LOST_PEER):
             raise
-        print(f"error: lost contact with another rank ({str(e).splitlines()[0]}). Its node died or was stopped; "
-              f"rerun the same command on every node: train resumes from its last checkpoint, precompute "
-              f"reuses the complete shards", file=sys.stderr)
-        _exit(3)
+        _fail(f"lost contact with another rank ({str(e).splitlines()[0]}). Its node died or was stopped; rerun the "
+              f"same command on every node: train resumes from its last checkpoint, precompute reuses the "
+              f"complete shards", 3)
     _exit(0)
+
+
+def _fail(message: str, code: int) -> None:
+    _close_progress_bars()
+    print(f"error: {message}", file=sys.stderr)
+    _exit(code)
 
 
 def _exit(code: int) -> None:

@@ -183,16 +183,17 @@ def check_shared_dir(path: str, flag: str) -> None:
     shared by all nodes, as the phases assume): rank 0 writes a token file there, every rank reads it back."""
     if not active():
         return
-    name = os.path.join(path, f".dpo_ds_shared_{os.environ.get('MASTER_PORT', '0')}")
-
     def write_token() -> str:
+        """A new file of a random name, created exclusively (never through a link someone left there)."""
         os.makedirs(path, exist_ok=True)
         token = os.urandom(8).hex()
-        with open(name, "w") as f:
+        fd = os.open(os.path.join(path, f".dpo_ds_shared_{token}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as f:
             f.write(token)
         return token
 
     token = on_main(write_token)
+    name = os.path.join(path, f".dpo_ds_shared_{token}")
     try:
         with open(name) as f:
             seen = f.read() == token

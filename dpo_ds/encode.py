@@ -72,7 +72,7 @@ class Encoder:
     def encode_batch(self, batch: dict) -> dict:
         prompts = [self.prompt_prefix + ids for ids in self.ids(batch["prompt_text"], special=False)]
         out = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
-                               "prompt_truncated", "response_truncated")}
+                               "prompt_truncated", "response_truncated", "identical")}
         responses = {side: self.ids([self.response_text(r) for r in batch[side]], special=False)
                      for side in ("chosen", "rejected")}
         for i, prompt in enumerate(prompts):
@@ -87,4 +87,5 @@ class Encoder:
                 out[f"{side}_input_ids"].append(prompt + response)
                 out[f"{side}_labels"].append([IGNORE] * len(prompt) + response)
             out["response_truncated"].append(cut)
+            out["identical"].append(out["chosen_input_ids"][-1] == out["rejected_input_ids"][-1])
         return out

@@ -10,11 +10,12 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 
 import torch
 
-from dpo_ds import dist
+from dpo_ds import dist, files
 from dpo_ds.data import load_tokenizer
 from dpo_ds.errors import ConfigError, UserError
 from dpo_ds.layout import FLASH_PACKING_TYPES, Layout
@@ -155,6 +156,11 @@ def _init_deepspeed() -> None:
     import deepspeed
 
     dist.init()
+    if not torch.cuda.is_available():
+        from torch.utils.cpp_extension import _get_build_directory
+
+        if not glob.glob(os.path.join(_get_build_directory("deepspeed_shm_comm", False), "*.so")):
+            dist.print0("deepspeed: compiling its CPU communication op, once on this machine (1-2 minutes)")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if not torch.cuda.is_available() and not _SHM_CLEANUP_REGISTERED:
         atexit.register(_remove_shm_buffer)
@@ -416,11 +422,37 @@ def save_checkpoint(engine, ckpt_dir: str, tag: str, client_state: dict) -> None
 
 
 def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
-    """Continue from the newest complete checkpoint; None when there is none."""
+    """Continue from the newest complete checkpoint; None when there is none. Its files are unpickled with
+    `weights_only=True` (DeepSpeed's own loader unpickles anything, so whoever could write OUT/checkpoints
+    could run code in the resumed job): tensors, containers and the few DeepSpeed types of `checkpoint_types`."""
     if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         return None
+    engine.checkpoint_engine.load = safe_load  # the engine reads every checkpoint file through this
     _, client_state = engine.load_checkpoint(ckpt_dir, load_lr_scheduler_states=True)
     return client_state
+
+
+def checkpoint_types() -> list:
+    """The non-tensor types DeepSpeed pickles into a checkpoint (ZeRO's optimizer states carry its stage
+    enum and loss scaler), allowed in `safe_load`."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def safe_load(path: str, map_location=None):
+    import pickle
+
+    with torch.serialization.safe_globals(checkpoint_types()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            found = found.group(1) if found else str(e).splitlines()[0][:80]
+            raise UserError(f"{path}: refused to load: it holds {found!r}, which no dpo_ds checkpoint holds (it was "
+                            f"changed by someone or something else): nothing was loaded. Restore the checkpoint "
+                            f"from a trusted copy, or start over in a new --output_dir") from None
 
 
 def export_hf(lm, source_dir: str, out_dir: str) -> None:
@@ -443,7 +475,7 @@ def export_hf(lm, source_dir: str, out_dir: str) -> None:
 def _save_hf(lm, state: dict, source_dir: str, out_dir: str) -> None:
     persistent = lm.state_dict().keys()
     state.update({name: b.detach().cpu() for name, b in lm.named_buffers() if name in persistent})
-    tmp = out_dir + ".tmp"
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     use_cache, lm.config.use_cache = lm.config.use_cache, True  # off for training; on for whoever generates
     lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
@@ -451,5 +483,11 @@ def _save_hf(lm, state: dict, source_dir: str, out_dir: str) -> None:
     for name in os.listdir(source_dir):
         if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
             shutil.copy2(os.path.join(source_dir, name), tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    files.make_durable(tmp)
+    # a crash leaves out_dir (old or new) or, between the renames, out_dir.old, which the next export removes
+    if os.path.isdir(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    files.fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
+    shutil.rmtree(old, ignore_errors=True)

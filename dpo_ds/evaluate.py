@@ -8,27 +8,34 @@ SFT model too, whose implicit rewards against itself are zero by definition.
 """
 from __future__ import annotations
 
-import json
-import os
-
-from dpo_ds import dist, engine
+from dpo_ds import dist, engine, owner
 from dpo_ds.batching import pad_and_eos
-from dpo_ds.config import EvalConfig, main_guard, parse
+from dpo_ds.config import EvalConfig, main_guard, on_fault, parse
 from dpo_ds.data import load_split, read_report
 from dpo_ds.errors import UserError
+from dpo_ds.files import atomic_json
 from dpo_ds.fingerprint import tokenizer_fingerprint
-from dpo_ds.ref_cache import open_verified
+from dpo_ds.ref_cache import open_verified, precision_warning
 from dpo_ds.report import format_metrics
 from dpo_ds.step import split_metrics
 
+OUTPUT_KEYS = ("split", "model", "examples")  # what makes a JSON file an earlier --output of evaluate
+
 
 def run(cfg: EvalConfig) -> dict:
+    on_fault(lambda: f"nothing was written{' to ' + cfg.output if cfg.output else ''}; rerun the same command")
     dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
+    if cfg.output:
+        dist.on_main(lambda: owner.check_output_file(cfg.output, "--output", OUTPUT_KEYS))
     tokenizer = engine.open_model_dir(cfg)
     if tokenizer_fingerprint(tokenizer) != dist.on_main(lambda: read_report(cfg.data))["tokenizer_fingerprint"]:
         raise UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
     # the evaluated model need not be the reference (a trained policy is not): no model check here
-    reference = open_verified(cfg.ref_cache, cfg.data, None, [cfg.split]).reference(cfg.split, cfg.ld_alpha is not None)
+    cache = open_verified(cfg.ref_cache, cfg.data, None, [cfg.split])
+    reference = cache.reference(cfg.split, cfg.ld_alpha is not None)
+    warning = precision_warning(cache, cfg.split, engine.dtype_name(engine.resolve_dtype(cfg.dtype)), cfg.beta)
+    if warning:
+        dist.print0(warning)
     ds = dist.on_every_rank(lambda: load_split(cfg.data, cfg.split))
     metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),
                **split_metrics(engine.inference_engine(cfg, stats=True), ds, reference, cfg, cfg.batch_size,
@@ -36,9 +43,7 @@ def run(cfg: EvalConfig) -> dict:
     if dist.is_main():
         print(f"evaluate {cfg.model} on {cfg.split} ({len(ds)} pairs): {format_metrics(metrics)}")
         if cfg.output:
-            os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
-            with open(cfg.output, "w") as f:
-                json.dump(metrics, f, indent=2)
+            atomic_json(cfg.output, metrics)
     dist.barrier()
     return metrics
 

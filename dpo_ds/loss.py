@@ -169,6 +169,20 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return pair_loss(loss_type, x, beta, label_smoothing)
 
 
+# A reward margin within this fraction of β·(|π_w| + |π_l| + |ref_w| + |ref_l|) is a tie, not a win: fp32 sums of
+# log-probs carry rounding of a few 2^-24 of their size, and layouts and batchings round differently (the SFT
+# model against its own cache has margins of ±1e-7 that would otherwise count as wins half the time).
+TIE_RELATIVE = 2.0 ** -20
+
+
+def wins(x: LossInputs, beta: float) -> torch.Tensor:
+    """[B] bool: the pair's reward margin exceeds its rounding noise (TIE_RELATIVE)."""
+    chosen, rejected = x.policy_chosen_logps.detach(), x.policy_rejected_logps.detach()
+    margin = beta * ((chosen - x.ref_chosen_logps) - (rejected - x.ref_rejected_logps)).double()
+    size = (chosen.abs() + rejected.abs() + x.ref_chosen_logps.abs() + x.ref_rejected_logps.abs()).double()
+    return margin > TIE_RELATIVE * beta * size
+
+
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "logps/win_rate")
 # metric -> the token count it is averaged over (dpo_ds.logps computes the sums inside the chunked head)
@@ -204,7 +218,7 @@ class MetricSums:
             "loss": losses.detach().sum(),
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).sum(),
+            "rewards/accuracies": wins(x, beta).sum(),
             "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
             "logps/chosen": chosen.sum(),
             "logps/rejected": rejected.sum(),
@@ -219,7 +233,8 @@ class MetricSums:
             "rejected_tokens": policy.rejected_tokens.sum(),
             "response_tokens": policy.chosen_tokens.sum() + policy.rejected_tokens.sum(),
         }
-        return cls([float(named[name]) for name in cls.NAMES])
+        # the head's statistics arrive attached to the graph (computed in the chunk's forward): detached here
+        return cls([float(v.detach()) if torch.is_tensor(v) else float(v) for v in map(named.get, cls.NAMES)])
 
     def __add__(self, other: "MetricSums") -> "MetricSums":
         return MetricSums(self.values + other.values)

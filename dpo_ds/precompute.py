@@ -11,6 +11,7 @@ the same command after a crash reuses complete shards and computes the rest.
 """
 from __future__ import annotations
 
+import glob
 import os
 import time
 
@@ -18,9 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpo_ds import dist, engine, ref_cache
+from dpo_ds import dist, engine, owner, ref_cache
 from dpo_ds.batching import dummy_batch, pad_and_eos, pair_lengths, take
-from dpo_ds.config import PrecomputeConfig, main_guard, parse
+from dpo_ds.config import PrecomputeConfig, main_guard, on_fault, parse
 from dpo_ds.data import load_split, read_report, verify_files
 from dpo_ds.errors import UserError
 from dpo_ds.files import read_json
@@ -140,8 +141,19 @@ def check_inputs(cfg: PrecomputeConfig, tokenizer, splits: list, dtype_name: str
     return ref_cache.fingerprint(cfg.model, tok_fp, report, dtype_name)
 
 
+def after_fault(cache_dir: str) -> str:
+    shards = len(glob.glob(os.path.join(cache_dir, "*", "shard-*.json")))
+    return f"the {shards} complete shard(s) in {cache_dir} are kept; rerun the same command to compute the rest"
+
+
 def run(cfg: PrecomputeConfig) -> dict | None:
+    on_fault(lambda: after_fault(cfg.output_dir))
     dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
+    with owner.owned(cfg.output_dir, "reference cache", "--output_dir", "precompute"):
+        return _run(cfg)
+
+
+def _run(cfg: PrecomputeConfig) -> dict | None:
     tokenizer = engine.open_model_dir(cfg)
     dtype = engine.resolve_dtype(cfg.dtype)
     requested = cfg.splits or dist.on_main(lambda: list(read_report(cfg.data)["counts"]))
@@ -150,9 +162,17 @@ def run(cfg: PrecomputeConfig) -> dict | None:
     dist.barrier()  # every rank has read the directory before rank 0 writes into it
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # every node must see the shards of the others
     if state == "complete":
-        dist.print0(f"{cfg.output_dir}: already complete for this model and data; verify with "
-                    f"`python -m dpo_ds.ref_cache verify {cfg.output_dir} --data {cfg.data}`")
-        return None
+        bad = dist.on_main(lambda: ref_cache.damaged(cfg.output_dir))  # one rank hashes every shard
+        if not bad:
+            dist.print0(f"{cfg.output_dir}: already complete for this model and data; verify with "
+                        f"`python -m dpo_ds.ref_cache verify {cfg.output_dir} --data {cfg.data}`")
+            return None
+        names = [f"{split}/{name}" for split, files in bad.items() for name in files]
+        dist.print0(f"precompute: {len(names)} shard(s) of {cfg.output_dir} do not match its manifest (changed, "
+                    f"missing or unlisted: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); "
+                    f"recomputing exactly those")
+        dist.on_main(lambda: ref_cache.reopen(cfg.output_dir, bad))
+        state = "resume"
     if state == "resume":
         planned = read_json(os.path.join(cfg.output_dir, ref_cache.PLAN))["shard_size"]
         if planned != cfg.shard_size:

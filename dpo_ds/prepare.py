@@ -8,10 +8,12 @@ Writes OUTPUT_DIR/train, OUTPUT_DIR/eval (datasets.save_to_disk) and, last, OUTP
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from dpo_ds import config as C
-from dpo_ds.data import SPLITS, data_fingerprint, load_tokenizer, write_prepared
+from dpo_ds import config as C, owner
+from dpo_ds.data import REPORT, SPLITS, data_fingerprint, load_tokenizer, write_prepared
 from dpo_ds.encode import Encoder
 from dpo_ds.errors import DataError, UserError
 from dpo_ds.fingerprint import tokenizer_fingerprint
@@ -48,12 +50,37 @@ def tokenize(encoder: Encoder, rows: list, split: str, num_proc: int):
     return ds.cast_column("example_id", datasets.Value("int64"))
 
 
+def drop_identical(ds, where: dict, max_length: int, bad: BadRows):
+    """Pairs whose sides are the same tokens once truncated (they differ only past --max_length) carry no
+    preference and would train with zero gradient: bad rows, like pairs identical as text."""
+    same = [eid for eid, flag in zip(ds["example_id"], ds["identical"]) if flag]
+    for eid in same:
+        bad.handle(DataError(where[eid], "rejected", f"identical to chosen in the first --max_length {max_length} "
+                                                     f"tokens (they differ only after the cut): no preference left"))
+    if same:
+        ds = ds.filter(lambda flags: [not f for f in flags], input_columns="identical", batched=True)
+    return ds.remove_columns("identical")
+
+
+def after_fault(out_dir: str) -> str:
+    if os.path.isfile(os.path.join(out_dir, REPORT)):
+        return f"{out_dir} still holds its earlier prepared data, untouched; rerun the same command"
+    return f"{out_dir} holds no usable data until prepare writes {REPORT} last; rerun the same command"
+
+
 def run(cfg: C.PrepareConfig) -> dict:
+    C.on_fault(lambda: after_fault(cfg.output_dir))
+    with owner.owned(cfg.output_dir, "prepared data", "--output_dir", "prepare"):
+        return _run(cfg)
+
+
+def _run(cfg: C.PrepareConfig) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     tok_fp = tokenizer_fingerprint(tokenizer)
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     bad = BadRows(skip=cfg.on_bad_row == "skip")
     rows = assign_eval(read_rows(cfg.dataset, cfg.data_files, bad), cfg.eval_fraction, cfg.seed)
+    where = {eid: w for eid, _, w, _ in rows}
     rows = render_prompts(encoder, rows, bad)
     if not rows:
         raise UserError(f"{cfg.dataset}: no usable rows ({len(bad.skipped)} skipped)")
@@ -62,10 +89,14 @@ def run(cfg: C.PrepareConfig) -> dict:
         part = [r for r in rows if r[1] == split]
         if not part:
             continue
-        ds = tokenize(encoder, part, split, cfg.num_proc)
+        ds = drop_identical(tokenize(encoder, part, split, cfg.num_proc), where, cfg.max_length, bad)
+        if not len(ds):
+            continue
         stats[split] = {"prompt_truncated": int(sum(ds["prompt_truncated"])),
                         "response_truncated": int(sum(ds["response_truncated"]))}
         splits[split] = ds.remove_columns(["prompt_truncated", "response_truncated"])
+    if not splits:
+        raise UserError(f"{cfg.dataset}: no usable rows ({len(bad.skipped)} skipped)")
 
     settings = {k: getattr(cfg, k) for k in ("max_length", "max_prompt_length", "eval_fraction", "seed")}
     settings["tokenizer"] = tok_fp

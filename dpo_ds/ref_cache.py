@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from dpo_ds import dist
+from dpo_ds import dist, owner
 from dpo_ds.data import load_split, load_tokenizer, read_report, verify_files
 from dpo_ds.errors import CacheError, UserError
 from dpo_ds.files import atomic_json, read_json
@@ -50,6 +50,7 @@ class RefLogps(NamedTuple):
     rejected_logps: torch.Tensor
     chosen_shared_logps: torch.Tensor | None
     rejected_shared_logps: torch.Tensor | None
+REPAIR = "; rerun the precompute command that wrote the cache: it recomputes exactly the damaged shards"
 SHARD_RE = re.compile(r"shard-(\d+)-(\d+)\.arrow$")
 
 
@@ -126,9 +127,39 @@ def start(cache_dir: str, fp: dict, splits) -> tuple[str, list]:
             if name == MANIFEST and set(splits) <= set(have):
                 return "complete", union
             return "resume", union
-    if os.path.isdir(cache_dir) and os.listdir(cache_dir):
+    if os.path.isdir(cache_dir) and [n for n in os.listdir(cache_dir) if not owner.PRIVATE.fullmatch(n)]:
         raise CacheError(f"--output_dir {cache_dir} exists, is not empty and is not a reference cache")
     return "new", sorted(set(splits))
+
+
+def damaged(cache_dir: str) -> dict[str, list[str]]:
+    """{split: file names} of a complete cache's shards that are missing, hash otherwise than the manifest
+    records, or lie beside them unlisted: what a rerun of precompute recomputes."""
+    manifest = read_json(os.path.join(cache_dir, MANIFEST))
+    bad = {}
+    for split, entry in manifest["splits"].items():
+        listed = {m["file"]: m for m in entry["shards"]}
+        for name, meta in listed.items():
+            path = os.path.join(cache_dir, split, name)
+            if not os.path.isfile(path) or sha256_file(path) != meta["sha256"]:
+                bad.setdefault(split, []).append(name)
+        for path in sorted(glob.glob(os.path.join(cache_dir, split, "shard-*.arrow"))):
+            if os.path.basename(path) not in listed:
+                bad.setdefault(split, []).append(os.path.basename(path))
+    return bad
+
+
+def reopen(cache_dir: str, bad: dict[str, list[str]]) -> None:
+    """Make a complete cache with `damaged` shards an unfinished one that lacks exactly those: the manifest goes
+    first (from then on the cache is refused until a run completes it), then each shard's files."""
+    if not os.path.isfile(os.path.join(cache_dir, PLAN)):
+        raise CacheError(f"{cache_dir}: damaged shards ({', '.join(sum(bad.values(), [])[:5])}) but no {PLAN} "
+                         f"to recompute them from (written by an older dpo_ds): delete the directory and recompute")
+    os.remove(os.path.join(cache_dir, MANIFEST))
+    for split, names in bad.items():
+        for name in names:
+            n = int(SHARD_RE.search(name).group(2))
+            remove_partial_shard(cache_dir, split, n)
 
 
 def write_plan(cache_dir: str, fp: dict, plan: dict) -> None:
@@ -264,15 +295,15 @@ def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) 
     extra = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cache_dir, split, "shard-*.arrow"))
                    if os.path.basename(p) not in listed)
     if extra and verify:
-        raise CacheError(f"{cache_dir}/{split}: shard files not in the manifest: {', '.join(extra[:5])}")
+        raise CacheError(f"{cache_dir}/{split}: shard files not in the manifest: {', '.join(extra[:5])}{REPAIR}")
     parts = []
     for meta in entry["shards"]:
         path = os.path.join(cache_dir, split, meta["file"])
         if not os.path.isfile(path):
-            raise CacheError(f"{cache_dir}/{split}: shard {meta['file']} is missing")
+            raise CacheError(f"{cache_dir}/{split}: shard {meta['file']} is missing{REPAIR}")
         if verify and sha256_file(path) != meta["sha256"]:
             raise CacheError(f"{cache_dir}/{split}: shard {meta['file']} does not match its sha256 "
-                             f"(modified or corrupt); recompute the cache")
+                             f"(modified or corrupt){REPAIR}")
         table = read_shard(path)
         if table.num_rows != meta["rows"]:
             raise CacheError(f"{cache_dir}/{split}: shard {meta['file']} has {table.num_rows} rows, manifest says "
@@ -290,6 +321,24 @@ def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) 
                          f"{missing[:5].tolist()}, {unknown.size} cached examples not in the prepared data "
                          f"{unknown[:5].tolist()}")
     return table
+
+
+ROUNDING = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}  # unit roundoff of each dtype
+
+
+def precision_warning(cache: RefCache, split: str, dtype: str, beta: float) -> str | None:
+    """One line when the model is scored in another precision than the cache was computed in: the margins
+    then carry that precision's rounding (an estimate of their size is given), which is not preference."""
+    cached = cache.manifest["fingerprint"]["dtype"]
+    if cached == dtype:
+        return None
+    table = cache.tables[split]
+    size = float(np.mean(np.abs(table.column("ref_chosen_logps").to_numpy()) +
+                         np.abs(table.column("ref_rejected_logps").to_numpy())))
+    floor = 2 * beta * max(ROUNDING[dtype], ROUNDING[cached]) * size
+    return (f"warning: the cache holds {cached} log-probs and the model runs in {dtype}: reward margins within "
+            f"about ±{floor:.2g} are rounding of the precisions, not preference (the SFT model against its own "
+            f"cache scores near 0.5 reward accuracy so); use --dtype {cached} to compare exactly")
 
 
 def summary(cache: RefCache) -> str:

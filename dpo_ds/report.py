@@ -9,6 +9,7 @@ import math
 import os
 import sys
 
+from dpo_ds.errors import UserError
 from dpo_ds.files import atomic_write
 
 
@@ -43,10 +44,25 @@ class MetricsLog:
 
 
 def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line without its newline is an append cut short (a kill or a full
+    disk mid-write): it is dropped, and the next MetricsLog rewrites the file without it. A broken line
+    anywhere else is refused with its number."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        text = f.read()
+    lines = text.split("\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):  # after the last newline
+                break
+            raise UserError(f"{path} line {n}: not a JSON metrics row (edited by hand?); remove that line") from None
+    return rows
 
 
 PANELS = (("loss", "loss"), ("rewards/accuracies", "reward accuracy"),

@@ -28,6 +28,11 @@ def text_field(row: dict, name: str, where: str, allow_empty: bool = False) -> s
         raise DataError(where, name, f"must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise DataError(where, name, "is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\\ud83d" without its pair decodes to a str no tokenizer takes
+        raise DataError(where, name, f"not valid Unicode: a lone surrogate {value[e.start]!r} at character "
+                                     f"{e.start}") from None
     return value
 
 

@@ -20,16 +20,16 @@ import torch
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from dpo_ds import dist, engine
+from dpo_ds import dist, engine, owner
 from dpo_ds.batching import pad_and_eos, take
-from dpo_ds.config import TrainConfig, main_guard, parse, resume_keys, to_dict
+from dpo_ds.config import TrainConfig, main_guard, on_fault, parse, resume_keys, to_dict
 from dpo_ds.data import load_split, read_report
 from dpo_ds.errors import UserError
 from dpo_ds.files import atomic_json, read_json
 from dpo_ds.layout import build
 from dpo_ds.layout import lengths as layout_lengths
 from dpo_ds.loss import MetricSums
-from dpo_ds.ref_cache import open_verified
+from dpo_ds.ref_cache import describe_difference, open_verified, precision_warning
 from dpo_ds.report import MetricsLog, format_metrics, plot, read_metrics
 from dpo_ds.step import batch_losses, split_metrics
 
@@ -74,21 +74,51 @@ def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: i
     return sums
 
 
-def check_resumable(cfg: TrainConfig, ckpt_dir: str) -> bool:
-    """True when a checkpoint exists and may be continued; refuses a run of other settings."""
+# inputs named by path: a resumed run compares what they hold (the reference cache's fingerprint covers the
+# model's weights, the tokenizer, the prepared data and the dtype), not how they are spelt
+BY_CONTENT = ("model", "data", "ref_cache")
+
+
+def saved_run(cfg: TrainConfig, ds_config: dict, reference: dict) -> dict:
+    """What OUT/config.json records: the settings, the DeepSpeed config, the ranks, the cache's fingerprint."""
+    return {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size(), "reference": reference}
+
+
+def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
+    """True when a checkpoint exists and may be continued with `now` (a `saved_run`); refuses, naming each old
+    and new value, a run that cannot: other settings, inputs, ZeRO stage, precision or number of ranks."""
     if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         return False
     if cfg.resume == "never":
         raise UserError(f"{cfg.output_dir} already holds a run with checkpoints (--resume never); "
                         f"use a new --output_dir or --resume auto")
     saved_path = os.path.join(cfg.output_dir, "config.json")
-    if os.path.isfile(saved_path):
-        saved = read_json(saved_path)["train"]  # as a config again: settings added since then take their defaults
-        saved = to_dict(TrainConfig(**{k: v for k, v in saved.items() if k in to_dict(cfg)}))
-        changed = [k for k in resume_keys(TrainConfig) if saved.get(k) != getattr(cfg, k)]
-        if changed:
-            raise UserError(f"{cfg.output_dir} holds a run with other settings ({', '.join(changed)}); "
-                            f"it cannot be resumed with these. Use a new --output_dir")
+    if not os.path.isfile(saved_path):
+        return True
+    saved = read_json(saved_path)
+    old = saved["train"]  # as a config again: settings added since then take their defaults
+    old = to_dict(TrainConfig(**{k: v for k, v in old.items() if k in to_dict(cfg)}))
+    changed = []
+    for key in resume_keys(TrainConfig):
+        was, new = old.get(key), getattr(cfg, key)
+        if key in BY_CONTENT:
+            if "reference" in saved:
+                continue
+            was, new = os.path.realpath(was), os.path.realpath(new)  # a run saved before fingerprints were
+        if was != new:
+            changed.append(f"--{key} {was} -> {new}")
+    if saved.get("reference", now["reference"]) != now["reference"]:
+        what = describe_difference(now["reference"], saved["reference"])
+        changed.append(f"the reference cache's inputs ({what}) differ from the run's")
+    for name, get in (("ZeRO stage", engine.zero_stage), ("precision", engine.ds_dtype)):
+        was, new = get(saved["deepspeed"]), get(now["deepspeed"])
+        if was != new:
+            changed.append(f"{name} {was} -> {new} (--deepspeed)")
+    if saved.get("world_size", now["world_size"]) != now["world_size"]:
+        changed.append(f"ranks {saved['world_size']} -> {now['world_size']}")
+    if changed:
+        raise UserError(f"{cfg.output_dir} holds a run that cannot continue with these settings: "
+                        f"{'; '.join(changed)}. Rerun with the run's own settings, or use a new --output_dir")
     return True
 
 
@@ -166,17 +196,21 @@ def restore(policy, ckpt_dir: str, window: Window) -> tuple[int, dict]:
     return start, {k: client[k] for k in ("num_tokens", "bco_mean", "bco_count") if k in client}
 
 
-def load_data(cfg: TrainConfig):
-    """(train split, its Reference, eval split or None, its Reference or None). Rank 0 alone hashes the data,
+def load_data(cfg: TrainConfig, dtype):
+    """(train split, its Reference, eval split or None, its Reference or None, the cache's fingerprint). Rank 0 alone hashes the data,
     the cache and the model's weights; the other ranks read what it verified."""
     splits = [s for s in ("train", "eval") if s in dist.on_main(lambda: read_report(cfg.data))["counts"]]
     cache = open_verified(cfg.ref_cache, cfg.data, cfg.model, splits, cfg.trust_remote_code)
     shared = cfg.ld_alpha is not None
     data = dist.on_every_rank(lambda: {s: load_split(cfg.data, s) for s in splits})
+    fp = cache.manifest["fingerprint"]
+    warning = precision_warning(cache, "train", engine.dtype_name(dtype), cfg.beta)
+    if warning:
+        dist.print0(warning)
     if "eval" not in splits:
         dist.print0(f"train: {cfg.data} has no eval split (prepared with --eval_fraction 0): no evaluation")
-        return data["train"], cache.reference("train", shared), None, None
-    return data["train"], cache.reference("train", shared), data["eval"], cache.reference("eval", shared)
+        return data["train"], cache.reference("train", shared), None, None, fp
+    return data["train"], cache.reference("train", shared), data["eval"], cache.reference("eval", shared), fp
 
 
 class Job:
@@ -201,11 +235,10 @@ class Job:
 def set_up(cfg: TrainConfig) -> Job:
     """Data and cache (verified once), the saved config, the engine, and the checkpoint to continue from."""
     launched = psutil.Process().create_time()
-    dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # checkpoints are written by every rank, read by all
     tokenizer = engine.open_model_dir(cfg)
     ds_config = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
-    train_ds, train_reference, eval_ds, eval_reference = load_data(cfg)
+    train_ds, train_reference, eval_ds, eval_reference, reference = load_data(cfg, engine.ds_dtype(ds_config))
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.dp_size()
     if len(train_ds) < global_size:
         raise UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
@@ -213,12 +246,10 @@ def set_up(cfg: TrainConfig) -> Job:
                         f"data-parallel ranks)")
     pad_id, eos_id = pad_and_eos(tokenizer)
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
-    resuming = check_resumable(cfg, ckpt_dir)
-    dist.barrier()  # every rank has read OUT/config.json before rank 0 replaces it
+    run = saved_run(cfg, ds_config, reference)
+    resuming = dist.on_main(lambda: check_resumable(cfg, ckpt_dir, run))  # before anything is rewritten
     if dist.is_main():
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        atomic_json(os.path.join(cfg.output_dir, "config.json"),
-                    {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size()})
+        atomic_json(os.path.join(cfg.output_dir, "config.json"), run)
     policy = engine.training_engine(cfg, ds_config)
     window = Window()
     start, counters = restore(policy, ckpt_dir, window) if resuming else (0, {})
@@ -306,10 +337,22 @@ def final_eval(cfg: TrainConfig) -> dict:
     return {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
 
 
+def after_fault(out_dir: str) -> str:
+    latest = os.path.join(out_dir, "checkpoints", "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            tag = f.read().strip()
+        return f"the last checkpoint ({tag} in {out_dir}/checkpoints) is intact; rerun the same command to resume it"
+    return "no checkpoint was written yet; rerun the same command to start again"
+
+
 def run(cfg: TrainConfig) -> dict:
-    job = set_up(cfg)
-    train_loop(job)
-    return finish(job)
+    on_fault(lambda: after_fault(cfg.output_dir))
+    dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
+    with owner.owned(cfg.output_dir, "training run", "--output_dir", "train"):
+        job = set_up(cfg)
+        train_loop(job)
+        return finish(job)
 
 
 def main(argv=None):
