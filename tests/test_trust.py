@@ -1,0 +1,253 @@
+"""Trust: a user's files are never destroyed or mixed with another run's, a resume is refused (in one line, with
+old and new values) before anything is rewritten, bad rows are named, a damaged cache is repaired, and a
+checkpoint cannot run code. The fault matrix (Ctrl-C, SIGTERM, a full disk, read-only storage) is in
+tests/test_faults.py.
+    scripts/test.sh tests/test_trust.py
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dpo_ds import config as C, owner, precompute, prepare, train
+from dpo_ds.errors import DataError, UserError
+from dpo_ds.ref_cache import open_cache
+from dpo_ds.report import MetricsLog, read_metrics
+from conftest import ROOT, child_env, run_module
+
+ZERO0 = os.path.join(ROOT, "ds_configs", "zero0_cpu.json")
+ZERO3 = os.path.join(ROOT, "ds_configs", "zero3_cpu.json")
+
+
+def tree(path) -> dict:
+    """{relative path: sha256} of every file below `path`."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = hashlib.sha256(open(full, "rb").read()).hexdigest()
+    return out
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+# ---------------------------------------------------------------- whose directory is it
+
+def test_prepare_never_deletes_what_it_did_not_write(tiny, tmp_path):
+    out = tmp_path / "X"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / "run_eval.py").write_text("keep")
+    with pytest.raises(UserError, match=r"holds eval, which is not prepared data"):
+        prepare.run(C.PrepareConfig(dataset=tiny[1], tokenizer=tiny[0], output_dir=str(out)))
+    assert (out / "eval" / "run_eval.py").read_text() == "keep"
+    (tmp_path / "Y").mkdir()
+    (tmp_path / "Y" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds notes.txt"):
+        prepare.run(C.PrepareConfig(dataset=tiny[1], tokenizer=tiny[0], output_dir=str(tmp_path / "Y")))
+    # its own output is replaced, as before
+    prepare.run(C.PrepareConfig(dataset=tiny[1], tokenizer=tiny[0], output_dir=str(tmp_path / "Z")))
+    prepare.run(C.PrepareConfig(dataset=tiny[1], tokenizer=tiny[0], output_dir=str(tmp_path / "Z")))
+
+
+def test_no_phase_writes_into_a_model_directory(tiny, prepared, cache, tmp_path):
+    model = tmp_path / "sft"
+    shutil.copytree(tiny[0], model)
+    before = tree(model)
+    with pytest.raises(UserError, match="is a model directory .*config.json, model.safetensors"):
+        train.run(C.TrainConfig(deepspeed=ZERO0, model=str(model), data=prepared, ref_cache=cache,
+                                output_dir=str(model)))
+    with pytest.raises(UserError, match="is a model directory"):
+        precompute.run(C.PrecomputeConfig(model=str(model), data=prepared, output_dir=str(model)))
+    with pytest.raises(UserError, match="is a model directory"):
+        prepare.run(C.PrepareConfig(dataset=tiny[1], tokenizer=str(model), output_dir=str(model)))
+    assert tree(model) == before, "not a byte of the model directory changed"
+
+
+HOLD = """
+import sys, time
+from dpo_ds import owner
+owner.claim(sys.argv[1], "prepared data", "--output_dir", "a test's holder")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_an_output_directory_has_one_owner_until_it_dies(tiny, prepared, cache, tmp_path):
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=child_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = r"is in use by another dpo_ds job \(a test's holder, pid \d+ on .*\); wait for it to end"
+        with pytest.raises(UserError, match=busy):
+            prepare.run(C.PrepareConfig(dataset=tiny[1], tokenizer=tiny[0], output_dir=str(out)))
+        with pytest.raises(UserError, match=busy):
+            precompute.run(C.PrecomputeConfig(model=tiny[0], data=prepared, output_dir=str(out)))
+        with pytest.raises(UserError, match=busy):
+            train.run(C.TrainConfig(deepspeed=ZERO0, model=tiny[0], data=prepared, ref_cache=cache,
+                                    output_dir=str(out)))
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its lock
+        holder.wait()
+    prepare.run(C.PrepareConfig(dataset=tiny[1], tokenizer=tiny[0], output_dir=str(out)))
+    # a directory of another kind is never mixed into
+    with pytest.raises(UserError, match="holds eval, prepare_report.json, train, which is not training run"):
+        train.run(C.TrainConfig(deepspeed=ZERO0, model=tiny[0], data=prepared, ref_cache=cache,
+                                output_dir=str(out)))
+
+
+def test_partial_last_metrics_line_is_dropped_and_a_broken_one_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "split": "train", "loss": 0.69}\n{"step": 2, "split": "train", "loss": 0.6}\n'
+                    '{"step": 3, "spl')  # a kill or a full disk mid-append
+    assert [r["step"] for r in read_metrics(str(path))] == [1, 2]
+    log = MetricsLog(str(tmp_path), resume_step=2)
+    log.write(3, "train", {"loss": 0.5})
+    log.close()
+    assert [r["step"] for r in read_metrics(str(path))] == [1, 2, 3]
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl line 2: not a JSON metrics row"):
+        read_metrics(str(path))
+
+
+# ---------------------------------------------------------------- resume: refused before anything is rewritten
+
+def train_cmd(tiny, prepared, cache, out, **kw):
+    args = {"deepspeed": ZERO0, "model": tiny[0], "data": prepared, "ref_cache": cache, "output_dir": out,
+            "learning_rate": 2e-3, "warmup_steps": 1, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 2,
+            "log_every": 1, "eval_every": 0, "save_every": 2, **kw}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def test_resume_compares_content_not_paths_and_refuses_in_one_line(tiny, prepared, cache, tmp_path):
+    out = tmp_path / "run"
+    run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out))
+    saved = (out / "config.json").read_bytes()
+    # the same model by another path (relative, or a copy of the same weights) continues the run
+    moved = tmp_path / "moved_model"
+    shutil.copytree(tiny[0], moved)
+    rows = read_metrics(out / "metrics.jsonl")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "split": "tr')  # and a cut line from a killed append does not stop it
+    p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, model=os.path.relpath(moved, ROOT)))
+    assert "train: already complete" in p.stdout
+    assert read_metrics(out / "metrics.jsonl") == rows
+    saved = (out / "config.json").read_bytes()
+    # another ZeRO stage, β and model: refused before config.json is rewritten, naming old and new values
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny[0], other)
+    from safetensors.torch import load_file, save_file
+    w = load_file(other / "model.safetensors")
+    save_file({k: v + 1e-3 for k, v in w.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=ZERO3, beta=0.2), check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert err[-1].startswith("error: ") and "--beta 0.1 -> 0.2" in err[-1] and "ZeRO stage 0 -> 3" in err[-1]
+    assert (out / "config.json").read_bytes() == saved
+    with pytest.raises(UserError, match="another reference model"):  # the cache itself refuses other weights
+        train.run(C.TrainConfig(deepspeed=ZERO0, model=str(other), data=prepared, ref_cache=cache, output_dir=str(out),
+                                micro_batch_size=2, grad_accum=2, max_steps=2, save_every=2))
+    assert (out / "config.json").read_bytes() == saved
+
+
+def test_planted_pickle_in_a_checkpoint_is_refused(tiny, prepared, cache, tmp_path):
+    """DeepSpeed unpickles its checkpoints with weights_only=False; dpo_ds loads them with weights_only=True."""
+    out = tmp_path / "run"
+    run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=ZERO3))
+    states = out / "checkpoints" / "step-0000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    clean = states.read_bytes()
+    marker = tmp_path / "pwned"
+    planted = torch.load(states, weights_only=False)
+    planted["extra"] = Payload(str(marker))
+    torch.save(planted, states)
+    p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=ZERO3), check=False)
+    assert p.returncode == 2 and not marker.exists(), "the payload did not run"
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {states}: refused to load: it holds 'posix.system'")
+    assert "Traceback" not in p.stderr
+    states.write_bytes(clean)  # the genuine checkpoint loads (optimizer states with ZeRO's own types too)
+    p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=ZERO3))
+    assert "train: already complete" in p.stdout
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+# ---------------------------------------------------------------- bad rows, named
+
+def test_pairs_identical_after_truncation_are_bad_rows(tiny, tmp_path):
+    same = "one two three four five six seven eight nine ten " * 4
+    rows = [{"prompt": "p", "chosen": same + "eleven", "rejected": same + "twelve"},
+            {"prompt": "q", "chosen": "good answer", "rejected": "bad answer"},
+            {"prompt": "r", "chosen": "fine", "rejected": "poor"}]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    cfg = dict(dataset=data, tokenizer=tiny[0], max_length=24, max_prompt_length=8, eval_fraction=0.0)
+    with pytest.raises(DataError, match=r"prefs.jsonl line 1: field 'rejected': identical to chosen in the first "
+                                        r"--max_length 24 tokens"):
+        prepare.run(C.PrepareConfig(output_dir=str(tmp_path / "a"), **cfg))
+    report = prepare.run(C.PrepareConfig(output_dir=str(tmp_path / "b"), on_bad_row="skip", **cfg))
+    assert report["counts"] == {"train": 2} and report["skipped_count"] == 1
+    assert report["skipped"][0]["where"].endswith("prefs.jsonl line 1")
+    assert prepare.run(C.PrepareConfig(output_dir=str(tmp_path / "c"), **{**cfg, "max_length": 512,
+                                                                          "max_prompt_length": 8}))["counts"] == {
+        "train": 3}, "long enough to differ: kept"
+
+
+def test_lone_surrogate_is_a_named_bad_row(tiny, tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", ['{"prompt": "hi", "chosen": "ok \\ud83d", "rejected": "no"}',
+                                                  {"prompt": "a", "chosen": "b", "rejected": "c"},
+                                                  {"prompt": "d", "chosen": "e", "rejected": "f"}])
+    p = run_module("dpo_ds.prepare", "--dataset", data, "--tokenizer", tiny[0], "--output_dir", tmp_path / "a",
+                   check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(
+        "error: " + data + " line 1: field 'chosen': not valid Unicode: a lone surrogate '\\ud83d' at character 3")
+    report = prepare.run(C.PrepareConfig(dataset=data, tokenizer=tiny[0], output_dir=str(tmp_path / "b"),
+                                         on_bad_row="skip", eval_fraction=0.0))
+    assert report["counts"] == {"train": 2} and report["skipped"][0]["field"] == "chosen"
+
+
+# ---------------------------------------------------------------- a damaged cache is repaired by a rerun
+
+def test_rerun_recomputes_exactly_the_damaged_shards(tiny, prepared, cache, tmp_path, capsys):
+    damaged = tmp_path / "cache"
+    shutil.copytree(cache, damaged)
+    shards = sorted((damaged / "train").glob("shard-*.arrow"))
+    changed, missing, kept = shards[0], shards[1], shards[2]
+    raw = bytearray(changed.read_bytes())
+    raw[-200] ^= 0xFF  # a flipped byte in a value
+    changed.write_bytes(bytes(raw))
+    missing.unlink()
+    shutil.copy(kept, damaged / "train" / "shard-00009-00099.arrow")  # a stray file the manifest does not list
+    kept_mtime = os.stat(kept).st_mtime_ns
+    with pytest.raises(UserError, match="rerun the precompute command that wrote the cache"):
+        open_cache(str(damaged), prepared)
+    cfg = C.PrecomputeConfig(model=tiny[0], data=prepared, output_dir=str(damaged), batch_size=8, shard_size=64)
+    precompute.run(cfg)
+    said = capsys.readouterr().out
+    assert "3 shard(s) of" in said and "recomputing exactly those" in said, said
+    assert os.stat(kept).st_mtime_ns == kept_mtime, "an intact shard is not rewritten"
+    assert tree(damaged / "train") == tree(os.path.join(cache, "train")), "the same values, byte for byte"
+    open_cache(str(damaged), prepared)  # verifies every hash
+    precompute.run(cfg)
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_owner_private_names_are_its_own():
+    assert owner.PRIVATE.fullmatch(".dpo_ds.lock") and owner.PRIVATE.fullmatch(".dpo_ds_shared_0123abcd")
+    assert not owner.PRIVATE.fullmatch(".dpo_dsx") and not owner.PRIVATE.fullmatch("dpo_ds.lock")
