@@ -180,6 +180,17 @@ def test_planted_pickle_in_a_checkpoint_is_refused(tiny, prepared, cache, tmp_pa
     assert "train: already complete" in p.stdout
 
 
+def test_export_is_readable_by_the_team_and_train_prints_no_warning(tiny, prepared, cache, tmp_path):
+    out = tmp_path / "run"
+    p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out))
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in os.listdir(out / "final"):
+        assert os.stat(out / "final" / name).st_mode & 0o777 == 0o666 & ~mask, name  # safetensors wrote 0600
+    assert "UserWarning" not in p.stderr, p.stderr[-2000:]
+    assert not (out / "final.tmp").exists() and not (out / "final.old").exists()
+
+
 class Payload:
     def __init__(self, path):
         self.path = path
@@ -251,3 +262,27 @@ def test_rerun_recomputes_exactly_the_damaged_shards(tiny, prepared, cache, tmp_
 def test_owner_private_names_are_its_own():
     assert owner.PRIVATE.fullmatch(".dpo_ds.lock") and owner.PRIVATE.fullmatch(".dpo_ds_shared_0123abcd")
     assert not owner.PRIVATE.fullmatch(".dpo_dsx") and not owner.PRIVATE.fullmatch("dpo_ds.lock")
+
+
+# ---------------------------------------------------------------- noise is not preference
+
+def test_margins_within_rounding_noise_are_ties():
+    from dpo_ds.loss import LossInputs, wins
+
+    ref = torch.tensor([-30.0, -30.0, -30.0, -30.0])
+    policy_chosen = ref + torch.tensor([1.5e-7, -1.5e-7, 1e-3, 0.0])  # rounding, rounding, a preference, exact
+    x = LossInputs(policy_chosen, ref, ref, ref, *[torch.ones(4)] * 2, policy_chosen)
+    assert wins(x, beta=0.1).tolist() == [False, False, True, False]
+
+
+def test_sft_model_against_its_own_cache_ties_in_every_layout(tiny, prepared, cache, capsys):
+    """The cache was written in the shared-prompt + packed layout; the plain layout rounds otherwise (margins of
+    ~1e-7), which counted as wins for about half the pairs before ties were counted as ties."""
+    from dpo_ds import evaluate
+
+    for layout in ({}, {"share_prompt": False, "packing": False}):
+        m = evaluate.run(C.EvalConfig(model=tiny[0], data=prepared, ref_cache=cache, split="train", **layout))
+        assert m["rewards/accuracies"] == 0.0 and abs(m["rewards/margins"]) < 1e-5, layout
+    evaluate.run(C.EvalConfig(model=tiny[0], data=prepared, ref_cache=cache, dtype="bf16"))
+    said = capsys.readouterr().out
+    assert "warning: the cache holds fp32 log-probs and the model runs in bf16: reward margins within about ±" in said
