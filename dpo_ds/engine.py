@@ -139,6 +139,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 def attn_implementation(requested: str, dtype: torch.dtype) -> str:
     """auto: flash_attention_2 where it can run (CUDA, flash-attn installed, a 16-bit dtype: it rejects fp32),
     sdpa otherwise."""
+    if requested == "flash_attention_2":
+        missing = [why for why, bad in (("the flash-attn package is not installed (pip install flash-attn)",
+                                         importlib.util.find_spec("flash_attn") is None),
+                                        ("it runs on CUDA GPUs only", not torch.cuda.is_available()),
+                                        ("it takes bf16/fp16 only", dtype not in (torch.bfloat16, torch.float16)))
+                   if bad]
+        if missing:
+            raise ConfigError(f"--attn_implementation flash_attention_2 cannot run here: {'; '.join(missing)}. "
+                              f"Use --attn_implementation auto (sdpa where flash-attn cannot run)")
     if requested != "auto":
         return requested
     if (torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None

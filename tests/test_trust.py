@@ -286,3 +286,28 @@ def test_sft_model_against_its_own_cache_ties_in_every_layout(tiny, prepared, ca
     evaluate.run(C.EvalConfig(model=tiny[0], data=prepared, ref_cache=cache, dtype="bf16"))
     said = capsys.readouterr().out
     assert "warning: the cache holds fp32 log-probs and the model runs in bf16: reward margins within about ±" in said
+
+
+def test_storage_without_locks_warns_and_storage_faults_are_named(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    owner.claim(str(tmp_path / "nfs"), "training run", "--output_dir", "train")
+    owner.release(str(tmp_path / "nfs"))
+    assert "warning: " + str(tmp_path / "nfs") + " is on storage without file locks" in capsys.readouterr().err
+    assert C.storage_fault(PermissionError(errno.EACCES, "Permission denied", "/shared/run/metrics.jsonl")) == \
+        "permission denied (/shared/run/metrics.jsonl)"
+    assert C.storage_fault(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2360832 vs 23"))
+    assert C.storage_fault(RuntimeError("Connection closed by peer")) is None
+
+
+def test_flash_attention_without_flash_attn_is_refused_in_one_line():
+    from dpo_ds import engine
+    from dpo_ds.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="flash_attention_2 cannot run here: .*CUDA GPUs only"):
+        engine.attn_implementation("flash_attention_2", torch.float32)
