@@ -10,6 +10,7 @@ import atexit
 import dataclasses
 import errno
 import json
+import math
 import os
 import signal
 import sys
@@ -127,11 +128,16 @@ class LossConfig:
                                 "for policy and reference alike (default: off, i.e. 1)", resume=True)
     use_weighting: bool = opt(False, "WPO: weight each pair by its responses' length-normalised, "
                                      "distribution-aligned policy probabilities", resume=True)
+    rpo_alpha: float = opt(None, "RPO as TRL names it: adds sft (the chosen responses' NLL per token) to the "
+                                 "loss with this weight, i.e. --loss_type ... sft --loss_weights ... α")
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):  # a job file may name one loss as a string
             self.loss_type = [self.loss_type]
         self.loss_type = list(self.loss_type or ["sigmoid"])
+        if self.rpo_alpha is not None and "sft" not in self.loss_type:  # (a saved run already lists sft)
+            self.loss_weights = list(self.loss_weights or [1.0] * len(self.loss_type)) + [self.rpo_alpha]
+            self.loss_type.append("sft")
         if self.loss_weights is not None:
             try:
                 self.loss_weights = [float(w) for w in self.loss_weights]
@@ -196,6 +202,8 @@ class TrainConfig(LossConfig, ModelConfig):
     max_steps: int = opt(1000, "optimizer steps", resume=True)
     warmup_steps: int = opt(None, "linear warm-up steps (default: 50, or max_steps / 20 when that is fewer)",
                             resume=True)
+    warmup_ratio: float = opt(None, "warm-up as a fraction of --max_steps, rounded up (TRL's way to give it; "
+                                    "instead of --warmup_steps)")
     micro_batch_size: int = opt(2, "preference pairs per device per forward", resume=True)
     grad_accum: int = opt(8, "micro-batches per optimizer step", resume=True)
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -213,11 +221,14 @@ class TrainConfig(LossConfig, ModelConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.warmup_steps is None and isinstance(self.max_steps, int):
-            self.warmup_steps = min(50, self.max_steps // 20)
+            ratio = self.warmup_ratio
+            self.warmup_steps = min(50, self.max_steps // 20) if ratio is None else math.ceil(ratio * self.max_steps)
 
     def check(self):
         _positive(self, "learning_rate", "max_steps", "micro_batch_size", "grad_accum",
                   "log_every", "logp_chunk_size", "sequence_parallel_size")
+        if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1]")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"--warmup_steps {self.warmup_steps} must be between 0 and --max_steps "
                               f"{self.max_steps}")
@@ -234,6 +245,14 @@ class EvalConfig(LossConfig, InferenceConfig):
     def check(self):
         _positive(self, "batch_size", "logp_chunk_size", "sequence_parallel_size")
         self.check_loss()
+
+
+# the names TRL and the HF Trainer give the same settings: the flag shown first in --help and accepted in job
+# files; the dpo_ds name stays an alias (existing job files, and the config.json of saved runs, use it)
+TRL_NAMES = {"micro_batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+             "lr_schedule": "lr_scheduler_type", "log_every": "logging_steps", "eval_every": "eval_steps",
+             "save_every": "save_steps"}
+FROM_TRL = {trl: name for name, trl in TRL_NAMES.items()}
 
 
 def _positive(cfg, *names):
@@ -284,7 +303,8 @@ def build_parser(cls, prog=None, doc=None) -> argparse.ArgumentParser:
             kw["metavar"] = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else f.name.upper()
         if f.name == "local_rank":
             kw["help"] = argparse.SUPPRESS
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if f.name == "local_rank" else [])
+        names = ([f"--{TRL_NAMES[f.name]}"] if f.name in TRL_NAMES else []) + [f"--{f.name}"] + \
+            ([f"--{f.name.replace('_', '-')}"] if f.name == "local_rank" else [])
         (required if meta["required"] else optional).add_argument(*names, **kw)
     return parser
 
@@ -315,6 +335,10 @@ def load_job_file(cls, path):
     except json.JSONDecodeError as e:
         raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
     known = {f.name: _kind(f.type) for f in dataclasses.fields(cls)}
+    both = [k for k in values if k in FROM_TRL and FROM_TRL[k] in values]
+    if both:
+        raise ConfigError(f"--config {path}: {both[0]} and {FROM_TRL[both[0]]} name one setting; give one")
+    values = {FROM_TRL.get(k, k) if FROM_TRL.get(k) in known else k: v for k, v in values.items()}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"--config {path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")

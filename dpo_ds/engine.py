@@ -464,11 +464,12 @@ def safe_load(path: str, map_location=None):
                             f"from a trusted copy, or start over in a new --output_dir") from None
 
 
-def export_hf(lm, source_dir: str, out_dir: str) -> None:
+def export_hf(lm, source_dir: str, out_dir: str, card=None) -> None:
     """Write the HF model `lm` (the policy inside a training engine: `engine.module.lm`) as an HF checkpoint
     (safetensors), tokenizer files copied byte for byte. Collective: under ZeRO-3 its parameters are
     partitioned (a plain save writes empty tensors), so each is gathered in turn and rank 0 keeps a copy;
-    peak memory is the full model on rank 0 plus one parameter elsewhere."""
+    peak memory is the full model on rank 0 plus one parameter elsewhere. `card()`: the README.md written
+    beside the weights (rank 0)."""
     import deepspeed
 
     state = {}
@@ -478,10 +479,10 @@ def export_hf(lm, source_dir: str, out_dir: str) -> None:
         with deepspeed.zero.GatheredParameters([param]):
             if dist.is_main():
                 state[name] = param.detach().to("cpu", copy=True)
-    dist.on_main(lambda: _save_hf(lm, state, source_dir, out_dir))  # its failure stops every rank
+    dist.on_main(lambda: _save_hf(lm, state, source_dir, out_dir, card))  # its failure stops every rank
 
 
-def _save_hf(lm, state: dict, source_dir: str, out_dir: str) -> None:
+def _save_hf(lm, state: dict, source_dir: str, out_dir: str, card=None) -> None:
     persistent = lm.state_dict().keys()
     state.update({name: b.detach().cpu() for name, b in lm.named_buffers() if name in persistent})
     tmp, old = out_dir + ".tmp", out_dir + ".old"
@@ -492,6 +493,9 @@ def _save_hf(lm, state: dict, source_dir: str, out_dir: str) -> None:
     for name in os.listdir(source_dir):
         if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
             shutil.copy2(os.path.join(source_dir, name), tmp)
+    if card is not None:
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(card())
     files.make_durable(tmp)
     # a crash leaves out_dir (old or new) or, between the renames, out_dir.old, which the next export removes
     if os.path.isdir(out_dir):

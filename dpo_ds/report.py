@@ -96,5 +96,12 @@ def plot(out_dir: str) -> str:
     return path
 
 
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not os.path.isfile(os.path.join(argv[0], "metrics.jsonl")):
+        raise SystemExit("usage: python -m dpo_ds.report RUN_DIR   (a directory with metrics.jsonl)")
+    print(plot(argv[0]))
+
+
 if __name__ == "__main__":
-    print(plot(sys.argv[1]))
+    main()

@@ -20,7 +20,7 @@ import torch
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from dpo_ds import dist, engine, owner
+from dpo_ds import dist, engine, model_card, owner
 from dpo_ds.batching import pad_and_eos, take
 from dpo_ds.config import TrainConfig, main_guard, on_fault, parse, resume_keys, to_dict
 from dpo_ds.data import load_split, read_report
@@ -320,7 +320,8 @@ def finish(job: Job) -> dict:
     finished_before = job.start == cfg.max_steps
     exported = dist.on_main(lambda: os.path.isdir(final_dir))  # one answer: export is collective
     if not (finished_before and exported):
-        engine.export_hf(job.policy.module.lm, cfg.model, final_dir)
+        run = read_json(os.path.join(cfg.output_dir, "config.json")) if dist.is_main() else None
+        engine.export_hf(job.policy.module.lm, cfg.model, final_dir, card=lambda: model_card.render(cfg, run))
     dist.barrier()  # rank 0's MetricsLog has rewritten metrics.jsonl (a finished run's rerun exports nothing)
     final = dist.on_main(lambda: final_eval(cfg))
     if job.log:

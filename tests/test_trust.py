@@ -189,6 +189,10 @@ def test_export_is_readable_by_the_team_and_train_prints_no_warning(tiny, prepar
         assert os.stat(out / "final" / name).st_mode & 0o777 == 0o666 & ~mask, name  # safetensors wrote 0600
     assert "UserWarning" not in p.stderr, p.stderr[-2000:]
     assert not (out / "final.tmp").exists() and not (out / "final.old").exists()
+    card = (out / "final" / "README.md").read_text()  # (issue 27) the model card, in the Hub's format
+    assert card.startswith("---\nbase_model: model\nlibrary_name: transformers\n")
+    assert "| loss | 1·sigmoid (β 0.1) |" in card and "| rewards/accuracies |" in card
+    assert "python -m dpo_ds.train --deepspeed" in card
 
 
 class Payload:

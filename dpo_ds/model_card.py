@@ -1,0 +1,72 @@
+"""OUT/final/README.md: a model card in the Hub's format, written with the export (rank 0).
+
+YAML front matter (base model, library, tags, datasets when the data came from a named hub dataset), then what
+was trained, on what, with which settings, the held-out metrics before (step 0) and after, the reference
+cache's fingerprint, and the command that produced it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+
+from dpo_ds.data import read_report
+from dpo_ds.report import read_metrics
+from dpo_ds.sources import NAMED
+
+SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "logps/win_rate", "logps/chosen", "logps/rejected")
+
+
+def base_model(model_dir: str) -> str:
+    """The hub id the SFT checkpoint was saved from when its config names one, else the directory's name."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            name = json.load(f).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        name = ""
+    return name if name.count("/") == 1 and not os.path.isabs(name) else os.path.basename(os.path.abspath(model_dir))
+
+
+def render(cfg, run: dict) -> str:
+    """`cfg` a TrainConfig, `run` what OUT/config.json records (train.saved_run)."""
+    report = read_report(cfg.data)
+    source = NAMED.get(report.get("source"))
+    evals = [r for r in read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl")) if r["split"] == "eval"]
+    before = next((r for r in evals if r["step"] == 0), None)
+    after = next((r for r in reversed(evals) if r["step"] == cfg.max_steps), None)
+    losses = " + ".join(f"{w:g}·{t}" for t, w in zip(cfg.loss_type, cfg.weights()))
+    front = ["---", f"base_model: {base_model(cfg.model)}", "library_name: transformers",
+             "tags: [dpo, dpo_ds, deepspeed]"] + (["datasets:", f"  - {source.hub_id}"] if source else []) + ["---"]
+    lines = front + [
+        "", f"# {os.path.basename(os.path.abspath(cfg.output_dir))}", "",
+        f"`{base_model(cfg.model)}` trained with Direct Preference Optimization by dpo_ds, against a "
+        f"precomputed reference cache (one model in memory).", "",
+        "## Training", "",
+        "| setting | value |", "|---|---|",
+        f"| loss | {losses} (β {cfg.beta}) |",
+        f"| steps | {cfg.max_steps}, warm-up {cfg.warmup_steps}, {cfg.lr_schedule} decay, peak lr {cfg.learning_rate:g} |",
+        f"| global batch | {cfg.micro_batch_size} per device × {cfg.grad_accum} accumulation × "
+        f"{run['world_size'] // cfg.sequence_parallel_size} data-parallel ranks |",
+        f"| DeepSpeed | ZeRO stage {run['deepspeed'].get('zero_optimization', {}).get('stage', 0)}, "
+        f"{run['world_size']} rank(s), sequence parallel {cfg.sequence_parallel_size} |",
+        f"| data | {report.get('source')}: {report['counts'].get('train', 0)} train / "
+        f"{report['counts'].get('eval', 0)} held-out pairs, max length {report['settings']['max_length']} |",
+        f"| reference cache | sha256 of the SFT weights {run['reference']['model']['weights'][:16]}…, of the "
+        f"prepared data {run['reference']['data'][:16]}…; {run['reference']['dtype']} log-probs |", "",
+    ]
+    if after:  # the SFT model's column when step 0 was evaluated (--eval_every > 0)
+        cols = [("before (SFT)", before)] * bool(before) + [(f"after {cfg.max_steps} steps", after)]
+        lines += ["## Held-out metrics", "", "| metric | " + " | ".join(c for c, _ in cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]
+        lines += [f"| {k} | " + " | ".join(f"{r[k]:.4f}" for _, r in cols) + " |" for k in SHOWN if k in after]
+        lines += [""]
+    lines += ["## Reproduce", "", "The command (rank 0's) that trained it:", "", "```", command(), "```", ""]
+    return "\n".join(lines)
+
+
+def command() -> str:
+    argv = list(sys.argv)
+    if argv[0].endswith(os.path.join("dpo_ds", "train.py")):  # python -m dpo_ds.train / deepspeed --module
+        argv[:1] = ["python", "-m", "dpo_ds.train"]
+    return shlex.join(argv)
