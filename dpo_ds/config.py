@@ -416,6 +416,7 @@ def main_guard(fn):
         _fail(str(e), 2)
     except (KeyboardInterrupt, Stopped) as e:
         ctrl_c = isinstance(e, KeyboardInterrupt)
+        print(flush=True)  # a signal lands anywhere, also between a print's text and its newline
         _fail(f"{'interrupted (Ctrl-C)' if ctrl_c else 'stopped by SIGTERM'}; {_after()}", 130 if ctrl_c else 143)
     except (OSError, RuntimeError) as e:  # (no torch import here: torch.distributed's errors are RuntimeErrors)
         fault = storage_fault(e)

@@ -46,10 +46,13 @@ def launch(module, *args, signal_at=None, sig=signal.SIGINT, timeout=300):
 
 
 def assert_one_line(rc, out, *expected):
-    """The run ended in `error: …` (at the start of a line), at most 3 lines from there, no traceback."""
+    """The run ended in `error: …` (at the start of a line as a terminal shows it), at most 3 lines from there,
+    no traceback."""
     assert rc not in (0, None), out[-2000:]
     assert "Traceback" not in out and "[rank0]" not in out, out[-4000:]
-    lines = out.rstrip().split("\n")
+    # what a terminal shows of each line: the text after its last carriage return (a progress bar that erased
+    # itself, as transient bars do, leaves "\r   \r" before the next text)
+    lines = [line.split("\r")[-1] for line in out.rstrip().split("\n")]
     first = max(i for i, line in enumerate(lines) if line.startswith("error: "))
     assert len(lines) - first <= 3, lines[first:]
     for text in expected:
@@ -91,6 +94,29 @@ def remount(path, options):
     subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
 
 
+def interrupted_then_full(module, args, marker, disk_dir, leave_bytes, *expected):
+    """On one output directory of a tmpfs: SIGINT, then SIGTERM (each at `marker`), then a run on a disk full
+    but `leave_bytes`: each ends in one line with `expected` in it. -> a function that makes room again."""
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        rc, text, sent = launch(module, *args, signal_at=marker, sig=sig)
+        if sent:  # (a machine fast enough to finish first has nothing to interrupt)
+            assert rc == code
+            assert_one_line(rc, text, *expected)
+    make_room = fill(disk_dir, leave_bytes)
+    rc, text, _ = launch(module, *args)
+    assert rc == 4
+    assert_one_line(rc, text, "error: ", "no space left" if "write failed" not in text else "disk is probably full",
+                    *expected)
+    return make_room
+
+
+def read_only(disk_dir, module, args, *expected):
+    remount(disk_dir, "ro")
+    rc, text, _ = launch(module, *args)
+    assert rc == 2
+    assert_one_line(rc, text, *expected)
+
+
 # ---------------------------------------------------------------- prepare
 
 def prepare_args(tiny, out):
@@ -102,31 +128,15 @@ def same_prepared(out, prepared):
     return report["fingerprint"] == json.load(open(os.path.join(prepared, "prepare_report.json")))["fingerprint"]
 
 
-def test_prepare_faults(tiny, prepared, tmp_path, disk):
-    out = tmp_path / "data"
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        rc, text, sent = launch("dpo_ds.prepare", *prepare_args(tiny, out), signal_at="tokenize train", sig=sig)
-        if sent:  # (a machine fast enough to finish first has nothing to interrupt)
-            assert rc == code
-            assert_one_line(rc, text, "error: ", "rerun the same command")
-    run_module("dpo_ds.prepare", *prepare_args(tiny, out))
-    assert same_prepared(out, prepared)
-    full = disk("full")
-    make_room = fill(full, 8 * 1024)
-    rc, text, _ = launch("dpo_ds.prepare", *prepare_args(tiny, full / "data"))
-    assert rc == 4
-    assert_one_line(rc, text, "error: no space left on the device", "holds no usable data until prepare writes")
+def test_prepare_faults(tiny, prepared, disk):
+    d = disk("d")
+    make_room = interrupted_then_full("dpo_ds.prepare", prepare_args(tiny, d / "data"), "tokenize train", d, 8 * 1024,
+                                      "holds no usable data until prepare writes prepare_report.json last; rerun")
     make_room()
-    run_module("dpo_ds.prepare", *prepare_args(tiny, full / "data"))
-    assert same_prepared(full / "data", prepared)
-    ro = disk("ro", read_only=True)
-    rc, text, _ = launch("dpo_ds.prepare", *prepare_args(tiny, ro / "data"))
-    assert rc == 2
-    assert_one_line(rc, text, f"error: --output_dir {ro / 'data'}: cannot create it or write there (Read-only file "
-                              f"system); nothing was written")
-    remount(ro, "rw")
-    run_module("dpo_ds.prepare", *prepare_args(tiny, ro / "data"))
-    assert same_prepared(ro / "data", prepared)
+    run_module("dpo_ds.prepare", *prepare_args(tiny, d / "data"))
+    assert same_prepared(d / "data", prepared)
+    read_only(d, "dpo_ds.prepare", prepare_args(tiny, d / "again"), f"error: --output_dir {d / 'again'}: cannot "
+              f"create it or write there (Read-only file system); nothing was written")
 
 
 # ---------------------------------------------------------------- precompute
@@ -144,28 +154,16 @@ def same_cache(out, prepared, cache):
     return True
 
 
-def test_precompute_faults(tiny, prepared, cache, tmp_path, disk):
-    out = tmp_path / "cache"
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        rc, text, sent = launch("dpo_ds.precompute", *precompute_args(tiny, prepared, out),
-                                signal_at="precompute: layout", sig=sig)
-        if sent:
-            assert rc == code
-            assert_one_line(rc, text, "complete shard(s) in", "are kept; rerun the same command")
-    run_module("dpo_ds.precompute", *precompute_args(tiny, prepared, out))
-    assert same_cache(out, prepared, cache)
-    full = disk("full")
-    make_room = fill(full, 20 * 1024)
-    rc, text, _ = launch("dpo_ds.precompute", *precompute_args(tiny, prepared, full / "cache"))
-    assert rc == 4
-    assert_one_line(rc, text, "error: no space left on the device", "are kept; rerun the same command")
+def test_precompute_faults(tiny, prepared, cache, disk):
+    d = disk("d")
+    args = precompute_args(tiny, prepared, d / "cache")
+    make_room = interrupted_then_full("dpo_ds.precompute", args, "precompute: layout", d, 20 * 1024,
+                                      "complete shard(s) in", "are kept; rerun the same command")
     make_room()
-    run_module("dpo_ds.precompute", *precompute_args(tiny, prepared, full / "cache"))
-    assert same_cache(full / "cache", prepared, cache)
-    ro = disk("ro", read_only=True)
-    rc, text, _ = launch("dpo_ds.precompute", *precompute_args(tiny, prepared, ro / "cache"))
-    assert rc == 2
-    assert_one_line(rc, text, "cannot create it or write there (Read-only file system); nothing was written")
+    run_module("dpo_ds.precompute", *args)
+    assert same_cache(d / "cache", prepared, cache)
+    read_only(d, "dpo_ds.precompute", precompute_args(tiny, prepared, d / "again"),
+              "cannot create it or write there (Read-only file system); nothing was written")
 
 
 # ---------------------------------------------------------------- train
@@ -176,77 +174,56 @@ def train_args(tiny, prepared, cache, out):
             "--max_steps", 6, "--log_every", 1, "--eval_every", 3, "--save_every", 2]
 
 
-def same_run(out, want):
-    """The metrics of every step and eval (but the timing) are the uninterrupted run's."""
-    got = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(os.path.join(out, "metrics.jsonl"))]
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        assert a.keys() == b.keys() and a["step"] == b["step"] and a["split"] == b["split"]
-        for k in a:
-            if isinstance(a[k], float):
-                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
-    return True
+def metrics_but_timing(out):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(os.path.join(out, "metrics.jsonl"))]
 
 
 def test_train_faults(tiny, prepared, cache, tmp_path, disk):
-    base = tmp_path / "base"
-    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, base))
-    want = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(base / "metrics.jsonl")]
-    out = tmp_path / "run"
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        rc, text, sent = launch("dpo_ds.train", *train_args(tiny, prepared, cache, out),
-                                signal_at="train: first step done", sig=sig)
-        if sent:
-            assert rc == code
-            assert_one_line(rc, text, "rerun the same command to ")
-    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out))
-    assert same_run(out, want)
-    # a full disk while the second checkpoint is written (the first fits: ~10 MB each)
-    full = disk("full", size=64 * MiB)
-    make_room = fill(full, 14 * MiB)
-    rc, text, _ = launch("dpo_ds.train", *train_args(tiny, prepared, cache, full / "run"))
-    assert rc == 4
-    assert_one_line(rc, text, "error: ", "the disk is probably full" if "write failed" in text else "no space left",
-                    "the last checkpoint (step-0000002 in", "is intact; rerun the same command to resume it")
+    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, tmp_path / "base"))
+    want = metrics_but_timing(tmp_path / "base")
+    d = disk("d", size=64 * MiB)
+    args = train_args(tiny, prepared, cache, d / "run")
+    # the full disk fails while a checkpoint is written (~10 MB each; one more fits in 14 MB)
+    make_room = interrupted_then_full("dpo_ds.train", args, "train: first step done", d, 14 * MiB,
+                                      "rerun the same command to ")
     make_room()
-    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, full / "run"))
-    assert same_run(full / "run", want)
-    ro = disk("ro", read_only=True)
-    rc, text, _ = launch("dpo_ds.train", *train_args(tiny, prepared, cache, ro / "run"))
-    assert rc == 2
-    assert_one_line(rc, text, "cannot create it or write there (Read-only file system); nothing was written")
+    run_module("dpo_ds.train", *args)
+    got = metrics_but_timing(d / "run")
+    assert [(r["step"], r["split"]) for r in got] == [(r["step"], r["split"]) for r in want]
+    for a, b in zip(got, want):  # every step and eval of the uninterrupted run
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (a["step"], k)
+    read_only(d, "dpo_ds.train", train_args(tiny, prepared, cache, d / "again"),
+              "cannot create it or write there (Read-only file system); nothing was written")
 
 
 # ---------------------------------------------------------------- evaluate
 
-def test_evaluate_faults(tiny, prepared, cache, tmp_path, disk):
+def test_evaluate_faults(tiny, prepared, cache, disk):
     args = ["--model", tiny[0], "--data", prepared, "--ref_cache", cache, "--split", "train", "--batch_size", 2]
     want = evaluate.run(C.EvalConfig(model=tiny[0], data=prepared, ref_cache=cache, split="train", batch_size=2))
-    out = tmp_path / "eval.json"
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        rc, text, sent = launch("dpo_ds.evaluate", *args, "--output", out, signal_at="eval (rank 0)", sig=sig)
-        if sent:
-            assert rc == code
-            assert_one_line(rc, text, f"nothing was written to {out}; rerun the same command")
-            assert not out.exists()
+    d = disk("d")
+    out = d / "eval.json"
+    make_room = interrupted_then_full("dpo_ds.evaluate", args + ["--output", out], "eval (rank 0)", d, 0,
+                                      f"nothing was written to {out}; rerun the same command")
+    assert not out.exists() and os.listdir(d) == ["filler"], "not even a temporary file"
+    make_room()
     run_module("dpo_ds.evaluate", *args, "--output", out)
     assert json.load(open(out)) == pytest.approx(want)
-    full = disk("full")
-    make_room = fill(full, 0)
-    rc, text, _ = launch("dpo_ds.evaluate", *args, "--output", full / "eval.json")
-    assert rc == 4
-    assert_one_line(rc, text, "error: no space left on the device", "nothing was written")
-    make_room()
-    run_module("dpo_ds.evaluate", *args, "--output", full / "eval.json")
-    assert json.load(open(full / "eval.json")) == pytest.approx(want)
-    ro = disk("ro", read_only=True)
-    rc, text, _ = launch("dpo_ds.evaluate", *args, "--output", ro / "eval.json")
-    assert rc == 2
-    assert_one_line(rc, text, f"error: --output {ro / 'eval.json'}: cannot write in {ro} (Read-only file system); "
-                              f"nothing was computed")
-    # a file that is not an earlier output of evaluate is never overwritten
+    read_only(d, "dpo_ds.evaluate", args + ["--output", d / "again.json"],
+              f"error: --output {d / 'again.json'}: cannot write in {d} (Read-only file system); nothing was computed")
+
+
+def test_evaluate_never_overwrites_a_file_it_did_not_write(tmp_path):
+    from dpo_ds import owner
+    from dpo_ds.errors import UserError
+
     mine = tmp_path / "notes.json"
     mine.write_text('{"mine": 1}')
-    rc, text, _ = launch("dpo_ds.evaluate", *args, "--output", mine)
-    assert_one_line(rc, text, "exists and is not an earlier output of this command")
+    with pytest.raises(UserError, match="exists and is not an earlier output of this command"):
+        owner.check_output_file(str(mine), "--output", evaluate.OUTPUT_KEYS)
     assert mine.read_text() == '{"mine": 1}'
+    mine.write_text(json.dumps({"split": "eval", "model": "m", "examples": 3}))
+    owner.check_output_file(str(mine), "--output", evaluate.OUTPUT_KEYS)  # an earlier output: replaced

@@ -164,7 +164,8 @@ def test_resume_compares_content_not_paths_and_refuses_in_one_line(tiny, prepare
 def test_planted_pickle_in_a_checkpoint_is_refused(tiny, prepared, cache, tmp_path):
     """DeepSpeed unpickles its checkpoints with weights_only=False; dpo_ds loads them with weights_only=True."""
     out = tmp_path / "run"
-    run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=ZERO3))
+    p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=ZERO3))
+    check_export(out, p)
     states = out / "checkpoints" / "step-0000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     clean = states.read_bytes()
     marker = tmp_path / "pwned"
@@ -180,16 +181,16 @@ def test_planted_pickle_in_a_checkpoint_is_refused(tiny, prepared, cache, tmp_pa
     assert "train: already complete" in p.stdout
 
 
-def test_export_is_readable_by_the_team_and_train_prints_no_warning(tiny, prepared, cache, tmp_path):
-    out = tmp_path / "run"
-    p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out))
+def check_export(out, p):
+    """The export's files are readable by the team (safetensors writes 0600: the umask decides), it comes with
+    a model card in the Hub's format (issue 27), and train printed no UserWarning."""
     mask = os.umask(0)
     os.umask(mask)
     for name in os.listdir(out / "final"):
-        assert os.stat(out / "final" / name).st_mode & 0o777 == 0o666 & ~mask, name  # safetensors wrote 0600
+        assert os.stat(out / "final" / name).st_mode & 0o777 == 0o666 & ~mask, name
     assert "UserWarning" not in p.stderr, p.stderr[-2000:]
     assert not (out / "final.tmp").exists() and not (out / "final.old").exists()
-    card = (out / "final" / "README.md").read_text()  # (issue 27) the model card, in the Hub's format
+    card = (out / "final" / "README.md").read_text()
     assert card.startswith("---\nbase_model: model\nlibrary_name: transformers\n")
     assert "| loss | 1·sigmoid (β 0.1) |" in card and "| rewards/accuracies |" in card
     assert "python -m dpo_ds.train --deepspeed" in card
