@@ -36,8 +36,9 @@ def render(cfg, run: dict) -> str:
     before = next((r for r in evals if r["step"] == 0), None)
     after = next((r for r in reversed(evals) if r["step"] == cfg.max_steps), None)
     losses = " + ".join(f"{w:g}·{t}" for t, w in zip(cfg.loss_type, cfg.weights()))
+    datasets = ["datasets:", f"  - {source.hub_id}"] if source else []
     front = ["---", f"base_model: {base_model(cfg.model)}", "library_name: transformers",
-             "tags: [dpo, dpo_ds, deepspeed]"] + (["datasets:", f"  - {source.hub_id}"] if source else []) + ["---"]
+             "tags: [dpo, dpo_ds, deepspeed]", *datasets, "---"]
     lines = front + [
         "", f"# {os.path.basename(os.path.abspath(cfg.output_dir))}", "",
         f"`{base_model(cfg.model)}` trained with Direct Preference Optimization by dpo_ds, against a "
@@ -45,7 +46,8 @@ def render(cfg, run: dict) -> str:
         "## Training", "",
         "| setting | value |", "|---|---|",
         f"| loss | {losses} (β {cfg.beta}) |",
-        f"| steps | {cfg.max_steps}, warm-up {cfg.warmup_steps}, {cfg.lr_schedule} decay, peak lr {cfg.learning_rate:g} |",
+        f"| steps | {cfg.max_steps}, warm-up {cfg.warmup_steps}, {cfg.lr_schedule} decay, "
+        f"peak lr {cfg.learning_rate:g} |",
         f"| global batch | {cfg.micro_batch_size} per device × {cfg.grad_accum} accumulation × "
         f"{run['world_size'] // cfg.sequence_parallel_size} data-parallel ranks |",
         f"| DeepSpeed | ZeRO stage {run['deepspeed'].get('zero_optimization', {}).get('stage', 0)}, "

@@ -197,8 +197,9 @@ def restore(policy, ckpt_dir: str, window: Window) -> tuple[int, dict]:
 
 
 def load_data(cfg: TrainConfig, dtype):
-    """(train split, its Reference, eval split or None, its Reference or None, the cache's fingerprint). Rank 0 alone hashes the data,
-    the cache and the model's weights; the other ranks read what it verified."""
+    """(train split, its Reference, eval split or None, its Reference or None, the cache's fingerprint). Rank 0
+    alone hashes the data, the cache and the model's weights; the other ranks read what it verified. Warns when
+    the training `dtype` is not the cache's."""
     splits = [s for s in ("train", "eval") if s in dist.on_main(lambda: read_report(cfg.data))["counts"]]
     cache = open_verified(cfg.ref_cache, cfg.data, cfg.model, splits, cfg.trust_remote_code)
     shared = cfg.ld_alpha is not None
