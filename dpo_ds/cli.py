@@ -10,7 +10,7 @@
     dpo-ds --version
 
 On several ranks the launcher runs the same command on each:
-    deepspeed --num_gpus 8 $(which dpo-ds) train ...        (or: deepspeed --module dpo_ds.train ...)
+    deepspeed --num_gpus 8 --no_python dpo-ds train ...     (or: deepspeed --module dpo_ds.train ...)
 `dpo-ds COMMAND --help` lists a command's flags.
 """
 from __future__ import annotations

@@ -106,6 +106,8 @@ class PrecomputeConfig(InferenceConfig):
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")  # see dpo_ds/loss.py
+# spellings of the same loss in other TRL versions: TRL before 0.20 called the unpaired AOT variant "aot_pair"
+LOSS_ALIASES = {"aot_pair": "aot_unpaired"}
 SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "sigmoid_norm")  # read --label_smoothing
 F_DIVERGED = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm")  # read --f_divergence
 EXO_EPSILON = 1e-3  # exo_pair's label smoothing when none is given (EXO's own default)
@@ -134,7 +136,7 @@ class LossConfig:
     def __post_init__(self):
         if isinstance(self.loss_type, str):  # a job file may name one loss as a string
             self.loss_type = [self.loss_type]
-        self.loss_type = list(self.loss_type or ["sigmoid"])
+        self.loss_type = [LOSS_ALIASES.get(t, t) for t in self.loss_type or ["sigmoid"]]
         if self.rpo_alpha is not None and "sft" not in self.loss_type:  # (a saved run already lists sft)
             self.loss_weights = list(self.loss_weights or [1.0] * len(self.loss_type)) + [self.rpo_alpha]
             self.loss_type.append("sft")
@@ -199,7 +201,9 @@ class TrainConfig(LossConfig, ModelConfig):
     config: str = opt(None, "JSON job file; flags override its values")
     learning_rate: float = opt(5e-7, "peak learning rate", resume=True)
     lr_schedule: str = opt("linear", "decay after warm-up", choices=["linear", "cosine", "constant"], resume=True)
-    max_steps: int = opt(1000, "optimizer steps", resume=True)
+    max_steps: int = opt(None, "optimizer steps (default: 1000, unless --num_train_epochs gives them)", resume=True)
+    num_train_epochs: float = opt(None, "passes over the train split instead of --max_steps: max_steps = "
+                                        "ceil(epochs x pairs // global batch), known once the data is loaded")
     warmup_steps: int = opt(None, "linear warm-up steps (default: 50, or max_steps / 20 when that is fewer)",
                             resume=True)
     warmup_ratio: float = opt(None, "warm-up as a fraction of --max_steps, rounded up (TRL's way to give it; "
@@ -217,22 +221,47 @@ class TrainConfig(LossConfig, ModelConfig):
     resume: str = opt("auto", "auto: continue from the latest complete checkpoint in OUT/checkpoints; "
                               "never: refuse to start over an existing run", choices=["auto", "never"])
     seed: int = opt(42, "data order and initialisation of everything random", resume=True)
+    report_to: list = opt(None, "where metric rows go besides OUT/metrics.jsonl: tensorboard, wandb, mlflow, "
+                                "trackio, all (the installed ones) or none (default: tensorboard; README: tracking)")
+    run_name: str = opt(None, "the run's name in the trackers and report.png (default: --output_dir's last part)")
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.report_to, str):  # a job file may name one tracker as a string, as TRL's may
+            self.report_to = [self.report_to]
+        self.report_to = list(self.report_to or ["tensorboard"])
+        if self.max_steps is None and self.num_train_epochs is None:
+            self.max_steps = 1000
+        self.run_name = self.run_name or os.path.basename(os.path.normpath(self.output_dir or "run"))
+        self.set_warmup()
+
+    def set_warmup(self):
         if self.warmup_steps is None and isinstance(self.max_steps, int):
             ratio = self.warmup_ratio
             self.warmup_steps = min(50, self.max_steps // 20) if ratio is None else math.ceil(ratio * self.max_steps)
 
+    def set_epochs(self, steps_per_epoch: int) -> None:
+        """--num_train_epochs as steps, once the train split's size (in global batches) is known."""
+        if self.num_train_epochs is not None:
+            self.max_steps = max(1, math.ceil(self.num_train_epochs * steps_per_epoch))
+            self.set_warmup()
+            self.check()
+
     def check(self):
-        _positive(self, "learning_rate", "max_steps", "micro_batch_size", "grad_accum",
-                  "log_every", "logp_chunk_size", "sequence_parallel_size")
+        from dpo_ds.trackers import chosen
+
+        _positive(self, "learning_rate", "micro_batch_size", "grad_accum", "log_every", "logp_chunk_size",
+                  "sequence_parallel_size", *(("num_train_epochs",) if self.num_train_epochs is not None else ()))
+        chosen(self.report_to)
         if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio <= 1.0:
             raise ConfigError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1]")
+        self.check_loss()
+        if self.max_steps is None:  # from --num_train_epochs: checked again by set_epochs
+            return
+        _positive(self, "max_steps")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ConfigError(f"--warmup_steps {self.warmup_steps} must be between 0 and --max_steps "
                               f"{self.max_steps}")
-        self.check_loss()
 
 
 @dataclass
@@ -253,6 +282,7 @@ TRL_NAMES = {"micro_batch_size": "per_device_train_batch_size", "grad_accum": "g
              "lr_schedule": "lr_scheduler_type", "log_every": "logging_steps", "eval_every": "eval_steps",
              "save_every": "save_steps"}
 FROM_TRL = {trl: name for name, trl in TRL_NAMES.items()}
+EXCLUSIVE = (("max_steps", "num_train_epochs"), ("warmup_steps", "warmup_ratio"))  # two ways to give one setting
 
 
 def _positive(cfg, *names):
@@ -316,6 +346,9 @@ def parse(cls, argv=None, prog=None, doc=None):
     if args.get("config"):
         values.update(load_job_file(cls, args["config"]))
     values.update(args)
+    for a, b in EXCLUSIVE:
+        if values.get(a) is not None and values.get(b) is not None:
+            raise ConfigError(f"--{a} and --{b} give the same setting two ways; give one")
     cfg = cls(**values)
     missing = [f"--{f.name}" for f in dataclasses.fields(cls)
                if f.metadata["required"] and getattr(cfg, f.name) in (None, "")]

@@ -38,7 +38,7 @@ OWN = {
     "prepared data": (r"train", r"eval", rf"prepare_report\.json{TMP}"),
     "reference cache": (r"train", r"eval", rf"manifest\.json{TMP}", rf"plan\.json{TMP}"),
     "training run": (rf"config\.json{TMP}", rf"metrics\.jsonl{TMP}", r"checkpoints", r"final", r"final\.(tmp|old)",
-                     r"tensorboard", r"report\.png"),
+                     r"tensorboard", r"report\.png", rf"trackers\.json{TMP}", r"wandb", r"mlruns"),
 }
 # what a prepared split directory holds (datasets.save_to_disk), so `train/` of a user's project is not taken
 # for one: prepare replaces these directories

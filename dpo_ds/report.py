@@ -1,4 +1,4 @@
-"""Metrics out: OUT/metrics.jsonl (one JSON object per line), TensorBoard, and OUT/report.png.
+"""Metrics out: OUT/metrics.jsonl (one JSON object per line), the --report_to trackers, and OUT/report.png.
 
     python -m dpo_ds.report OUT          # (re)draw OUT/report.png from OUT/metrics.jsonl
 """
@@ -19,28 +19,26 @@ def format_metrics(metrics: dict) -> str:
 
 
 class MetricsLog:
-    """Rank 0's writer. On resume from step S, lines past S (written after that checkpoint by the run that
-    died) are dropped, so the file reads as one uninterrupted run; TensorBoard purges them likewise."""
+    """Rank 0's writer: OUT/metrics.jsonl and the --report_to trackers (dpo_ds/trackers.py). On resume from
+    step S, lines past S (written after that checkpoint by the run that died) are dropped, so the file reads as
+    one uninterrupted run."""
 
-    def __init__(self, out_dir: str, resume_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, out_dir: str, resume_step: int = 0, trackers: tuple = ()):
         self.path = os.path.join(out_dir, "metrics.jsonl")
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
         atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a crash leaves the old file
-        self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        self.trackers = trackers
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         row = {"step": step, "split": split, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{split}/{k}", v, step)
-        self.tb.flush()
+        for tracker in self.trackers:
+            tracker.log(step, split, metrics)
 
     def close(self) -> None:
-        self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -83,7 +81,7 @@ def run_title(out_dir: str) -> str:
         return f"DPO run {name}"
     model = os.path.basename(os.path.normpath(train["model"]))
     losses = "+".join(train.get("loss_type") or ["sigmoid"])
-    return f"DPO run {name}: {model}, loss {losses}, β {train.get('beta')}"
+    return f"DPO run {train.get('run_name') or name}: {model}, loss {losses}, β {train.get('beta')}"
 
 
 def plot(out_dir: str) -> str:

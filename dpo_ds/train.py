@@ -20,7 +20,7 @@ import torch
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from dpo_ds import dist, engine, model_card, owner
+from dpo_ds import dist, engine, model_card, owner, trackers
 from dpo_ds.batching import pad_and_eos, take
 from dpo_ds.config import TrainConfig, main_guard, on_fault, parse, resume_keys, to_dict
 from dpo_ds.data import load_split, read_report
@@ -233,6 +233,14 @@ class Job:
         return metrics
 
 
+def open_log(cfg: TrainConfig, start: int) -> MetricsLog | None:
+    """Rank 0's metrics.jsonl and --report_to trackers; a tracker that fails to start stops every rank."""
+    opened = []
+    dist.on_main(lambda: opened.append(MetricsLog(cfg.output_dir, start, trackers.open_all(
+        trackers.chosen(cfg.report_to), cfg.output_dir, cfg.run_name, to_dict(cfg), start))))
+    return opened[0] if opened else None
+
+
 def set_up(cfg: TrainConfig) -> Job:
     """Data and cache (verified once), the saved config, the engine, and the checkpoint to continue from."""
     launched = psutil.Process().create_time()
@@ -245,6 +253,7 @@ def set_up(cfg: TrainConfig) -> Job:
         raise UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
                         f"({cfg.micro_batch_size} micro x {cfg.grad_accum} accumulation x {dist.dp_size()} "
                         f"data-parallel ranks)")
+    cfg.set_epochs(len(train_ds) // global_size)
     pad_id, eos_id = pad_and_eos(tokenizer)
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
     run = saved_run(cfg, ds_config, reference)
@@ -254,7 +263,7 @@ def set_up(cfg: TrainConfig) -> Job:
     policy = engine.training_engine(cfg, ds_config)
     window = Window()
     start, counters = restore(policy, ckpt_dir, window) if resuming else (0, {})
-    log = MetricsLog(cfg.output_dir, start) if dist.is_main() else None
+    log = open_log(cfg, start)
     if engine.partitions_nothing(ds_config):
         lighter = "ds_configs/zero2.json" if torch.cuda.is_available() else "ds_configs/zero0_cpu.json"
         dist.print0(f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing and only costs time; "

@@ -13,28 +13,28 @@ rm -rf "$RUN" && mkdir -p "$RUN"
 start=$SECONDS
 
 STAGE "1/6 embedded default: tiny Qwen3 + synthetic 'sort' preferences ($EXAMPLES pairs)"
-python -m dpo_ds.tiny --output_dir "$RUN/tiny" --num_examples "$EXAMPLES"
+dpo-ds tiny --output_dir "$RUN/tiny" --num_examples "$EXAMPLES"
 
 STAGE "2/6 prepare"
-python scripts/prepare_dpo.py --dataset "$RUN/tiny/prefs.jsonl" --tokenizer "$RUN/tiny/model" \
+dpo-ds prepare --dataset "$RUN/tiny/prefs.jsonl" --tokenizer "$RUN/tiny/model" \
   --output_dir "$RUN/data" --eval_fraction 0.1
 
 STAGE "3/6 precompute reference log-probs (deepspeed launcher, 2 ranks)"
-deepspeed --num_gpus 2 --master_port "$PORT" --module dpo_ds.precompute \
+deepspeed --num_gpus 2 --master_port "$PORT" --no_python dpo-ds precompute \
   --model "$RUN/tiny/model" --data "$RUN/data" --output_dir "$RUN/ref_cache" --batch_size 16 --shard_size 256
-python -m dpo_ds.ref_cache verify "$RUN/ref_cache" --data "$RUN/data" --model "$RUN/tiny/model"
+dpo-ds verify "$RUN/ref_cache" --data "$RUN/data" --model "$RUN/tiny/model"
 
 STAGE "4/6 evaluate the SFT model (before)"
-python -m dpo_ds.evaluate --model "$RUN/tiny/model" --data "$RUN/data" --ref_cache "$RUN/ref_cache" \
+dpo-ds evaluate --model "$RUN/tiny/model" --data "$RUN/data" --ref_cache "$RUN/ref_cache" \
   --output "$RUN/eval_before.json"
 
 STAGE "5/6 train (deepspeed launcher, 2 ranks, ZeRO-3, gradient checkpointing, $STEPS steps)"
-deepspeed --num_gpus 2 --master_port "$PORT" --module dpo_ds.train \
+deepspeed --num_gpus 2 --master_port "$PORT" --no_python dpo-ds train \
   --deepspeed ds_configs/zero3_cpu.json --config scripts/demo_job.json --max_steps "$STEPS" \
   --model "$RUN/tiny/model" --data "$RUN/data" --ref_cache "$RUN/ref_cache" --output_dir "$RUN/train"
 
 STAGE "6/6 evaluate the trained model (after)"
-python -m dpo_ds.evaluate --model "$RUN/train/final" --data "$RUN/data" --ref_cache "$RUN/ref_cache" \
+dpo-ds evaluate --model "$RUN/train/final" --data "$RUN/data" --ref_cache "$RUN/ref_cache" \
   --output "$RUN/eval_after.json"
 
 python scripts/demo_summary.py "$RUN"

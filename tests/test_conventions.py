@@ -1,8 +1,10 @@
 """The conventions users bring from TRL and the HF Trainer: their flag names (the dpo_ds names stay aliases),
-RPO's rpo_alpha, warmup_ratio, one `dpo-ds` command.
+RPO's rpo_alpha, warmup_ratio, num_train_epochs, TRL's loss names, --report_to, one `dpo-ds` command.
     scripts/test.sh tests/test_conventions.py
 """
+import glob
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +13,9 @@ import pytest
 
 from dpo_ds import config as C
 from dpo_ds.errors import ConfigError
-from conftest import ROOT, child_env
+from dpo_ds.report import read_metrics
+from conftest import ROOT, child_env, run_module
+from test_train import train_args
 
 REQUIRED = ["--model", "m", "--data", "d", "--ref_cache", "r", "--output_dir", "o", "--deepspeed", "z.json"]
 
@@ -65,3 +69,100 @@ def test_one_command_for_every_phase(prepared, cache):
     assert p.returncode == 0 and "--ref_cache" in p.stdout
     p = run("trian")
     assert p.returncode == 2 and "error: unknown command 'trian' (commands: prepare, precompute" in p.stderr
+
+
+def read_wandb(run_dir) -> list[dict]:
+    """The history rows of an offline W&B run file (a LevelDB-style log of protobuf records; W&B's own
+    reader lives in its Go core)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    data, pos, block, records, part = open(path, "rb").read(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        part = chunk if kind in (1, 2) else part + chunk
+        if kind in (1, 4):
+            records.append(part)
+    rows = []
+    for raw in records:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_report_to_every_tracker_offline(tiny, prepared, cache, tmp_path):
+    """One run logs to TensorBoard, W&B (offline), MLflow (its file store under OUT) and trackio (a local
+    store): each holds every metrics.jsonl row as split/name at its step, with the same value. The run's length
+    comes from --num_train_epochs (216 pairs / global batch 4 = 54 steps per epoch)."""
+    for name in ("wandb", "mlflow", "trackio"):
+        pytest.importorskip(name)
+    out = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(tmp_path / "trackio"),
+           "TRACKIO_PROJECT": "p", "MLFLOW_TRACKING_URI": ""}
+    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out, max_steps=None, num_train_epochs=0.1,
+                                           eval_every=3, report_to=["tensorboard", "wandb", "mlflow", "trackio"],
+                                           run_name="tracked"), env=env)
+    rows = read_metrics(out / "metrics.jsonl")
+    expected = {(r["step"], f"{r['split']}/{k}"): v for r in rows for k, v in r.items()
+                if k not in ("step", "split") and isinstance(v, (int, float))}
+    assert max(r["step"] for r in rows) == 6 and ("eval/loss" in {k for _, k in expected})
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(out / "tensorboard")).Reload()
+    got = {(e.step, tag): e.value for tag in tb.Tags()["scalars"] for e in tb.Scalars(tag)}
+    assert got.keys() == expected.keys() and all(got[k] == pytest.approx(v, rel=1e-6) for k, v in expected.items())
+
+    got = {(r["train/global_step"], k): v for r in read_wandb(out) for k, v in r.items()
+           if not k.startswith("_") and k != "train/global_step"}
+    assert got == expected
+
+    from mlflow.tracking import MlflowClient
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    client = MlflowClient((out / "mlruns").as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "tracked" and run.data.params["beta"] == "0.1"
+    got = {(m.step, key): m.value for key in run.data.metrics for m in client.get_metric_history(run.info.run_id, key)}
+    assert got == expected
+
+    import sqlite3
+    db = sqlite3.connect(tmp_path / "trackio" / "p.db")
+    got = {(step, k): v for step, raw in db.execute("select step, metrics from metrics where run_name = 'tracked'")
+           for k, v in json.loads(raw).items() if not k.startswith("_")}
+    assert got == expected
+    assert json.load(open(out / "trackers.json")).keys() == {"wandb", "mlflow"}, "kept for a resume"
+
+
+def test_report_to_choices(monkeypatch):
+    from dpo_ds import trackers
+
+    assert C.parse(C.TrainConfig, REQUIRED).report_to == ["tensorboard"], "dpo_ds's default, as before"
+    assert trackers.chosen(["none"]) == []
+    installed = trackers.importlib.util.find_spec
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: name == "tensorboard" and installed(name))
+    with pytest.raises(ConfigError, match=r"--report_to wandb: the wandb package is not installed "
+                                          r"\(pip install 'dpo_ds\[wandb\]'\)"):
+        C.parse(C.TrainConfig, REQUIRED + ["--report_to", "tensorboard", "wandb"])
+    with pytest.raises(ConfigError, match="--report_to comet: unknown"):
+        trackers.chosen(["comet"])
+    assert trackers.chosen(["all"]) == ["tensorboard"]
+
+
+def test_epochs_and_loss_names_as_trl_gives_them():
+    cfg = C.parse(C.TrainConfig, REQUIRED + ["--num_train_epochs", "2.5", "--warmup_ratio", "0.1"])
+    assert cfg.max_steps is None
+    cfg.set_epochs(54)
+    assert (cfg.max_steps, cfg.warmup_steps) == (135, 14)
+    assert C.parse(C.TrainConfig, REQUIRED).max_steps == 1000
+    with pytest.raises(ConfigError, match="--max_steps and --num_train_epochs give the same setting two ways"):
+        C.parse(C.TrainConfig, REQUIRED + ["--num_train_epochs", "1", "--max_steps", "10"])
+    with pytest.raises(ConfigError, match="--warmup_steps and --warmup_ratio"):
+        C.parse(C.TrainConfig, REQUIRED + ["--warmup_ratio", "0.1", "--warmup_steps", "10"])
+    assert C.parse(C.TrainConfig, REQUIRED + ["--loss_type", "aot_pair"]).loss_type == ["aot_unpaired"]

@@ -29,7 +29,8 @@ def train_args(tiny, prepared, cache, out, **kw):
     args = {"deepspeed": ZERO3, "model": tiny[0], "data": prepared, "ref_cache": cache, "output_dir": out,
             "learning_rate": 2e-3, "warmup_steps": 2, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 4,
             "log_every": 1, "eval_every": 0, "save_every": 0, **kw}
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+    return [x for k, v in args.items() if v is not None
+            for x in (f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)]))]
 
 
 def weights(run_dir):
