@@ -106,7 +106,8 @@ def plot(out_dir: str) -> str:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(f"{run_title(out_dir)}   (train: lines, eval: dots)")
-    fig.tight_layout()
+    # fixed margins: tight_layout would draw the figure twice (1.2 s of the 1.8 s a report costs here)
+    fig.subplots_adjust(left=0.05, right=0.985, bottom=0.05, top=0.93, wspace=0.22, hspace=0.32)
     path = os.path.join(out_dir, "report.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)

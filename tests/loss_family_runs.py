@@ -25,7 +25,7 @@ def main():
         cfg = C.TrainConfig(model=a.model, data=a.data, ref_cache=a.ref_cache, output_dir=out,
                             deepspeed=os.path.join(ROOT, "ds_configs", "zero3_cpu.json"), learning_rate=a.learning_rate,
                             lr_schedule="constant", warmup_steps=0, max_steps=5, micro_batch_size=2, grad_accum=2,
-                            log_every=5, eval_every=0, save_every=0, **loss)
+                            log_every=5, eval_every=0, save_every=0, report_to=["none"], **loss)
         cfg.check()
         train.run(cfg)
         last = [r for r in train.read_metrics(os.path.join(out, "metrics.jsonl")) if r["split"] == "train"][-1]

@@ -185,7 +185,7 @@ def test_precompute_and_evaluate_do_not_depend_on_k(tiny, prepared, cache, tmp_p
 def train_args(tiny, prepared, cache, out, **kw):
     args = {"deepspeed": ZERO3, "model": tiny[0], "data": prepared, "ref_cache": cache, "output_dir": out,
             "learning_rate": 1e-3, "warmup_steps": 1, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 10,
-            "log_every": 1, "eval_every": 5, "save_every": 4, **kw}
+            "log_every": 1, "eval_every": 5, "save_every": 4, "report_to": "none", **kw}
     return [str(x) for k, v in args.items() for x in (f"--{k}", v)]
 
 

@@ -28,7 +28,7 @@ ZERO3 = os.path.join(ROOT, "ds_configs", "zero3_cpu.json")
 def train_args(tiny, prepared, cache, out, **kw):
     args = {"deepspeed": ZERO3, "model": tiny[0], "data": prepared, "ref_cache": cache, "output_dir": out,
             "learning_rate": 2e-3, "warmup_steps": 2, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 4,
-            "log_every": 1, "eval_every": 0, "save_every": 0, **kw}
+            "log_every": 1, "eval_every": 0, "save_every": 0, "report_to": "none", **kw}
     return [x for k, v in args.items() if v is not None
             for x in (f"--{k}", *(map(str, v) if isinstance(v, list) else [str(v)]))]
 
@@ -41,7 +41,8 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
     """Policy == reference at the first step: loss ln 2, rewards 0. The exported HF checkpoint is the trained
     model: `dpo_ds.evaluate` on it gives the engine's own final eval metrics."""
     out = tmp_path / "run"
-    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out, max_steps=3, learning_rate=1e-3))
+    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out, max_steps=3, learning_rate=1e-3,
+                                           report_to="tensorboard"))
     first = read_metrics(out / "metrics.jsonl")[0]
     assert first["step"] == 1 and first["split"] == "train"
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)

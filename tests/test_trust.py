@@ -126,7 +126,7 @@ def test_partial_last_metrics_line_is_dropped_and_a_broken_one_named(tmp_path):
 def train_cmd(tiny, prepared, cache, out, **kw):
     args = {"deepspeed": ZERO0, "model": tiny[0], "data": prepared, "ref_cache": cache, "output_dir": out,
             "learning_rate": 2e-3, "warmup_steps": 1, "micro_batch_size": 2, "grad_accum": 2, "max_steps": 2,
-            "log_every": 1, "eval_every": 0, "save_every": 2, **kw}
+            "log_every": 1, "eval_every": 0, "save_every": 2, "report_to": "none", **kw}
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
