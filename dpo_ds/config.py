@@ -213,6 +213,8 @@ class TrainConfig(LossConfig, ModelConfig):
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward (ZeRO-3 safe variant)")
+    disable_dropout: bool = opt(True, "no dropout in the policy while it trains (TRL's default): the cached "
+                                      "reference log-probs have none, so the first step is ln 2", resume=True)
     tiled_mlp: bool = opt(False, "run each layer's MLP over hidden-size tiles of tokens (DeepSpeed's TiledMLP): "
                                  "less activation memory for long sequences, more time (README: long context)")
     log_every: int = opt(10, "steps between train metric lines")
@@ -280,7 +282,9 @@ class EvalConfig(LossConfig, InferenceConfig):
 # files; the dpo_ds name stays an alias (existing job files, and the config.json of saved runs, use it)
 TRL_NAMES = {"micro_batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
              "lr_schedule": "lr_scheduler_type", "log_every": "logging_steps", "eval_every": "eval_steps",
-             "save_every": "save_steps"}
+             "save_every": "save_steps", "f_divergence": "f_divergence_type", "f_alpha": "f_alpha_divergence_coef",
+             "model": "model_name_or_path", "dataset": "dataset_name", "num_proc": "dataset_num_proc",
+             "packing": "padding_free"}
 FROM_TRL = {trl: name for name, trl in TRL_NAMES.items()}
 EXCLUSIVE = (("max_steps", "num_train_epochs"), ("warmup_steps", "warmup_ratio"))  # two ways to give one setting
 

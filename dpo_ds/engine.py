@@ -234,6 +234,8 @@ def training_engine(cfg, ds_config: dict):
     torch.manual_seed(cfg.seed)
     scale = gradient_scale(ds_config, cfg.sequence_parallel_size) if cfg.sequence_parallel_size > 1 else 1
     model = _load(cfg, ds_dtype(ds_config), ds_config)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if cfg.tiled_mlp:
@@ -412,6 +414,18 @@ def _deepspeed_training(model, ds_config: dict, learning_rate: float, weight_dec
         model=model, optimizer=optimizer, config=ds_config, mpu=mpu,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule_fn))
     return engine
+
+
+def disable_dropout(model) -> None:
+    """Every dropout of `model` off: its nn.Dropout layers, and the probabilities HF modules keep as floats and
+    apply only in training mode (`attention_dropout`, `hidden_dropout`, ...). The model's config is untouched,
+    so the exported checkpoint keeps the values it came with."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def enable_gradient_checkpointing(model) -> None:

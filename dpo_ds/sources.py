@@ -152,11 +152,14 @@ LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 def resolve_source(dataset: str) -> Source:
     if dataset in NAMED:
         return NAMED[dataset]
+    by_hub_id = {source.hub_id: source for source in NAMED.values()}  # as TRL's --dataset_name gives it
+    if dataset in by_hub_id:
+        return by_hub_id[dataset]
     if dataset.endswith(LOCAL_EXTENSIONS):
         if not os.path.isfile(dataset):
             raise UserError(f"--dataset {dataset}: no such file")
         return Source(None, {"train": "train"}, normalize_plain)
-    raise UserError(f"--dataset {dataset!r}: expected one of {', '.join(NAMED)} or a local "
+    raise UserError(f"--dataset {dataset!r}: expected one of {', '.join(NAMED)} (or its hub id) or a local "
                     f"{'/'.join(LOCAL_EXTENSIONS)} file")
 
 

@@ -166,3 +166,49 @@ def test_epochs_and_loss_names_as_trl_gives_them():
     with pytest.raises(ConfigError, match="--warmup_steps and --warmup_ratio"):
         C.parse(C.TrainConfig, REQUIRED + ["--warmup_ratio", "0.1", "--warmup_steps", "10"])
     assert C.parse(C.TrainConfig, REQUIRED + ["--loss_type", "aot_pair"]).loss_type == ["aot_unpaired"]
+
+
+def test_trl_names_for_every_shared_concept():
+    from dpo_ds.sources import NAMED, resolve_source
+
+    cfg = C.parse(C.TrainConfig, ["--model_name_or_path", "m", "--data", "d", "--ref_cache", "r", "--output_dir", "o",
+                                  "--deepspeed", "z.json", "--f_divergence_type", "alpha_divergence",
+                                  "--f_alpha_divergence_coef", "0.3", "--no-padding_free", "--no-disable_dropout"])
+    assert (cfg.model, cfg.f_divergence, cfg.f_alpha, cfg.packing, cfg.disable_dropout) == \
+        ("m", "alpha_divergence", 0.3, False, False)
+    prep = C.parse(C.PrepareConfig, ["--dataset_name", "HuggingFaceH4/ultrafeedback_binarized", "--tokenizer", "t",
+                                     "--output_dir", "o", "--dataset_num_proc", "2"])
+    assert (prep.dataset, prep.num_proc) == ("HuggingFaceH4/ultrafeedback_binarized", 2)
+    assert resolve_source(prep.dataset) is NAMED["ultrafeedback"], "the hub id names the same source"
+    assert resolve_source("Anthropic/hh-rlhf") is NAMED["hh_rlhf"]
+    assert C.parse(C.TrainConfig, REQUIRED).disable_dropout is True, "TRL's default"
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gpt2"])
+def test_disable_dropout_makes_training_forward_the_cached_one(kind):
+    """With dropout in the checkpoint (attention probabilities as a float, nn.Dropout layers), the policy's
+    training-mode forward equals its eval-mode one (the mode the cache was computed in) once it is disabled;
+    the config, and so the exported checkpoint, keeps its values."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo_ds.engine import disable_dropout
+
+    small = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    if kind == "qwen3":
+        config = AutoConfig.for_model("qwen3", intermediate_size=64, num_key_value_heads=2, head_dim=8,
+                                      attention_dropout=0.3, **small)
+    else:
+        config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=64, resid_pdrop=0.3,
+                                      embd_pdrop=0.3, attn_pdrop=0.3)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    ids = torch.randint(0, 64, (2, 12))
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        model.train()
+        assert not torch.equal(model(ids).logits, want), "the checkpoint has dropout"
+        disable_dropout(model)
+        assert torch.equal(model(ids).logits, want)
+    assert (model.config.attention_dropout if kind == "qwen3" else model.config.attn_pdrop) == 0.3
