@@ -232,6 +232,8 @@ class TrainConfig(LossConfig, ModelConfig):
         if isinstance(self.report_to, str):  # a job file may name one tracker as a string, as TRL's may
             self.report_to = [self.report_to]
         self.report_to = list(self.report_to or ["tensorboard"])
+        if self.max_steps == -1:  # TRL's and the HF Trainer's "not given: use the epochs"
+            self.max_steps = None
         if self.max_steps is None and self.num_train_epochs is None:
             self.max_steps = 1000
         self.run_name = self.run_name or os.path.basename(os.path.normpath(self.output_dir or "run"))
@@ -346,14 +348,16 @@ def build_parser(cls, prog=None, doc=None) -> argparse.ArgumentParser:
 def parse(cls, argv=None, prog=None, doc=None):
     """Defaults, then the `--config` JSON job file (if the class has one), then flags; then `check()`."""
     args = vars(build_parser(cls, prog, doc).parse_args(argv))
-    values = {}
-    if args.get("config"):
-        values.update(load_job_file(cls, args["config"]))
-    values.update(args)
-    for a, b in EXCLUSIVE:
-        if values.get(a) is not None and values.get(b) is not None:
-            raise ConfigError(f"--{a} and --{b} give the same setting two ways; give one")
-    cfg = cls(**values)
+    job = load_job_file(cls, args["config"]) if args.get("config") else {}
+    gives = lambda src, key: src.get(key) not in (None, -1)  # noqa: E731 - TRL's max_steps -1: not given
+    for a, b in EXCLUSIVE:  # one source may not give both; a flag's way replaces the job file's other way
+        for src in (job, args):
+            if gives(src, a) and gives(src, b):
+                raise ConfigError(f"--{a} and --{b} give the same setting two ways; give one")
+        for one, other in ((a, b), (b, a)):
+            if gives(args, one):
+                job.pop(other, None)
+    cfg = cls(**{**job, **args})
     missing = [f"--{f.name}" for f in dataclasses.fields(cls)
                if f.metadata["required"] and getattr(cfg, f.name) in (None, "")]
     if missing:
@@ -381,7 +385,7 @@ def load_job_file(cls, path):
             raise ConfigError(f"--config {path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
         kind = known[key]
         ok = value is None or isinstance(value, kind) or (kind is float and isinstance(value, int)) or \
-            (key == "loss_type" and isinstance(value, str))
+            (key in ("loss_type", "report_to") and isinstance(value, str))
         if not ok or (kind is not bool and isinstance(value, bool)):
             raise ConfigError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
     values.pop("config", None)

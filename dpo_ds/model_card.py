@@ -13,7 +13,7 @@ import sys
 
 from dpo_ds.data import read_report
 from dpo_ds.report import read_metrics
-from dpo_ds.sources import NAMED
+from dpo_ds.sources import resolve_named
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "logps/win_rate", "logps/chosen", "logps/rejected")
 
@@ -31,7 +31,7 @@ def base_model(model_dir: str) -> str:
 def render(cfg, run: dict) -> str:
     """`cfg` a TrainConfig, `run` what OUT/config.json records (train.saved_run)."""
     report = read_report(cfg.data)
-    source = NAMED.get(report.get("source"))
+    source = resolve_named(report.get("source"))
     evals = [r for r in read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl")) if r["split"] == "eval"]
     before = next((r for r in evals if r["step"] == 0), None)
     after = next((r for r in reversed(evals) if r["step"] == cfg.max_steps), None)

@@ -33,12 +33,23 @@ class MetricsLog:
         row = {"step": step, "split": split, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        for tracker in self.trackers:
-            tracker.log(step, split, metrics)
+        self.trackers = [t for t in self.trackers if self._ok(t, "log", lambda: t.log(step, split, metrics))]
 
     def close(self) -> None:
         for tracker in self.trackers:
-            tracker.close()
+            self._ok(tracker, "close", tracker.close)
+
+    @staticmethod
+    def _ok(tracker, what: str, call) -> bool:
+        """A tracker that fails mid-run (a server gone) is dropped with one warning: training and
+        metrics.jsonl go on."""
+        try:
+            call()
+            return True
+        except Exception as e:  # noqa: BLE001 - the tracker's own error, whatever it is
+            print(f"warning: --report_to {type(tracker).__name__.lower()} failed to {what} ({type(e).__name__}: "
+                  f"{str(e).strip()[:200]}); it gets no more rows, metrics.jsonl has them all", file=sys.stderr)
+            return False
 
 
 def read_metrics(path: str) -> list[dict]:

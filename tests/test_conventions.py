@@ -13,7 +13,7 @@ import pytest
 
 from dpo_ds import config as C
 from dpo_ds.errors import ConfigError
-from dpo_ds.report import read_metrics
+from dpo_ds.report import MetricsLog, read_metrics
 from conftest import ROOT, child_env, run_module
 from test_train import train_args
 
@@ -216,3 +216,43 @@ def test_disable_dropout_makes_training_forward_the_cached_one(kind):
         disable_dropout(model)
         assert torch.equal(model(ids).logits, want)
     assert (model.config.attention_dropout if kind == "qwen3" else model.config.attn_pdrop) == 0.3
+
+
+def test_flags_replace_the_job_files_other_way_and_trl_shapes(tmp_path):
+    job = tmp_path / "job.json"
+    json.dump({"num_train_epochs": 2, "warmup_steps": 5, "report_to": "none", "max_steps": -1}, open(job, "w"))
+    cfg = C.parse(C.TrainConfig, REQUIRED + ["--config", str(job)])
+    assert (cfg.max_steps, cfg.num_train_epochs, cfg.report_to) == (None, 2.0, ["none"]), "TRL's -1: not given"
+    cfg = C.parse(C.TrainConfig, REQUIRED + ["--config", str(job), "--max_steps", "7", "--warmup_ratio", "0.5"])
+    assert (cfg.max_steps, cfg.num_train_epochs, cfg.warmup_steps) == (7, None, 4), "the flag's way wins"
+
+
+def test_a_failing_tracker_is_dropped_and_training_goes_on(tmp_path, capsys):
+    class Broken:
+        def log(self, *a):
+            raise ConnectionError("server gone")
+
+        def close(self):
+            pass
+
+    log = MetricsLog(str(tmp_path), trackers=[Broken()])
+    log.write(1, "train", {"loss": 0.5})
+    log.write(2, "train", {"loss": 0.4})
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert capsys.readouterr().err.count("warning: --report_to broken failed to log (ConnectionError") == 1
+
+
+def test_a_run_saved_before_disable_dropout_resumes_with_its_dropout(tmp_path):
+    from dpo_ds.train import continue_as_started
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step-2")
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"beta": 0.1}}))
+    cfg = C.parse(C.TrainConfig, REQUIRED[:6] + ["--output_dir", str(tmp_path), "--deepspeed", "z.json"])
+    continue_as_started(cfg)
+    assert cfg.disable_dropout is False
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"disable_dropout": True}}))
+    cfg = C.parse(C.TrainConfig, REQUIRED[:6] + ["--output_dir", str(tmp_path), "--deepspeed", "z.json"])
+    continue_as_started(cfg)
+    assert cfg.disable_dropout is True
