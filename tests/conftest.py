@@ -17,13 +17,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_*"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_leftover_shm_buffers():
+def pytest_sessionstart(session):
+    session.shm_before = set(glob.glob(SHM_BUFFERS))
+
+
+def pytest_sessionfinish(session):
     """Ranks killed on purpose (the SIGKILL tests) cannot remove their DeepSpeed all-reduce buffer at exit
-    (engine._remove_shm_buffer): remove every buffer this session created, 69 MB of RAM each."""
-    before = set(glob.glob(SHM_BUFFERS))
-    yield
-    for path in set(glob.glob(SHM_BUFFERS)) - before:
+    (engine._remove_shm_buffer): remove every buffer this session created, 69 MB of RAM each. Only in the
+    process that ends last (pytest-xdist's controller, or pytest itself without it): a worker that finished
+    early would remove the buffer of a job another worker is still running."""
+    if hasattr(session.config, "workerinput"):
+        return
+    for path in set(glob.glob(SHM_BUFFERS)) - session.shm_before:
         try:
             os.remove(path)
         except OSError:

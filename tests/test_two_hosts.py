@@ -17,8 +17,10 @@ from conftest import ROOT, child_env, free_port, run_module
 from test_train import train_args
 
 HARNESS = os.path.join(ROOT, "scripts", "two_hosts.sh")
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                                reason="two network hosts need root and `ip` (network namespaces)")
+# one worker runs them all (scripts/test.sh runs tests in parallel): assert_clean checks the whole machine
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                                 reason="two network hosts need root and `ip` (network namespaces)"),
+              pytest.mark.xdist_group("two_hosts")]
 
 
 def deepspeed_node(module, args, port):
