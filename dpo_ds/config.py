@@ -1,23 +1,16 @@
 """Every setting of every phase, defined once as a dataclass field (default + help).
 
-The command line, the JSON job file (`--config job.json`) and the saved `OUT/config.json`
-are all derived from these fields: defaults < job file < flags. No torch import here.
+The command line and the JSON job file (`--config job.json`), parsed by dpo_ds.cli, and the saved
+`OUT/config.json` are all derived from these fields: defaults < job file < flags. No torch import here.
 """
 from __future__ import annotations
 
-import argparse
-import atexit
 import dataclasses
-import errno
-import json
 import math
 import os
-import signal
-import sys
-import typing
 from dataclasses import dataclass, field
 
-from dpo_ds.errors import ConfigError, UserError
+from dpo_ds.errors import ConfigError
 
 
 def opt(default, help, choices=None, required=False, resume=False):
@@ -56,7 +49,7 @@ class PrepareConfig:
             raise ConfigError(f"--eval_fraction {self.eval_fraction} must be in [0, 1)")
 
 
-LOGP_CHUNK_SIZE = 256  # response tokens per lm_head chunk, the default of every phase and of dpo_ds.logps
+LOGP_CHUNK_SIZE = 256  # response tokens per lm_head chunk, the default of every phase and of dpo_ds.model.logps
 
 
 @dataclass
@@ -70,7 +63,7 @@ class ModelConfig:
                                     "memory is a few [chunk, vocab] fp32 tensors (256 x 151,936 x 4 B = 156 MB)")
     share_prompt: bool = opt(None, "score chosen and rejected in one segment [prompt | chosen | rejected], so the "
                                    "prompt is computed once per pair (default: on where it is exact: sdpa or "
-                                   "eager attention and a model type listed in dpo_ds/layout.py)")
+                                   "eager attention and a model type listed in dpo_ds/model/layout.py)")
     packing: bool = opt(None, "several pairs per row with no padding between them (default: on where it is "
                               "exact: as --share_prompt, and flash-attn on Llama/Qwen through position_ids)")
     sequence_parallel_size: int = opt(1, "K: split every row across K ranks (DeepSpeed Ulysses) for sequences one "
@@ -104,12 +97,17 @@ class PrecomputeConfig(InferenceConfig):
         _positive(self, "batch_size", "shard_size", "logp_chunk_size", "sequence_parallel_size")
 
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft")  # see dpo_ds/loss.py
+# The loss-name table: every loss type (dpo_ds/objective/loss.py computes each) and what it reads besides β:
+# h, the pairwise log-ratio mapped through --f_divergence; ε, --label_smoothing.
+LOSSES = {"sigmoid": "h ε", "robust": "h ε", "hinge": "h", "ipo": "h", "exo_pair": "h ε", "nca_pair": "",
+          "bco_pair": "", "sppo_hard": "", "aot": "ε", "aot_unpaired": "ε", "apo_zero": "", "apo_down": "",
+          "discopop": "h", "sigmoid_norm": "h ε", "sft": ""}
+LOSS_TYPES = tuple(LOSSES)
 # spellings of the same loss in other TRL versions: TRL before 0.20 called the unpaired AOT variant "aot_pair"
 LOSS_ALIASES = {"aot_pair": "aot_unpaired"}
-SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "sigmoid_norm")  # read --label_smoothing
-F_DIVERGED = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm")  # read --f_divergence
+SMOOTHED = tuple(t for t, reads in LOSSES.items() if "ε" in reads)  # read --label_smoothing
+F_DIVERGED = tuple(t for t, reads in LOSSES.items() if "h" in reads)  # read --f_divergence
+
 EXO_EPSILON = 1e-3  # exo_pair's label smoothing when none is given (EXO's own default)
 
 
@@ -150,6 +148,11 @@ class LossConfig:
             self.label_smoothing = EXO_EPSILON if smoothed == ["exo_pair"] else 0.0
         if self.f_alpha is None and self.f_divergence == "alpha_divergence":
             self.f_alpha = 0.5
+
+    @property
+    def length_desensitised(self) -> bool:
+        """LD-DPO is on: the losses read each response's log-prob over the pair's shared length too."""
+        return self.ld_alpha is not None
 
     def weights(self) -> list[float]:
         return self.loss_weights or [1.0] * len(self.loss_type)
@@ -252,7 +255,7 @@ class TrainConfig(LossConfig, ModelConfig):
             self.check()
 
     def check(self):
-        from dpo_ds.trackers import chosen
+        from dpo_ds.report.trackers import chosen
 
         _positive(self, "learning_rate", "micro_batch_size", "grad_accum", "log_every", "logp_chunk_size",
                   "sequence_parallel_size", *(("num_train_epochs",) if self.num_train_epochs is not None else ()))
@@ -280,28 +283,10 @@ class EvalConfig(LossConfig, InferenceConfig):
         self.check_loss()
 
 
-# the names TRL and the HF Trainer give the same settings: the flag shown first in --help and accepted in job
-# files; the dpo_ds name stays an alias (existing job files, and the config.json of saved runs, use it)
-TRL_NAMES = {"micro_batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
-             "lr_schedule": "lr_scheduler_type", "log_every": "logging_steps", "eval_every": "eval_steps",
-             "save_every": "save_steps", "f_divergence": "f_divergence_type", "f_alpha": "f_alpha_divergence_coef",
-             "model": "model_name_or_path", "dataset": "dataset_name", "num_proc": "dataset_num_proc",
-             "packing": "padding_free"}
-FROM_TRL = {trl: name for name, trl in TRL_NAMES.items()}
-EXCLUSIVE = (("max_steps", "num_train_epochs"), ("warmup_steps", "warmup_ratio"))  # two ways to give one setting
-
-
 def _positive(cfg, *names):
     for name in names:
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name} must be positive, got {getattr(cfg, name)}")
-
-
-def _kind(tp):
-    """The plain type a field's annotation stands for: int, float, str, bool or list."""
-    tp = typing.get_origin(tp) or tp
-    return {"int": int, "float": float, "str": str, "bool": bool, "list": list}.get(
-        tp if isinstance(tp, str) else tp.__name__, str)
 
 
 def resume_keys(cls) -> list[str]:
@@ -309,185 +294,5 @@ def resume_keys(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.metadata["resume"]]
 
 
-def _help(f) -> str:
-    meta = f.metadata
-    if meta["required"]:
-        return f"{meta['help']} (required)"
-    if f.default is None or "default:" in meta["help"] or f.name == "local_rank":
-        return meta["help"]
-    shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
-    return f"{meta['help']} (default: {shown})"
-
-
-def build_parser(cls, prog=None, doc=None) -> argparse.ArgumentParser:
-    """Flags from the dataclass: `doc` (the phase module's docstring: what it does, the command) as the
-    description, required flags listed first and marked, every default shown."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    required = parser.add_argument_group("required")
-    optional = parser.add_argument_group("options")
-    for f in dataclasses.fields(cls):
-        kind, meta = _kind(f.type), f.metadata
-        kw = dict(dest=f.name, help=_help(f), default=argparse.SUPPRESS)
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif kind is list:
-            kw["nargs"] = "+"
-            kw["metavar"] = f.name.upper()
-        else:
-            kw["type"] = kind
-            kw["choices"] = meta["choices"]
-            kw["metavar"] = "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else f.name.upper()
-        if f.name == "local_rank":
-            kw["help"] = argparse.SUPPRESS
-        names = ([f"--{TRL_NAMES[f.name]}"] if f.name in TRL_NAMES else []) + [f"--{f.name}"] + \
-            ([f"--{f.name.replace('_', '-')}"] if f.name == "local_rank" else [])
-        (required if meta["required"] else optional).add_argument(*names, **kw)
-    return parser
-
-
-def parse(cls, argv=None, prog=None, doc=None):
-    """Defaults, then the `--config` JSON job file (if the class has one), then flags; then `check()`."""
-    args = vars(build_parser(cls, prog, doc).parse_args(argv))
-    job = load_job_file(cls, args["config"]) if args.get("config") else {}
-    gives = lambda src, key: src.get(key) not in (None, -1)  # noqa: E731 - TRL's max_steps -1: not given
-    for a, b in EXCLUSIVE:  # one source may not give both; a flag's way replaces the job file's other way
-        for src in (job, args):
-            if gives(src, a) and gives(src, b):
-                raise ConfigError(f"--{a} and --{b} give the same setting two ways; give one")
-        for one, other in ((a, b), (b, a)):
-            if gives(args, one):
-                job.pop(other, None)
-    cfg = cls(**{**job, **args})
-    missing = [f"--{f.name}" for f in dataclasses.fields(cls)
-               if f.metadata["required"] and getattr(cfg, f.name) in (None, "")]
-    if missing:
-        raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
-    if hasattr(cfg, "check"):
-        cfg.check()
-    return cfg
-
-
-def load_job_file(cls, path):
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {path}: not valid JSON ({e})") from None
-    known = {f.name: _kind(f.type) for f in dataclasses.fields(cls)}
-    both = [k for k in values if k in FROM_TRL and FROM_TRL[k] in values]
-    if both:
-        raise ConfigError(f"--config {path}: {both[0]} and {FROM_TRL[both[0]]} name one setting; give one")
-    values = {FROM_TRL.get(k, k) if FROM_TRL.get(k) in known else k: v for k, v in values.items()}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"--config {path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
-        kind = known[key]
-        ok = value is None or isinstance(value, kind) or (kind is float and isinstance(value, int)) or \
-            (key in ("loss_type", "report_to") and isinstance(value, str))
-        if not ok or (kind is not bool and isinstance(value, bool)):
-            raise ConfigError(f"--config {path}: {key} must be {kind.__name__}, got {value!r}")
-    values.pop("config", None)
-    return values
-
-
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-class Stopped(BaseException):
-    """SIGTERM (a scheduler's preemption, `kill`), raised in the main thread like Ctrl-C's KeyboardInterrupt."""
-
-
-def _stop(signum, frame):
-    raise Stopped()
-
-
-# what a phase leaves intact after a fault, and what to run next: set by the phase once it knows its output
-_after_fault = [lambda: "rerun the same command"]
-
-
-def on_fault(describe) -> None:
-    """`describe()` -> what is intact and what to run next, for the `error:` line of an interrupted phase."""
-    _after_fault[0] = describe
-
-
-def _after() -> str:
-    try:
-        return _after_fault[0]()
-    except Exception:  # noqa: BLE001 - the message of a fault must not fail in turn
-        return "rerun the same command"
-
-
-# errno values of storage faults: told in one line (what failed, where), never as a traceback
-STORAGE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-           errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-           errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
-
-
-def storage_fault(e: BaseException) -> str | None:
-    """The one-line description of a storage fault, or None. torch.save reports a full disk as a
-    RuntimeError of its stream writer ("unexpected pos ...", "file write failed"): errno is then unknown."""
-    if isinstance(e, OSError) and e.errno in STORAGE:
-        where = f" ({e.filename})" if e.filename else ""
-        return f"{STORAGE[e.errno]}{where}"
-    if isinstance(e, RuntimeError) and any(m in str(e) for m in ("unexpected pos", "file write failed",
-                                                                  "PytorchStreamWriter failed")):
-        return f"a write failed ({str(e).splitlines()[0][:120]}): the disk is probably full"
-    return None
-
-
-def _close_progress_bars() -> None:
-    """An interrupted loop leaves its tqdm bar mid-line: closed, it ends its line showing where it stopped, so
-    the error line starts a line of its own."""
-    tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
-        bar.leave = True  # a transient bar (leave=False) would be erased without ending its line
-        bar.close()
-
-
-def main_guard(fn):
-    """Run a phase's main so that it ends in one `error:` line, never a traceback, for what the user can act on:
-    a setting or input (exit 2), a lost peer rank (3), a storage fault (4), Ctrl-C (130) or SIGTERM (143)."""
-    signal.signal(signal.SIGTERM, _stop)
-    try:
-        fn()
-    except UserError as e:
-        _fail(str(e), 2)
-    except (KeyboardInterrupt, Stopped) as e:
-        ctrl_c = isinstance(e, KeyboardInterrupt)
-        print(flush=True)  # a signal lands anywhere, also between a print's text and its newline
-        _fail(f"{'interrupted (Ctrl-C)' if ctrl_c else 'stopped by SIGTERM'}; {_after()}", 130 if ctrl_c else 143)
-    except (OSError, RuntimeError) as e:  # (no torch import here: torch.distributed's errors are RuntimeErrors)
-        fault = storage_fault(e)
-        if fault:
-            _fail(f"{fault}; {_after()}", 4)
-        if not any(m in str(e) for m in LOST_PEER):
-            raise
-        _fail(f"lost contact with another rank ({str(e).splitlines()[0]}). Its node died or was stopped; rerun the "
-              f"same command on every node: train resumes from its last checkpoint, precompute reuses the "
-              f"complete shards", 3)
-    _exit(0)
-
-
-def _fail(message: str, code: int) -> None:
-    _close_progress_bars()
-    print(f"error: {message}", file=sys.stderr)
-    _exit(code)
-
-
-def _exit(code: int) -> None:
-    """End a phase's process: exit handlers run (e.g. dpo_ds.engine's /dev/shm cleanup), output is flushed,
-    then the process ends without interpreter finalization. Left to finalization, a finished rank was seen to
-    abort in the process group's C++ teardown ("terminate called without an active exception", exit -6; 2 of
-    4 full test runs on 2026-11-25, each time after the rank's work was written)."""
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-# what gloo says when a peer's connection closes or a collective times out (NCCL's watchdog aborts the
-# process itself)
-LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "gloo/transport")

@@ -8,16 +8,18 @@ SFT model too, whose implicit rewards against itself are zero by definition.
 """
 from __future__ import annotations
 
-from dpo_ds import dist, engine, owner
-from dpo_ds.batching import pad_and_eos
-from dpo_ds.config import EvalConfig, main_guard, on_fault, parse
-from dpo_ds.data import load_split, read_report
+from dpo_ds import dist, engine
+from dpo_ds.cache.read import open_verified, precision_warning
+from dpo_ds.cli import main_guard, on_fault, parse
+from dpo_ds.config import EvalConfig
+from dpo_ds.data.prepared import read_report
 from dpo_ds.errors import UserError
-from dpo_ds.files import atomic_json
-from dpo_ds.fingerprint import tokenizer_fingerprint
-from dpo_ds.ref_cache import open_verified, precision_warning
-from dpo_ds.report import format_metrics
-from dpo_ds.step import split_metrics
+from dpo_ds.model.batch import pad_and_eos
+from dpo_ds.objective.step import split_metrics
+from dpo_ds.report.log import format_metrics
+from dpo_ds.storage import owner
+from dpo_ds.storage.files import atomic_json
+from dpo_ds.storage.fingerprint import tokenizer_fingerprint
 
 OUTPUT_KEYS = ("split", "model", "examples")  # what makes a JSON file an earlier --output of evaluate
 
@@ -27,19 +29,19 @@ def run(cfg: EvalConfig) -> dict:
     dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
     if cfg.output:
         dist.on_main(lambda: owner.check_output_file(cfg.output, "--output", OUTPUT_KEYS))
-    tokenizer = engine.open_model_dir(cfg)
+    tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
     if tokenizer_fingerprint(tokenizer) != dist.on_main(lambda: read_report(cfg.data))["tokenizer_fingerprint"]:
         raise UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
     # the evaluated model need not be the reference (a trained policy is not): no model check here
     cache = open_verified(cfg.ref_cache, cfg.data, None, [cfg.split])
-    reference = cache.reference(cfg.split, cfg.ld_alpha is not None)
+    reference = cache.reference(cfg.split, cfg.length_desensitised)
     warning = precision_warning(cache, cfg.split, engine.dtype_name(engine.resolve_dtype(cfg.dtype)), cfg.beta)
     if warning:
         dist.print0(warning)
-    ds = dist.on_every_rank(lambda: load_split(cfg.data, cfg.split))
+    ds = cache.data[cfg.split]
+    model = engine.inference_engine(engine.ModelSpec.of(cfg), cfg.dtype, cfg.deepspeed, cfg.batch_size, stats=True)
     metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),
-               **split_metrics(engine.inference_engine(cfg, stats=True), ds, reference, cfg, cfg.batch_size,
-                               *pad_and_eos(tokenizer), cfg.bco_delta)}
+               **split_metrics(model, ds, reference, cfg, cfg.batch_size, *pad_and_eos(tokenizer), cfg.bco_delta)}
     if dist.is_main():
         print(f"evaluate {cfg.model} on {cfg.split} ({len(ds)} pairs): {format_metrics(metrics)}")
         if cfg.output:

@@ -19,15 +19,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpo_ds import dist, engine, owner, ref_cache
-from dpo_ds.batching import dummy_batch, pad_and_eos, pair_lengths, take
-from dpo_ds.config import PrecomputeConfig, main_guard, on_fault, parse
-from dpo_ds.data import load_split, read_report, verify_files
+from dpo_ds import cache, dist, engine
+from dpo_ds.cli import main_guard, on_fault, parse
+from dpo_ds.config import PrecomputeConfig
+from dpo_ds.data.prepared import load_split, read_report, verify_files
 from dpo_ds.errors import UserError
-from dpo_ds.files import read_json
-from dpo_ds.fingerprint import tokenizer_fingerprint
-from dpo_ds.layout import build, lengths
-from dpo_ds.logps import pair_logps
+from dpo_ds.model.batch import build, dummy_batch, lengths, pad_and_eos, pair_lengths, take
+from dpo_ds.model.logps import is_collective, layout_of, pair_logps
+from dpo_ds.storage import owner
+from dpo_ds.storage.files import read_json
+from dpo_ds.storage.fingerprint import tokenizer_fingerprint
 
 
 def shard_plan(ds, shard_size: int) -> list[np.ndarray]:
@@ -43,13 +44,13 @@ def batches_of(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 @torch.no_grad()
 def compute_batch(logps_fn, batch: dict) -> dict:
-    """One collated batch -> its shard columns (ref_cache.SCHEMA): chosen and rejected in one forward."""
+    """One collated batch -> its shard columns (cache.SCHEMA): chosen and rejected in one forward."""
     p = pair_logps(logps_fn, batch)
     values = {"example_id": batch["example_id"], "ref_chosen_logps": p.chosen_logps,
               "ref_rejected_logps": p.rejected_logps, "ref_chosen_shared_logps": p.chosen_shared_logps,
               "ref_rejected_shared_logps": p.rejected_shared_logps, "chosen_tokens": p.chosen_tokens,
               "rejected_tokens": p.rejected_tokens}
-    return {name: values[name].cpu().numpy() for name in ref_cache.SCHEMA.names}
+    return {name: values[name].cpu().numpy() for name in cache.SCHEMA.names}
 
 
 class Progress:
@@ -71,24 +72,24 @@ def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_
     """Compute and write this rank's missing shards of one split; returns the split's shard count."""
     cache_dir = cfg.output_dir
     shards = shard_plan(ds, cfg.shard_size)
-    done = dist.on_main(lambda: ref_cache.complete_shards(cache_dir, split))  # one rank hashes what is on disk
+    done = dist.on_main(lambda: cache.complete_shards(cache_dir, split))  # one rank hashes what is on disk
     mine = [n for n in range(len(shards)) if n % dist.dp_size() == dist.dp_rank() and n not in done]
-    size = lengths(ds, engine.layout_of(logps_fn))  # within a shard, batches group pairs of similar row length
+    size = lengths(ds, layout_of(logps_fn))  # within a shard, batches group pairs of similar row length
     work = [(n, rows) for n in mine
             for rows in batches_of(shards[n][np.argsort(-size[shards[n]], kind="stable")], cfg.batch_size)]
     bar = tqdm(total=sum(len(shards[n]) for n in mine), desc=f"precompute {split} (rank 0)", unit="ex",
                disable=not dist.is_main(), mininterval=2.0)
     parts = {}
-    for item in dist.even(work, engine.is_collective(logps_fn)):
+    for item in dist.even(work, is_collective(logps_fn)):
         if item is None:
             compute_batch(logps_fn, dummy_batch(pad_id, eos_id))
             continue
         n, rows = item
         if n not in parts:
             if dist.sp_rank() == 0:  # e.g. renamed but unrecorded when the last run died
-                ref_cache.remove_partial_shard(cache_dir, split, n)
+                cache.remove_partial_shard(cache_dir, split, n)
             parts[n] = []
-        batch = build(take(ds, rows), engine.layout_of(logps_fn), pad_id)
+        batch = build(take(ds, rows), layout_of(logps_fn), pad_id)
         parts[n].append(compute_batch(logps_fn, batch))
         progress.add(batch)
         bar.update(len(rows))
@@ -106,12 +107,12 @@ def save_shard(cache_dir: str, split: str, n: int, parts: list) -> list[int]:
     leave the others waiting in a collective)."""
     columns = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     bad = np.zeros(len(columns["example_id"]), dtype=bool)
-    for name in ref_cache.REFERENCE_COLUMNS:
+    for name in cache.REFERENCE_COLUMNS:
         bad |= ~np.isfinite(columns[name])
     if bad.any():
         return columns["example_id"][bad].tolist()
     if dist.sp_rank() == 0:
-        ref_cache.write_shard(cache_dir, split, dist.rank(), n, columns)
+        cache.write_shard(cache_dir, split, dist.rank(), n, columns)
     return []
 
 
@@ -138,7 +139,7 @@ def check_inputs(cfg: PrecomputeConfig, tokenizer, splits: list, dtype_name: str
         raise UserError(f"--splits {' '.join(unknown)}: not in --data {cfg.data} (prepared splits: "
                         f"{', '.join(report['counts'])})")
     verify_files(cfg.data, report, splits)
-    return ref_cache.fingerprint(cfg.model, tok_fp, report, dtype_name)
+    return cache.fingerprint(cfg.model, tok_fp, report, dtype_name)
 
 
 def after_fault(cache_dir: str) -> str:
@@ -154,46 +155,46 @@ def run(cfg: PrecomputeConfig) -> dict | None:
 
 
 def _run(cfg: PrecomputeConfig) -> dict | None:
-    tokenizer = engine.open_model_dir(cfg)
+    tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
     dtype = engine.resolve_dtype(cfg.dtype)
     requested = cfg.splits or dist.on_main(lambda: list(read_report(cfg.data)["counts"]))
     fp = dist.on_main(lambda: check_inputs(cfg, tokenizer, requested, engine.dtype_name(dtype)))
-    state, splits = dist.on_every_rank(lambda: ref_cache.start(cfg.output_dir, fp, requested))
+    state, splits = dist.on_every_rank(lambda: cache.start(cfg.output_dir, fp, requested))
     dist.barrier()  # every rank has read the directory before rank 0 writes into it
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # every node must see the shards of the others
     if state == "complete":
-        bad = dist.on_main(lambda: ref_cache.damaged(cfg.output_dir))  # one rank hashes every shard
+        bad = dist.on_main(lambda: cache.damaged(cfg.output_dir))  # one rank hashes every shard
         if not bad:
             dist.print0(f"{cfg.output_dir}: already complete for this model and data; verify with "
-                        f"`python -m dpo_ds.ref_cache verify {cfg.output_dir} --data {cfg.data}`")
+                        f"`dpo-ds verify {cfg.output_dir} --data {cfg.data}`")
             return None
         names = [f"{split}/{name}" for split, files in bad.items() for name in files]
         dist.print0(f"precompute: {len(names)} shard(s) of {cfg.output_dir} do not match its manifest (changed, "
                     f"missing or unlisted: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); "
                     f"recomputing exactly those")
-        dist.on_main(lambda: ref_cache.reopen(cfg.output_dir, bad))
+        dist.on_main(lambda: cache.reopen(cfg.output_dir, bad))
         state = "resume"
     if state == "resume":
-        planned = read_json(os.path.join(cfg.output_dir, ref_cache.PLAN))["shard_size"]
+        planned = read_json(os.path.join(cfg.output_dir, cache.PLAN))["shard_size"]
         if planned != cfg.shard_size:
             raise UserError(f"{cfg.output_dir} was started with --shard_size {planned}; resume it with the same "
                             f"value (its complete shards hold those examples)")
     datasets_ = dist.on_every_rank(lambda: {s: load_split(cfg.data, s) for s in splits})  # before any write
     if dist.is_main():
-        ref_cache.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
+        cache.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
                                                   "split_names": splits})
     dist.barrier()
     dist.print0(f"precompute: {'resuming' if state == 'resume' else 'starting'} {cfg.output_dir} "
                 f"({', '.join(splits)}; {dist.describe()}, {dtype}, "
                 f"{'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")
 
-    logps_fn = engine.inference_engine(cfg)
-    dist.print0(f"precompute: layout {engine.layout_of(logps_fn)}")
+    logps_fn = engine.inference_engine(engine.ModelSpec.of(cfg), cfg.dtype, cfg.deepspeed, cfg.batch_size)
+    dist.print0(f"precompute: layout {layout_of(logps_fn)}")
     progress = Progress()
     n_shards = {s: run_split(logps_fn, cfg, s, datasets_[s], *pad_and_eos(tokenizer), progress) for s in splits}
     check_finite(progress)
     run_stats = summarise(progress, state == "resume")  # collective; every shard is in place after it
-    manifest = dist.on_main(lambda: ref_cache.write_manifest(cfg.output_dir, fp, n_shards, run_stats))
+    manifest = dist.on_main(lambda: cache.write_manifest(cfg.output_dir, fp, n_shards, run_stats))
     dist.print0(f"precompute: wrote {cfg.output_dir}/manifest.json: "
                 f"{ {s: e['rows'] for s, e in manifest['splits'].items()} } examples, "
                 f"{run_stats['tokens_per_s']:.0f} tokens/s, padding {100 * run_stats['padding_fraction']:.1f}%")

@@ -12,12 +12,14 @@ import os
 
 import numpy as np
 
-from dpo_ds import config as C, owner
-from dpo_ds.data import REPORT, SPLITS, data_fingerprint, load_tokenizer, write_prepared
-from dpo_ds.encode import Encoder
+from dpo_ds import cli
+from dpo_ds import config as C
+from dpo_ds.data.encode import Encoder
+from dpo_ds.data.prepared import REPORT, SPLITS, data_fingerprint, load_tokenizer, write_prepared
+from dpo_ds.data.sources import BadRows, read_rows
 from dpo_ds.errors import DataError, UserError
-from dpo_ds.fingerprint import tokenizer_fingerprint
-from dpo_ds.sources import BadRows, read_rows
+from dpo_ds.storage import owner
+from dpo_ds.storage.fingerprint import tokenizer_fingerprint
 
 
 def assign_eval(rows: list, fraction: float, seed: int) -> list:
@@ -69,7 +71,7 @@ def after_fault(out_dir: str) -> str:
 
 
 def run(cfg: C.PrepareConfig) -> dict:
-    C.on_fault(lambda: after_fault(cfg.output_dir))
+    cli.on_fault(lambda: after_fault(cfg.output_dir))
     with owner.owned(cfg.output_dir, "prepared data", "--output_dir", "prepare"):
         return _run(cfg)
 
@@ -113,7 +115,7 @@ def _run(cfg: C.PrepareConfig) -> dict:
 
 
 def main(argv=None):
-    C.main_guard(lambda: run(C.parse(C.PrepareConfig, argv, prog="python -m dpo_ds.prepare", doc=__doc__)))
+    cli.main_guard(lambda: run(cli.parse(C.PrepareConfig, argv, prog="python -m dpo_ds.prepare", doc=__doc__)))
 
 
 if __name__ == "__main__":

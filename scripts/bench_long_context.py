@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,16 +57,16 @@ def worker(a) -> None:
     import torch
 
     from dpo_ds import dist, engine
-    from dpo_ds.layout import PLAIN, build
-    from dpo_ds.logps import pair_logps
+    from dpo_ds.model.batch import build
+    from dpo_ds.model.layout import PLAIN
+    from dpo_ds.model.logps import pair_logps
 
     dist.init(sequence_parallel_size=a.sp)
     ds = engine.train_ds_config(os.path.join(ROOT, "ds_configs", "zero3_cpu.json"), 1, 1, 1.0)
-    cfg = SimpleNamespace(seed=0, model=a.model, attn_implementation="sdpa", trust_remote_code=False,
-                          gradient_checkpointing=True, logp_chunk_size=256, share_prompt=False, packing=False,
-                          sequence_parallel_size=a.sp, learning_rate=1e-6, weight_decay=0.0, warmup_steps=0,
-                          max_steps=100, lr_schedule="constant", tiled_mlp=bool(a.tiled_mlp))
-    policy = engine.training_engine(cfg, ds)
+    spec = engine.ModelSpec(a.model, "sdpa", share_prompt=False, packing=False, sequence_parallel_size=a.sp)
+    training = engine.TrainingSpec(learning_rate=1e-6, max_steps=100, lr_schedule="constant", seed=0,
+                                   tiled_mlp=bool(a.tiled_mlp))
+    policy = engine.training_engine(spec, training, ds)
     policy.train()  # HF models load in eval mode, where gradient checkpointing is off
     g = torch.Generator().manual_seed(0)
     half = a.length // 2

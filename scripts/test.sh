@@ -5,5 +5,5 @@
 source "$(dirname "$0")/_venv.sh"
 workers="${DPO_DS_TEST_WORKERS:-$(n=$(nproc); echo $(( n < 4 ? n : 4 )))}"
 parallel=()
-if [ "$workers" -gt 1 ] && [[ " $* " != *" -n "* ]]; then parallel=(-n "$workers" --dist loadgroup); fi
+if [ "$workers" -gt 1 ] && [[ " $* " != *" -n "* ]]; then parallel=(-n "$workers" --dist worksteal); fi
 exec python -m pytest "${parallel[@]}" "$@"

@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 
-from dpo_ds import config as C, dist, evaluate, train
+from dpo_ds import config as C
+from dpo_ds import dist, evaluate, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

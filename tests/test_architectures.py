@@ -17,14 +17,16 @@ import warnings
 
 import pytest
 import torch
+from independent import naive_sequence_logps
 from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from dpo_ds.errors import UserError
-from dpo_ds.head import PLAIN, TRANSFORMS, output_head
-from dpo_ds.layout import EXACT_TYPES, Layout, build as build_layout
-from dpo_ds.logps import SequenceLogps, naive_sequence_logps, pair_logps, sequence_logps
+from dpo_ds.model.batch import build as build_layout
+from dpo_ds.model.head import PLAIN, TRANSFORMS, output_head
+from dpo_ds.model.layout import EXACT_TYPES, Layout
+from dpo_ds.model.logps import SequenceLogps, pair_logps, sequence_logps
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 128, 32, 4, 2, 8
 
@@ -109,7 +111,7 @@ OVERRIDES = {
 }
 OVERRIDES["qwen4_exp"] = OVERRIDES["qwen4_exp_text"]
 
-# the model_type a built causal LM reports (what dpo_ds.head looks up) where it differs from the mapping's key:
+# the model_type a built causal LM reports (what dpo_ds.model.head looks up) where it differs from the mapping's key:
 # a composite config's causal LM keeps only the text config
 RUNTIME_TYPE = {"dots3_note": "dots3_note_text", "emu3": "emu3_text_model", "gpt-sw3": "gpt2",
                 "llama4": "llama4_text", "mllama": "mllama_text_model", "qwen3_5": "qwen3_5_text",

@@ -10,12 +10,13 @@ import subprocess
 import sys
 
 import pytest
-
-from dpo_ds import config as C
-from dpo_ds.errors import ConfigError
-from dpo_ds.report import MetricsLog, read_metrics
 from conftest import ROOT, child_env, run_module
 from test_train import train_args
+
+from dpo_ds import cli
+from dpo_ds import config as C
+from dpo_ds.errors import ConfigError
+from dpo_ds.report.log import MetricsLog, read_metrics
 
 # scripts/_venv.sh installs MLflow beside the venv: DeepSpeed imports it at every start when it can
 MLFLOW_BESIDE = os.path.join(sys.prefix, "extras", "mlflow")
@@ -23,19 +24,19 @@ REQUIRED = ["--model", "m", "--data", "d", "--ref_cache", "r", "--output_dir", "
 
 
 def test_trl_flag_names_on_the_command_line():
-    cfg = C.parse(C.TrainConfig, REQUIRED + [
+    cfg = cli.parse(C.TrainConfig, REQUIRED + [
         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "3", "--lr_scheduler_type", "cosine",
         "--logging_steps", "5", "--eval_steps", "20", "--save_steps", "40", "--max_steps", "100",
         "--warmup_ratio", "0.1", "--rpo_alpha", "0.5", "--learning_rate", "1e-6", "--beta", "0.2"])
     assert (cfg.micro_batch_size, cfg.grad_accum, cfg.lr_schedule) == (4, 3, "cosine")
     assert (cfg.log_every, cfg.eval_every, cfg.save_every, cfg.warmup_steps) == (5, 20, 40, 10)
     assert cfg.loss_type == ["sigmoid", "sft"] and cfg.weights() == [1.0, 0.5], "RPO = DPO + α · NLL"
-    old = C.parse(C.TrainConfig, REQUIRED + ["--micro_batch_size", "4", "--grad_accum", "3", "--log_every", "5"])
+    old = cli.parse(C.TrainConfig, REQUIRED + ["--micro_batch_size", "4", "--grad_accum", "3", "--log_every", "5"])
     assert (old.micro_batch_size, old.grad_accum, old.log_every) == (4, 3, 5), "the dpo_ds names still work"
     # a saved run (OUT/config.json) read back is the same run: sft is not appended twice
     again = C.TrainConfig(**C.to_dict(cfg))
     assert again.loss_type == cfg.loss_type and again.weights() == cfg.weights()
-    help_text = C.build_parser(C.TrainConfig).format_help()
+    help_text = cli.build_parser(C.TrainConfig).format_help()
     assert "--per_device_train_batch_size MICRO_BATCH_SIZE, --micro_batch_size" in help_text
 
 
@@ -43,13 +44,13 @@ def test_trl_style_job_file(tmp_path):
     job = tmp_path / "job.json"
     json.dump({"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "warmup_ratio": 0.05,
                "max_steps": 200, "lr_scheduler_type": "constant", "beta": 0.05}, open(job, "w"))
-    cfg = C.parse(C.TrainConfig, REQUIRED + ["--config", str(job), "--gradient_accumulation_steps", "4"])
+    cfg = cli.parse(C.TrainConfig, REQUIRED + ["--config", str(job), "--gradient_accumulation_steps", "4"])
     assert (cfg.micro_batch_size, cfg.grad_accum, cfg.warmup_steps, cfg.lr_schedule) == (8, 4, 10, "constant")
     json.dump({"per_device_train_batch_size": 8, "micro_batch_size": 4}, open(job, "w"))
     with pytest.raises(ConfigError, match="per_device_train_batch_size and micro_batch_size name one setting"):
-        C.parse(C.TrainConfig, REQUIRED + ["--config", str(job)])
+        cli.parse(C.TrainConfig, REQUIRED + ["--config", str(job)])
     with pytest.raises(ConfigError, match="--warmup_ratio 2.0 must be in"):
-        C.parse(C.TrainConfig, REQUIRED + ["--warmup_ratio", "2"])
+        cli.parse(C.TrainConfig, REQUIRED + ["--warmup_ratio", "2"])
 
 
 def dpo_ds_command():
@@ -145,47 +146,47 @@ def test_report_to_every_tracker_offline(tiny, prepared, cache, tmp_path):
 
 
 def test_report_to_choices(monkeypatch):
-    from dpo_ds import trackers
+    from dpo_ds.report import trackers
 
-    assert C.parse(C.TrainConfig, REQUIRED).report_to == ["tensorboard"], "dpo_ds's default, as before"
+    assert cli.parse(C.TrainConfig, REQUIRED).report_to == ["tensorboard"], "dpo_ds's default, as before"
     assert trackers.chosen(["none"]) == []
     installed = trackers.importlib.util.find_spec
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: name == "tensorboard" and installed(name))
     with pytest.raises(ConfigError, match=r"--report_to wandb: the wandb package is not installed "
                                           r"\(pip install 'dpo_ds\[wandb\]'\)"):
-        C.parse(C.TrainConfig, REQUIRED + ["--report_to", "tensorboard", "wandb"])
+        cli.parse(C.TrainConfig, REQUIRED + ["--report_to", "tensorboard", "wandb"])
     with pytest.raises(ConfigError, match="--report_to comet: unknown"):
         trackers.chosen(["comet"])
     assert trackers.chosen(["all"]) == ["tensorboard"]
 
 
 def test_epochs_and_loss_names_as_trl_gives_them():
-    cfg = C.parse(C.TrainConfig, REQUIRED + ["--num_train_epochs", "2.5", "--warmup_ratio", "0.1"])
+    cfg = cli.parse(C.TrainConfig, REQUIRED + ["--num_train_epochs", "2.5", "--warmup_ratio", "0.1"])
     assert cfg.max_steps is None
     cfg.set_epochs(54)
     assert (cfg.max_steps, cfg.warmup_steps) == (135, 14)
-    assert C.parse(C.TrainConfig, REQUIRED).max_steps == 1000
+    assert cli.parse(C.TrainConfig, REQUIRED).max_steps == 1000
     with pytest.raises(ConfigError, match="--max_steps and --num_train_epochs give the same setting two ways"):
-        C.parse(C.TrainConfig, REQUIRED + ["--num_train_epochs", "1", "--max_steps", "10"])
+        cli.parse(C.TrainConfig, REQUIRED + ["--num_train_epochs", "1", "--max_steps", "10"])
     with pytest.raises(ConfigError, match="--warmup_steps and --warmup_ratio"):
-        C.parse(C.TrainConfig, REQUIRED + ["--warmup_ratio", "0.1", "--warmup_steps", "10"])
-    assert C.parse(C.TrainConfig, REQUIRED + ["--loss_type", "aot_pair"]).loss_type == ["aot_unpaired"]
+        cli.parse(C.TrainConfig, REQUIRED + ["--warmup_ratio", "0.1", "--warmup_steps", "10"])
+    assert cli.parse(C.TrainConfig, REQUIRED + ["--loss_type", "aot_pair"]).loss_type == ["aot_unpaired"]
 
 
 def test_trl_names_for_every_shared_concept():
-    from dpo_ds.sources import NAMED, resolve_source
+    from dpo_ds.data.sources import NAMED, resolve_source
 
-    cfg = C.parse(C.TrainConfig, ["--model_name_or_path", "m", "--data", "d", "--ref_cache", "r", "--output_dir", "o",
+    cfg = cli.parse(C.TrainConfig, ["--model_name_or_path", "m", "--data", "d", "--ref_cache", "r", "--output_dir", "o",
                                   "--deepspeed", "z.json", "--f_divergence_type", "alpha_divergence",
                                   "--f_alpha_divergence_coef", "0.3", "--no-padding_free", "--no-disable_dropout"])
     assert (cfg.model, cfg.f_divergence, cfg.f_alpha, cfg.packing, cfg.disable_dropout) == \
         ("m", "alpha_divergence", 0.3, False, False)
-    prep = C.parse(C.PrepareConfig, ["--dataset_name", "HuggingFaceH4/ultrafeedback_binarized", "--tokenizer", "t",
+    prep = cli.parse(C.PrepareConfig, ["--dataset_name", "HuggingFaceH4/ultrafeedback_binarized", "--tokenizer", "t",
                                      "--output_dir", "o", "--dataset_num_proc", "2"])
     assert (prep.dataset, prep.num_proc) == ("HuggingFaceH4/ultrafeedback_binarized", 2)
     assert resolve_source(prep.dataset) is NAMED["ultrafeedback"], "the hub id names the same source"
     assert resolve_source("Anthropic/hh-rlhf") is NAMED["hh_rlhf"]
-    assert C.parse(C.TrainConfig, REQUIRED).disable_dropout is True, "TRL's default"
+    assert cli.parse(C.TrainConfig, REQUIRED).disable_dropout is True, "TRL's default"
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "gpt2"])
@@ -221,9 +222,9 @@ def test_disable_dropout_makes_training_forward_the_cached_one(kind):
 def test_flags_replace_the_job_files_other_way_and_trl_shapes(tmp_path):
     job = tmp_path / "job.json"
     json.dump({"num_train_epochs": 2, "warmup_steps": 5, "report_to": "none", "max_steps": -1}, open(job, "w"))
-    cfg = C.parse(C.TrainConfig, REQUIRED + ["--config", str(job)])
+    cfg = cli.parse(C.TrainConfig, REQUIRED + ["--config", str(job)])
     assert (cfg.max_steps, cfg.num_train_epochs, cfg.report_to) == (None, 2.0, ["none"]), "TRL's -1: not given"
-    cfg = C.parse(C.TrainConfig, REQUIRED + ["--config", str(job), "--max_steps", "7", "--warmup_ratio", "0.5"])
+    cfg = cli.parse(C.TrainConfig, REQUIRED + ["--config", str(job), "--max_steps", "7", "--warmup_ratio", "0.5"])
     assert (cfg.max_steps, cfg.num_train_epochs, cfg.warmup_steps) == (7, None, 4), "the flag's way wins"
 
 
@@ -244,15 +245,15 @@ def test_a_failing_tracker_is_dropped_and_training_goes_on(tmp_path, capsys):
 
 
 def test_a_run_saved_before_disable_dropout_resumes_with_its_dropout(tmp_path):
-    from dpo_ds.train import continue_as_started
+    from dpo_ds.resume import continue_as_started
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step-2")
     (tmp_path / "config.json").write_text(json.dumps({"train": {"beta": 0.1}}))
-    cfg = C.parse(C.TrainConfig, REQUIRED[:6] + ["--output_dir", str(tmp_path), "--deepspeed", "z.json"])
+    cfg = cli.parse(C.TrainConfig, REQUIRED[:6] + ["--output_dir", str(tmp_path), "--deepspeed", "z.json"])
     continue_as_started(cfg)
     assert cfg.disable_dropout is False
     (tmp_path / "config.json").write_text(json.dumps({"train": {"disable_dropout": True}}))
-    cfg = C.parse(C.TrainConfig, REQUIRED[:6] + ["--output_dir", str(tmp_path), "--deepspeed", "z.json"])
+    cfg = cli.parse(C.TrainConfig, REQUIRED[:6] + ["--output_dir", str(tmp_path), "--deepspeed", "z.json"])
     continue_as_started(cfg)
     assert cfg.disable_dropout is True

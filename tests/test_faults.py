@@ -13,11 +13,12 @@ import sys
 import time
 
 import pytest
-
-from dpo_ds import config as C, evaluate
-from dpo_ds.ref_cache import open_cache
-from dpo_ds.report import read_metrics
 from conftest import ROOT, child_env, run_module
+
+from dpo_ds import config as C
+from dpo_ds import evaluate
+from dpo_ds.cache.read import open_cache
+from dpo_ds.report.log import read_metrics
 
 ZERO0 = os.path.join(ROOT, "ds_configs", "zero0_cpu.json")
 MiB = 1 << 20
@@ -217,8 +218,8 @@ def test_evaluate_faults(tiny, prepared, cache, disk):
 
 
 def test_evaluate_never_overwrites_a_file_it_did_not_write(tmp_path):
-    from dpo_ds import owner
     from dpo_ds.errors import UserError
+    from dpo_ds.storage import owner
 
     mine = tmp_path / "notes.json"
     mine.write_text('{"mine": 1}')

@@ -1,16 +1,17 @@
-"""The token-efficient layouts (dpo_ds.layout) against the plain one: the same per-sequence log-probs, loss
+"""The token-efficient layouts (dpo_ds.model.layout) against the plain one: the same per-sequence log-probs, loss
 and gradients (fp32: only the order of sums differs), on pairs of varied lengths including a one-token
 response, a prompt at --max_prompt_length and a pair at --max_length."""
 import datasets
 import pytest
 import torch
+from independent import dpo_loss
 from transformers import AutoModelForCausalLM
 
-from dpo_ds.encode import IGNORE
+from dpo_ds.data.encode import IGNORE
 from dpo_ds.errors import UserError
-from dpo_ds.layout import PLAIN, Layout, block_mask, build, resolve, unsupported
-from dpo_ds.logps import SequenceLogps, pair_logps
-from dpo_ds.loss import dpo_loss
+from dpo_ds.model.batch import block_mask, build
+from dpo_ds.model.layout import PLAIN, Layout, resolve, unsupported
+from dpo_ds.model.logps import SequenceLogps, pair_logps
 
 LAYOUTS = [Layout(True, False), Layout(False, True), Layout(True, True)]
 MAX_LENGTH, MAX_PROMPT = 48, 24

@@ -6,14 +6,16 @@ import math
 import datasets
 import pytest
 import torch
+from independent import dpo_loss, naive_sequence_logps
 from transformers import AutoModelForCausalLM
 
 from dpo_ds import config as C
-from dpo_ds.batching import collate
-from dpo_ds.logps import HeadStats, PairLogps, SequenceLogps, naive_sequence_logps, sequence_logps
-from dpo_ds.loss import MetricSums, dpo_loss
-from dpo_ds.step import batch_losses, loss_inputs
-from dpo_ds.ref_cache import RefLogps, open_cache
+from dpo_ds.cache.format import RefLogps
+from dpo_ds.cache.read import open_cache
+from dpo_ds.model.batch import collate
+from dpo_ds.model.logps import HeadStats, PairLogps, SequenceLogps, sequence_logps
+from dpo_ds.objective.metrics import MetricSums
+from dpo_ds.objective.step import batch_losses, loss_inputs
 
 PC, PR, RC, RR = (torch.tensor(v) for v in ([-10.0, -20.0], [-12.0, -18.0], [-11.0, -19.0], [-11.5, -19.5]))
 
@@ -112,5 +114,9 @@ def test_pure_modules_stay_light():
     import sys
 
     code = ("import sys, dpo_ds.config; assert 'torch' not in sys.modules; "
-            "import dpo_ds.loss, dpo_ds.sources, dpo_ds.encode; assert 'deepspeed' not in sys.modules")
+            "import dpo_ds.objective.loss, dpo_ds.data.sources, dpo_ds.data.encode; assert 'deepspeed' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    # the objective and the batch builder: neither deepspeed nor the engine that wraps the model
+    code = ("import sys, dpo_ds.objective.step, dpo_ds.objective.metrics, dpo_ds.model.batch, dpo_ds.model.logps; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'deepspeed' or m.startswith('dpo_ds.engine')]")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,18 +11,20 @@ import shutil
 import datasets
 import pytest
 import torch
+from conftest import run_module
 from transformers import AutoModelForCausalLM
 
-from dpo_ds import config as C, evaluate, ref_cache as R
-from dpo_ds.batching import collate
+from dpo_ds import cache as R
+from dpo_ds import cli, evaluate
+from dpo_ds import config as C
 from dpo_ds.config import LOSS_TYPES
 from dpo_ds.errors import CacheError, ConfigError
-from dpo_ds.files import atomic_json, read_json
-from dpo_ds.fingerprint import sha256_file
-from dpo_ds.logps import SequenceLogps, pair_logps
-from dpo_ds.loss import LossInputs, f_difference, pair_loss, preference_losses
-from dpo_ds.step import batch_losses
-from conftest import run_module
+from dpo_ds.model.batch import collate
+from dpo_ds.model.logps import SequenceLogps, pair_logps
+from dpo_ds.objective.loss import LossInputs, f_difference, pair_loss, preference_losses
+from dpo_ds.objective.step import batch_losses
+from dpo_ds.storage.files import atomic_json, read_json
+from dpo_ds.storage.fingerprint import sha256_file
 
 B = 48
 
@@ -289,7 +291,7 @@ def test_wpo_weights_and_head_metrics_equal_a_full_softmax(models, batch):
     n = torch.tensor([len(f[0]) for f in full], dtype=torch.float64)
     w = torch.exp(stats["wpo"][:Bn] / n[:Bn] + stats["wpo"][Bn:] / n[Bn:])
     ref = torch.zeros(Bn, dtype=torch.float64)
-    from dpo_ds.ref_cache import RefLogps
+    from dpo_ds.cache.format import RefLogps
 
     x_cfg = C.LossConfig(use_weighting=True)
     weighted, _ = batch_losses(SequenceLogps(policy, chunk_size=5, stats=True), batch,
@@ -311,7 +313,7 @@ def test_evaluate_reports_every_loss(tiny, prepared, cache, loss_type, tmp_path)
             "--loss_type", *types]
     if types == ["sigmoid", "sft"]:
         argv += ["--loss_weights", "1", "0.5"]
-    m = evaluate.run(C.parse(C.EvalConfig, argv))
+    m = evaluate.run(cli.parse(C.EvalConfig, argv))
     assert json.load(open(out))["loss"] == m["loss"]
     zero = torch.zeros(1, dtype=torch.float64)
     eps = 1e-3 if types == ["exo_pair"] else 0.0
@@ -350,7 +352,7 @@ def test_format_1_cache_serves_every_loss_but_ld_dpo(tiny, prepared, cache, tmp_
     with pytest.raises(CacheError, match="format-1 cache.*LD-DPO.*rerun dpo_ds.precompute"):
         opened.reference("eval", shared=True)
     with pytest.raises(CacheError, match="format-1 cache"):
-        evaluate.run(C.parse(C.EvalConfig, ["--model", tiny[0], "--data", prepared, "--ref_cache", old,
+        evaluate.run(cli.parse(C.EvalConfig, ["--model", tiny[0], "--data", prepared, "--ref_cache", old,
                                             "--ld_alpha", "0.5"]))
 
 
@@ -384,12 +386,12 @@ def test_job_file_names_losses_as_a_list_or_one_string(tmp_path):
     base = {"model": "m", "data": "d", "ref_cache": "r", "output_dir": "o", "deepspeed": "z.json"}
     job = tmp_path / "job.json"
     job.write_text(json.dumps({**base, "loss_type": ["sigmoid", "sft"], "loss_weights": [1, 0.2], "ld_alpha": 0.5}))
-    cfg = C.parse(C.TrainConfig, ["--config", str(job)])
+    cfg = cli.parse(C.TrainConfig, ["--config", str(job)])
     assert (cfg.loss_type, cfg.weights(), cfg.ld_alpha) == (["sigmoid", "sft"], [1.0, 0.2], 0.5)
     job.write_text(json.dumps({**base, "loss_type": "ipo"}))
-    assert C.parse(C.TrainConfig, ["--config", str(job), "--beta", "0.3"]).loss_type == ["ipo"]
-    cfg = C.parse(C.TrainConfig, ["--config", str(job), "--loss_type", "robust", "--label_smoothing", "0.2"])
+    assert cli.parse(C.TrainConfig, ["--config", str(job), "--beta", "0.3"]).loss_type == ["ipo"]
+    cfg = cli.parse(C.TrainConfig, ["--config", str(job), "--loss_type", "robust", "--label_smoothing", "0.2"])
     assert (cfg.loss_type, cfg.label_smoothing) == (["robust"], 0.2)
     job.write_text(json.dumps({**base, "loss_type": ["exo_pair"], "label_smoothing": 0}))
     with pytest.raises(ConfigError, match="exo_pair needs"):
-        C.parse(C.TrainConfig, ["--config", str(job)])
+        cli.parse(C.TrainConfig, ["--config", str(job)])

@@ -14,12 +14,16 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, child_env, free_port, run_module
+from independent import naive_sequence_logps
 from transformers import AutoModelForCausalLM
 
-from dpo_ds import config as C, precompute, prepare, ref_cache as R, tiny as T
+from dpo_ds import cache as R
+from dpo_ds import config as C
+from dpo_ds import precompute, prepare, verify
+from dpo_ds import tiny as T
+from dpo_ds.cache import read
 from dpo_ds.errors import CacheError, UserError
-from dpo_ds.logps import naive_sequence_logps
-from conftest import ROOT, child_env, free_port, run_module
 
 
 def cached(cache_dir, data_dir, split="train"):
@@ -84,7 +88,7 @@ def test_two_ranks_zero3_match_one_rank(tiny, prepared, plain_cache, tmp_path):
     _, two = cached(str(out), prepared)
     for k in R.REFERENCE_COLUMNS:
         np.testing.assert_allclose(one[k], two[k], rtol=1e-5)
-    v = run_module("dpo_ds.ref_cache", "verify", out, "--data", prepared, "--model", tiny[0])
+    v = run_module("dpo_ds.verify", out, "--data", prepared, "--model", tiny[0])
     assert "OK" in v.stdout and "2 rank(s)" in v.stdout and "train: 216 examples" in v.stdout
 
 
@@ -220,7 +224,7 @@ def test_bad_arguments_are_clear(tiny, prepared, tmp_path):
     assert p.returncode == 2 and "no prepare_report.json" in p.stderr and "Traceback" not in p.stderr
     p = run_module("dpo_ds.precompute", "--model", tiny[0], "--data", prepared, check=False)
     assert p.returncode == 2 and "--output_dir" in p.stderr
-    p = run_module("dpo_ds.ref_cache", "verify", tmp_path / "empty", "--data", prepared, check=False)
+    p = run_module("dpo_ds.verify", tmp_path / "empty", "--data", prepared, check=False)
     assert p.returncode == 2 and "no manifest.json" in p.stderr
 
 
@@ -248,19 +252,19 @@ def test_splits_extend_a_cache_in_any_order(tiny, prepared, tmp_path):
 
 def test_verify_passes_trust_remote_code_to_the_tokenizer(tiny, prepared, cache, monkeypatch):
     seen = []
-    real = R.load_tokenizer
-    monkeypatch.setattr(R, "load_tokenizer", lambda name, trust_remote_code=False: seen.append(trust_remote_code)
+    real = read.load_tokenizer
+    monkeypatch.setattr(read, "load_tokenizer", lambda name, trust_remote_code=False: seen.append(trust_remote_code)
                         or real(name))
     R.open_cache(cache, prepared, model_dir=tiny[0], trust_remote_code=True)
-    R.main(["verify", cache, "--data", prepared, "--model", tiny[0], "--trust_remote_code"])
-    R.main(["verify", cache, "--data", prepared, "--model", tiny[0]])
+    verify.run(verify.parse([cache, "--data", prepared, "--model", tiny[0], "--trust_remote_code"]))
+    verify.run(verify.parse([cache, "--data", prepared, "--model", tiny[0]]))
     assert seen == [True, True, False]
 
 
 def test_no_phase_builds_a_kv_cache(tiny, prepared):
     """The decoder is called with use_cache=False: precompute and evaluate keep no keys and values."""
-    from dpo_ds.batching import collate, take
-    from dpo_ds.logps import SequenceLogps, pair_logps
+    from dpo_ds.model.batch import collate, take
+    from dpo_ds.model.logps import SequenceLogps, pair_logps
 
     model = AutoModelForCausalLM.from_pretrained(tiny[0]).eval()
     assert model.config.use_cache
@@ -280,18 +284,18 @@ def test_only_rank_zero_runs_the_check(tmp_path):
         # reports to its own file (what a child prints through the launcher's pipe is not reliably captured)
         "import sys\n"
         "import torch.distributed\n"
-        "from dpo_ds import config as C, dist\n"
+        "from dpo_ds import dist\nfrom dpo_ds.errors import UserError\n"
         "out, mode = sys.argv[-2], sys.argv[-1]\n"
         "def check():\n"
         "    open(f'{out}/calls.txt', 'a').write(f'rank {dist.rank()}\\n')\n"
         "    if mode == 'fail':\n"
-        "        raise C.UserError('the weights do not match')\n"
+        "        raise UserError('the weights do not match')\n"
         "    return {'verdict': 'ok'}\n"
         "dist.init()\n"
         "try:\n"
         "    result = f'got {dist.on_main(check)}'\n"
         "    dist.barrier()\n"
-        "except C.UserError as e:\n"
+        "except UserError as e:\n"
         "    result = f'error: {e}'\n"
         "open(f'{out}/rank{dist.rank()}.txt', 'w').write(result)\n"
         "torch.distributed.destroy_process_group()\n"

@@ -7,12 +7,13 @@ import os
 
 import datasets
 import pytest
+from conftest import ROOT, run_module
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo_ds import config as C, prepare
-from dpo_ds.encode import IGNORE
+from dpo_ds import cli, prepare
+from dpo_ds import config as C
+from dpo_ds.data.encode import IGNORE
 from dpo_ds.errors import DataError, UserError
-from conftest import ROOT, run_module
 
 HH = [("What is 2+2?", "It is 4.", "No idea."),
       ("Name a colour.", "Blue is a colour.", "Dog."),
@@ -204,7 +205,7 @@ def test_tiny_model_loads(tiny):
 def test_tokenizer_fingerprint_ignores_call_state_and_num_proc(tiny, tmp_path):
     """A tokenizer.json saved with truncation/padding set (common after SFT) and the state the first call
     leaves behind do not change the fingerprint; neither does --num_proc."""
-    from dpo_ds.fingerprint import tokenizer_fingerprint
+    from dpo_ds.storage.fingerprint import tokenizer_fingerprint
 
     model_dir, prefs = tiny
     fresh = AutoTokenizer.from_pretrained(model_dir)
@@ -287,7 +288,7 @@ def test_unreachable_hub_dataset_is_one_line(tiny, tmp_path):
 def test_stale_report_is_never_read_with_new_splits(tiny, tmp_path, monkeypatch):
     """A prepare run that dies after rewriting the splits but before its report leaves no report behind, and
     split files that differ from their report are refused."""
-    from dpo_ds import data
+    from dpo_ds.data import prepared as data
 
     model_dir, prefs = tiny
     _, out = prep(tmp_path, model_dir, prefs)
@@ -312,13 +313,13 @@ def test_stale_report_is_never_read_with_new_splits(tiny, tmp_path, monkeypatch)
 
 def test_one_flag_alone_never_refuses_a_default():
     """--max_length alone derives --max_prompt_length; --max_steps alone derives --warmup_steps."""
-    cfg = C.parse(C.PrepareConfig, ["--dataset", "d.jsonl", "--tokenizer", "t", "--output_dir", "o", "--max_length", "256"])
+    cfg = cli.parse(C.PrepareConfig, ["--dataset", "d.jsonl", "--tokenizer", "t", "--output_dir", "o", "--max_length", "256"])
     assert cfg.max_prompt_length == 128
     assert C.PrepareConfig(dataset="d", tokenizer="t", output_dir="o").max_prompt_length == 512
     train = ["--model", "m", "--data", "d", "--ref_cache", "r", "--output_dir", "o", "--deepspeed", "z.json"]
-    assert C.parse(C.TrainConfig, train + ["--max_steps", "5"]).warmup_steps == 0
-    assert C.parse(C.TrainConfig, train).warmup_steps == 50
-    assert C.parse(C.TrainConfig, train + ["--max_steps", "5", "--warmup_steps", "2"]).warmup_steps == 2
+    assert cli.parse(C.TrainConfig, train + ["--max_steps", "5"]).warmup_steps == 0
+    assert cli.parse(C.TrainConfig, train).warmup_steps == 50
+    assert cli.parse(C.TrainConfig, train + ["--max_steps", "5", "--warmup_steps", "2"]).warmup_steps == 2
 
 
 @pytest.mark.parametrize("module", ["prepare", "precompute", "train", "evaluate"])

@@ -13,16 +13,19 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as tdist
+from conftest import ROOT, child_env, free_port, run_module
 from safetensors.torch import load_file
+from test_precompute import cached
 
-from dpo_ds import config as C, dist, ref_cache as R
+from dpo_ds import cache as R
+from dpo_ds import cli, dist
+from dpo_ds import config as C
 from dpo_ds.engine import check_sequence_parallel, gradient_scale
 from dpo_ds.errors import ConfigError, UserError
-from dpo_ds.layout import PLAIN, Layout, build, resolve
-from dpo_ds.report import read_metrics
-from dpo_ds.sequence_parallel import Group, local_slice, sum_over_group
-from conftest import ROOT, child_env, free_port, run_module
-from test_precompute import cached
+from dpo_ds.model.batch import build
+from dpo_ds.model.layout import PLAIN, Layout, resolve
+from dpo_ds.model.sequence_parallel import Group, local_slice, sum_over_group
+from dpo_ds.report.log import read_metrics
 
 ZERO3 = os.path.join(ROOT, "ds_configs", "zero3_cpu.json")
 ZERO3_INFERENCE = os.path.join(ROOT, "ds_configs", "zero3_inference.json")
@@ -87,7 +90,7 @@ def test_tiled_mlp_gives_the_untiled_values_and_gradients(tiny):
     from transformers import AutoModelForCausalLM
 
     from dpo_ds.engine import tile_mlp
-    from dpo_ds.logps import SequenceLogps, pair_logps
+    from dpo_ds.model.logps import SequenceLogps, pair_logps
 
     batch = build(random_rows(4), PLAIN, pad_id=0)
     grads = []
@@ -143,7 +146,7 @@ def test_start_up_refusals(tiny, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     dist.set_sequence_parallel(1)
     with pytest.raises(ConfigError, match="--sequence_parallel_size must be positive"):
-        C.parse(C.EvalConfig, ["--model", "m", "--data", "d", "--ref_cache", "c", "--sequence_parallel_size", "0"])
+        cli.parse(C.EvalConfig, ["--model", "m", "--data", "d", "--ref_cache", "c", "--sequence_parallel_size", "0"])
 
 
 # ---------------------------------------------------------------- under the launcher

@@ -9,16 +9,18 @@ import os
 import datasets
 import pytest
 import torch
+from conftest import ROOT, run_module
+from independent import naive_sequence_logps
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dpo_ds import config as C, prepare
-from dpo_ds.batching import collate, take
-from dpo_ds.encode import IGNORE
-from dpo_ds.layout import Layout, build
-from dpo_ds.logps import SequenceLogps, naive_sequence_logps, pair_logps, sequence_logps
-from dpo_ds.report import read_metrics
-from conftest import ROOT, run_module
+from dpo_ds import config as C
+from dpo_ds import prepare
+from dpo_ds.data.encode import IGNORE
+from dpo_ds.model.batch import build, collate, take
+from dpo_ds.model.layout import Layout
+from dpo_ds.model.logps import SequenceLogps, pair_logps, sequence_logps
+from dpo_ds.report.log import read_metrics
 
 QUESTIONS = [("What is {a} plus {b}?", "{a} plus {b} is {s}.", "{a} plus {b} is {w}."),
              ("Add {a} and {b}.", "The sum is {s}.", "The sum is {w}, I think.")]
@@ -138,7 +140,7 @@ def test_two_rank_pipeline_keeps_a_working_model(smol, smol_data, tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "run"
     run_module("dpo_ds.precompute", "--model", smol, "--data", smol_data, "--output_dir", cache, "--batch_size", 4,
                launcher=2)
-    v = run_module("dpo_ds.ref_cache", "verify", cache, "--data", smol_data, "--model", smol)
+    v = run_module("dpo_ds.verify", cache, "--data", smol_data, "--model", smol)
     assert "OK" in v.stdout and "2 rank(s)" in v.stdout
     run_module("dpo_ds.train", "--deepspeed", os.path.join(ROOT, "ds_configs", "zero3_cpu.json"), "--model", smol,
                "--data", smol_data, "--ref_cache", cache, "--output_dir", out, "--max_steps", 3, "--learning_rate",

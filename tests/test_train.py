@@ -12,15 +12,16 @@ import time
 import datasets
 import pytest
 import torch
+from conftest import ROOT, child_env, free_port, run_module
 from safetensors.torch import load_file
 
-from dpo_ds import config as C, train
+from dpo_ds import cli, train
+from dpo_ds import config as C
+from dpo_ds.cache.format import RefLogps
 from dpo_ds.errors import CacheError, ConfigError, UserError
-from dpo_ds.layout import PLAIN
-from dpo_ds.logps import HeadStats, Scored
-from dpo_ds.ref_cache import RefLogps
-from dpo_ds.report import read_metrics
-from conftest import ROOT, child_env, free_port, run_module
+from dpo_ds.model.layout import PLAIN
+from dpo_ds.model.logps import HeadStats, Scored
+from dpo_ds.report.log import read_metrics
 
 ZERO3 = os.path.join(ROOT, "ds_configs", "zero3_cpu.json")
 
@@ -182,14 +183,14 @@ def test_job_file_and_flag_precedence(tmp_path):
     job = tmp_path / "job.json"
     json.dump({"beta": 0.3, "max_steps": 70, "model": "m", "data": "d", "ref_cache": "r", "output_dir": "o",
                "deepspeed": "z.json"}, open(job, "w"))
-    cfg = C.parse(C.TrainConfig, ["--config", str(job), "--beta", "0.2"])
+    cfg = cli.parse(C.TrainConfig, ["--config", str(job), "--beta", "0.2"])
     assert (cfg.beta, cfg.max_steps, cfg.learning_rate, cfg.grad_accum) == (0.2, 70, 5e-7, 8)
     json.dump({"betta": 1}, open(job, "w"))
     with pytest.raises(ConfigError, match="unknown setting 'betta'"):
-        C.parse(C.TrainConfig, ["--config", str(job)])
+        cli.parse(C.TrainConfig, ["--config", str(job)])
     json.dump({"max_steps": "many"}, open(job, "w"))
     with pytest.raises(ConfigError, match="max_steps must be int"):
-        C.parse(C.TrainConfig, ["--config", str(job)])
+        cli.parse(C.TrainConfig, ["--config", str(job)])
 
 
 def test_non_finite_loss_stops_before_the_update(tmp_path):
@@ -218,6 +219,22 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
     with pytest.raises(UserError, match="non-finite loss at step 5.*checkpoints is intact"):
         train.train_step(Engine(), datasets.Dataset.from_list([row]), reference, [np.array([0])], cfg, pad_id=0, step=4)
     assert calls == []
+    # a NaN in an earlier micro-batch: its backward ran, but the step's update is still never applied
+    calls.clear()
+    finite = {"n": 0}
+
+    class NanFirst(Engine):
+        def __call__(self, num_sequences, **inputs):
+            finite["n"] += 1
+            if finite["n"] == 1:
+                return super().__call__(num_sequences, **inputs)
+            ones = torch.ones(num_sequences)
+            return Scored(-ones, ones.long(), -ones, HeadStats(ones, ones, ones, ones))
+
+    with pytest.raises(UserError, match="non-finite loss at step 5"):
+        train.train_step(NanFirst(), datasets.Dataset.from_list([row]), reference, [np.array([0]), np.array([0])], cfg,
+                         pad_id=0, step=4)
+    assert calls == ["backward", "step"]  # the first micro-batch's; DeepSpeed applies nothing before the boundary
 
 
 @pytest.mark.parametrize("shipped", ["zero2.json", "zero3_offload.json"])

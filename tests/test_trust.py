@@ -10,16 +10,17 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-
-from dpo_ds import config as C, owner, precompute, prepare, train
-from dpo_ds.errors import DataError, UserError
-from dpo_ds.ref_cache import open_cache
-from dpo_ds.report import MetricsLog, read_metrics
 from conftest import ROOT, child_env, run_module
+
+from dpo_ds import cli, precompute, prepare, train
+from dpo_ds import config as C
+from dpo_ds.cache.read import open_cache
+from dpo_ds.errors import DataError, UserError
+from dpo_ds.report.log import MetricsLog, read_metrics
+from dpo_ds.storage import owner
 
 ZERO0 = os.path.join(ROOT, "ds_configs", "zero0_cpu.json")
 ZERO3 = os.path.join(ROOT, "ds_configs", "zero3_cpu.json")
@@ -76,7 +77,7 @@ def test_no_phase_writes_into_a_model_directory(tiny, prepared, cache, tmp_path)
 
 HOLD = """
 import sys, time
-from dpo_ds import owner
+from dpo_ds.storage import owner
 owner.claim(sys.argv[1], "prepared data", "--output_dir", "a test's holder")
 print("held", flush=True)
 time.sleep(120)
@@ -272,7 +273,8 @@ def test_owner_private_names_are_its_own():
 # ---------------------------------------------------------------- noise is not preference
 
 def test_margins_within_rounding_noise_are_ties():
-    from dpo_ds.loss import LossInputs, wins
+    from dpo_ds.objective.loss import LossInputs
+    from dpo_ds.objective.metrics import wins
 
     ref = torch.tensor([-30.0, -30.0, -30.0, -30.0])
     policy_chosen = ref + torch.tensor([1.5e-7, -1.5e-7, 1e-3, 0.0])  # rounding, rounding, a preference, exact
@@ -304,10 +306,10 @@ def test_storage_without_locks_warns_and_storage_faults_are_named(tmp_path, monk
     owner.claim(str(tmp_path / "nfs"), "training run", "--output_dir", "train")
     owner.release(str(tmp_path / "nfs"))
     assert "warning: " + str(tmp_path / "nfs") + " is on storage without file locks" in capsys.readouterr().err
-    assert C.storage_fault(PermissionError(errno.EACCES, "Permission denied", "/shared/run/metrics.jsonl")) == \
+    assert cli.storage_fault(PermissionError(errno.EACCES, "Permission denied", "/shared/run/metrics.jsonl")) == \
         "permission denied (/shared/run/metrics.jsonl)"
-    assert C.storage_fault(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2360832 vs 23"))
-    assert C.storage_fault(RuntimeError("Connection closed by peer")) is None
+    assert cli.storage_fault(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2360832 vs 23"))
+    assert cli.storage_fault(RuntimeError("Connection closed by peer")) is None
 
 
 def test_flash_attention_without_flash_attn_is_refused_in_one_line():

@@ -2,25 +2,34 @@
 veth pair), one rank each, launched the way a cluster user launches them (one launcher per node).
     scripts/test.sh tests/test_two_hosts.py          (needs root and `ip`; skipped without them)
 """
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 
 import numpy as np
 import pytest
-
-from dpo_ds import ref_cache as R
-from dpo_ds.report import read_metrics
 from conftest import ROOT, child_env, free_port, run_module
 from test_train import train_args
 
+from dpo_ds import cache as R
+from dpo_ds.report.log import read_metrics
+
 HARNESS = os.path.join(ROOT, "scripts", "two_hosts.sh")
-# one worker runs them all (scripts/test.sh runs tests in parallel): assert_clean checks the whole machine
-pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                                 reason="two network hosts need root and `ip` (network namespaces)"),
-              pytest.mark.xdist_group("two_hosts")]
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                                reason="two network hosts need root and `ip` (network namespaces)")
+
+
+@pytest.fixture(autouse=True)
+def one_harness_at_a_time():
+    """scripts/test.sh runs tests in parallel, and assert_clean checks the whole machine: these tests take
+    turns, under a lock every pytest process on the machine sees."""
+    with open(os.path.join(tempfile.gettempdir(), "dpo_ds-two_hosts.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def deepspeed_node(module, args, port):

@@ -8,7 +8,7 @@ states everywhere else. Rows are padded at the end to a multiple of K (padding i
 being causal, never seen by a scored position).
 
 The label shift across slice boundaries needs no exchange: a token is scored at the flat row position that
-predicts it (dpo_ds.layout's `positions`), so the last position of slice i scores the first token of slice
+predicts it (dpo_ds.model.layout's `positions`), so the last position of slice i scores the first token of slice
 i + 1, which `targets` holds already.
 
 Gradient: every rank of a group computes the same loss from the summed log-probs, and the sum over the group

@@ -1,186 +1,36 @@
-"""The reference log-prob cache: Arrow shards, their manifest, and the verified reader.
-
-    python -m dpo_ds.ref_cache verify CACHE_DIR --data PREPARED_DIR [--model SFT_DIR] [--trust_remote_code]
-
-Layout: CACHE_DIR/plan.json (the fingerprint, written first), CACHE_DIR/<split>/shard-<rank>-<n>.arrow
-(+ .json sidecar with rows and sha256, written after the shard is renamed into place), and
-CACHE_DIR/manifest.json, written last and atomically by rank 0. Without a manifest there is no cache.
-The fingerprint says what the values were computed from (model, tokenizer, data, dtype); which splits a
-cache holds is not part of it: rerunning precompute with more --splits extends a cache.
+"""Reading the cache (train, evaluate): verified before use, then looked up by example_id.
 
 `open_verified` is what train and evaluate call: rank 0 checks everything (`open_cache(..., verify=True)`
 hashes every file: one reader), the other ranks then read what it verified. The cache owns the names of its
 reference columns: a phase gets them as `cache.reference(split)`, a function from a batch's example_ids to
 RefLogps tensors.
-
-Format 2 adds each response's log-prob over the pair's shared length (its first min(|y_w|, |y_l|) tokens),
-which LD-DPO needs for any α chosen at training time; a format-1 cache still serves every other loss.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
-import re
-import sys
-from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from dpo_ds import dist, owner
-from dpo_ds.data import load_split, load_tokenizer, read_report, verify_files
+from dpo_ds import dist
+from dpo_ds.cache.format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    PLAN,
+    READABLE_VERSIONS,
+    REFERENCE_COLUMNS,
+    REPAIR,
+    SCHEMA,
+    SHARED_COLUMNS,
+    RefLogps,
+)
+from dpo_ds.data.prepared import load_split, load_tokenizer, read_report, verify_files
 from dpo_ds.errors import CacheError, UserError
-from dpo_ds.files import atomic_json, read_json
-from dpo_ds.fingerprint import model_fingerprint, sha256_file, tokenizer_fingerprint
+from dpo_ds.storage.files import read_json
+from dpo_ds.storage.fingerprint import model_fingerprint, sha256_file, tokenizer_fingerprint
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # format 1: no shared-length columns
-MANIFEST, PLAN = "manifest.json", "plan.json"
-SHARED_COLUMNS = ("ref_chosen_shared_logps", "ref_rejected_shared_logps")
-REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps") + SHARED_COLUMNS  # what the loss reads
-SCHEMA = pa.schema([("example_id", pa.int64()), *((name, pa.float32()) for name in REFERENCE_COLUMNS),
-                    ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32())])
-
-
-class RefLogps(NamedTuple):
-    """A batch's cached reference values [B] each; the shared-length ones are None from a format-1 cache."""
-    chosen_logps: torch.Tensor
-    rejected_logps: torch.Tensor
-    chosen_shared_logps: torch.Tensor | None
-    rejected_shared_logps: torch.Tensor | None
-REPAIR = "; rerun the precompute command that wrote the cache: it recomputes exactly the damaged shards"
-SHARD_RE = re.compile(r"shard-(\d+)-(\d+)\.arrow$")
-
-
-def fingerprint(model_dir: str, tokenizer_fp: str, data_report: dict, dtype: str) -> dict:
-    """Everything the cached values depend on."""
-    return {"format_version": FORMAT_VERSION, "model": model_fingerprint(model_dir), "tokenizer": tokenizer_fp,
-            "data": data_report["fingerprint"], "dtype": dtype}
-
-
-def same_computation(want: dict, have: dict) -> bool:
-    """Fingerprints written before splits left the fingerprint carry a `splits` key: it does not count."""
-    return {k: v for k, v in have.items() if k != "splits"} == want
-
-
-def describe_difference(want: dict, have: dict) -> str:
-    names = {"model": "reference model (config or weights)", "tokenizer": "tokenizer", "data": "prepared data",
-             "dtype": "dtype", "format_version": "cache format version"}
-    return ", ".join(names[k] for k in names if want.get(k) != have.get(k)) or "nothing"
-
-
-# ---------------------------------------------------------------- writing (precompute)
-
-def shard_path(cache_dir: str, split: str, rank: int, n: int) -> str:
-    return os.path.join(cache_dir, split, f"shard-{rank:05d}-{n:05d}.arrow")
-
-
-def write_shard(cache_dir: str, split: str, rank: int, n: int, columns: dict) -> dict:
-    """Write one shard under a temporary name, rename it into place, then record rows and sha256."""
-    path = shard_path(cache_dir, split, rank, n)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in SCHEMA}, schema=SCHEMA)
-    tmp = path + ".tmp"
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-        writer.write_table(table)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    meta = {"file": os.path.basename(path), "shard": n, "rows": table.num_rows, "sha256": sha256_file(path)}
-    atomic_json(path[:-len(".arrow")] + ".json", meta)
-    return meta
-
-
-def complete_shards(cache_dir: str, split: str) -> dict:
-    """{shard index: sidecar} for shards whose file is in place and hashes as recorded."""
-    done = {}
-    for side in glob.glob(os.path.join(cache_dir, split, "shard-*.json")):
-        meta = read_json(side)
-        path = os.path.join(cache_dir, split, meta["file"])
-        if os.path.isfile(path) and sha256_file(path) == meta["sha256"]:
-            done[meta["shard"]] = meta
-    return done
-
-
-def remove_partial_shard(cache_dir: str, split: str, n: int) -> None:
-    """Delete what an interrupted run left of shard n (any rank's name), so no stray file survives."""
-    for path in glob.glob(os.path.join(cache_dir, split, f"shard-*-{n:05d}.*")):
-        os.remove(path)
-
-
-def start(cache_dir: str, fp: dict, splits) -> tuple[str, list]:
-    """Check CACHE_DIR can hold this computation -> (state, splits to compute). state is 'new', 'resume'
-    or 'complete'; a complete cache asked for splits it lacks is resumed with the union of both. Refuses a
-    directory that was started (or finished) from a different model, tokenizer, data or dtype."""
-    for name in (MANIFEST, PLAN):
-        path = os.path.join(cache_dir, name)
-        if os.path.isfile(path):
-            entry = read_json(path)
-            if not same_computation(fp, entry["fingerprint"]):
-                raise CacheError(f"{cache_dir} holds a cache of a different computation "
-                                 f"({describe_difference(fp, entry['fingerprint'])} differ); use a new --output_dir, "
-                                 f"or delete it to recompute")
-            have = list(entry["splits"]) if name == MANIFEST else entry.get("split_names", [])
-            union = sorted(set(have) | set(splits))
-            if name == MANIFEST and set(splits) <= set(have):
-                return "complete", union
-            return "resume", union
-    if os.path.isdir(cache_dir) and [n for n in os.listdir(cache_dir) if not owner.PRIVATE.fullmatch(n)]:
-        raise CacheError(f"--output_dir {cache_dir} exists, is not empty and is not a reference cache")
-    return "new", sorted(set(splits))
-
-
-def damaged(cache_dir: str) -> dict[str, list[str]]:
-    """{split: file names} of a complete cache's shards that are missing, hash otherwise than the manifest
-    records, or lie beside them unlisted: what a rerun of precompute recomputes."""
-    manifest = read_json(os.path.join(cache_dir, MANIFEST))
-    bad = {}
-    for split, entry in manifest["splits"].items():
-        listed = {m["file"]: m for m in entry["shards"]}
-        for name, meta in listed.items():
-            path = os.path.join(cache_dir, split, name)
-            if not os.path.isfile(path) or sha256_file(path) != meta["sha256"]:
-                bad.setdefault(split, []).append(name)
-        for path in sorted(glob.glob(os.path.join(cache_dir, split, "shard-*.arrow"))):
-            if os.path.basename(path) not in listed:
-                bad.setdefault(split, []).append(os.path.basename(path))
-    return bad
-
-
-def reopen(cache_dir: str, bad: dict[str, list[str]]) -> None:
-    """Make a complete cache with `damaged` shards an unfinished one that lacks exactly those: the manifest goes
-    first (from then on the cache is refused until a run completes it), then each shard's files."""
-    if not os.path.isfile(os.path.join(cache_dir, PLAN)):
-        raise CacheError(f"{cache_dir}: damaged shards ({', '.join(sum(bad.values(), [])[:5])}) but no {PLAN} "
-                         f"to recompute them from (written by an older dpo_ds): delete the directory and recompute")
-    os.remove(os.path.join(cache_dir, MANIFEST))
-    for split, names in bad.items():
-        for name in names:
-            n = int(SHARD_RE.search(name).group(2))
-            remove_partial_shard(cache_dir, split, n)
-
-
-def write_plan(cache_dir: str, fp: dict, plan: dict) -> None:
-    os.makedirs(cache_dir, exist_ok=True)
-    atomic_json(os.path.join(cache_dir, PLAN), {"fingerprint": fp, **plan})
-
-
-def write_manifest(cache_dir: str, fp: dict, splits: dict, stats: dict) -> dict:
-    manifest = {"fingerprint": fp, "splits": {}, "stats": stats}
-    for split, n_shards in splits.items():
-        shards = complete_shards(cache_dir, split)
-        missing = sorted(set(range(n_shards)) - set(shards))
-        if missing:
-            raise CacheError(f"{cache_dir}/{split}: shards {missing[:10]} are not complete; rerun to finish them")
-        metas = [shards[n] for n in range(n_shards)]
-        manifest["splits"][split] = {"rows": sum(m["rows"] for m in metas), "shards": metas}
-    atomic_json(os.path.join(cache_dir, MANIFEST), manifest)
-    return manifest
-
-
-# ---------------------------------------------------------------- reading (train, evaluate)
 
 def read_shard(path: str) -> pa.Table:
     with pa.memory_map(path) as source:
@@ -210,8 +60,9 @@ class Reference:
 class RefCache:
     """A verified cache: `reference(split)` for the loss, `values(split, example_ids)` for every column."""
 
-    def __init__(self, cache_dir: str, manifest: dict, tables: dict):
+    def __init__(self, cache_dir: str, manifest: dict, tables: dict, data: dict):
         self.cache_dir, self.manifest, self.tables = cache_dir, manifest, tables
+        self.data = data  # {split: the prepared split the cache was checked against}: the phases train on it
 
     def reference(self, split: str, shared: bool = False) -> Reference:
         """The split's values for the loss; `shared` (LD-DPO) refuses a cache without the shared-length ones."""
@@ -280,14 +131,15 @@ def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, spli
         if model_fingerprint(model_dir) != fp["model"]:
             raise CacheError(f"{cache_dir} holds the log-probs of another reference model than --model "
                              f"{model_dir} (config or weights differ); precompute with this model")
-    tables = {}
+    tables, data = {}, {}
     for split in splits:
         if split not in manifest["splits"]:
             raise CacheError(f"{cache_dir}: no split {split!r} (cached: {', '.join(manifest['splits'])}); rerun "
                              f"dpo_ds.precompute with --splits {' '.join(sorted(set(manifest['splits']) | {split}))} "
                              f"to add it")
-        tables[split] = read_split(cache_dir, split, manifest["splits"][split], load_split(data_dir, split), verify)
-    return RefCache(cache_dir, manifest, tables)
+        data[split] = load_split(data_dir, split)
+        tables[split] = read_split(cache_dir, split, manifest["splits"][split], data[split], verify)
+    return RefCache(cache_dir, manifest, tables, data)
 
 
 def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) -> pa.Table:
@@ -354,23 +206,3 @@ def summary(cache: RefCache) -> str:
         lines.append(f"  run: {s.get('world_size')} rank(s), {s.get('tokens_per_s', 0):.0f} tokens/s, "
                      f"{s.get('examples_per_s', 0):.1f} examples/s, padding {100 * s.get('padding_fraction', 0):.1f}%")
     return "\n".join(lines)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dpo_ds.ref_cache", description="Verify a reference cache.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    v = sub.add_parser("verify", help="check manifest, hashes, coverage and fingerprint; print a summary")
-    v.add_argument("cache_dir")
-    v.add_argument("--data", required=True, help="the prepared data directory the cache must match")
-    v.add_argument("--model", help="also check the cache was computed from this model")
-    v.add_argument("--trust_remote_code", action="store_true", help="allow code shipped with the tokenizer to run")
-    a = p.parse_args(argv)
-    try:
-        print(summary(open_cache(a.cache_dir, a.data, a.model, trust_remote_code=a.trust_remote_code)))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -11,9 +11,9 @@ import os
 import shlex
 import sys
 
-from dpo_ds.data import read_report
-from dpo_ds.report import read_metrics
-from dpo_ds.sources import resolve_named
+from dpo_ds.data.prepared import read_report
+from dpo_ds.data.sources import resolve_named
+from dpo_ds.report.log import read_metrics
 
 SHOWN = ("loss", "rewards/accuracies", "rewards/margins", "logps/win_rate", "logps/chosen", "logps/rejected")
 
@@ -29,7 +29,7 @@ def base_model(model_dir: str) -> str:
 
 
 def render(cfg, run: dict) -> str:
-    """`cfg` a TrainConfig, `run` what OUT/config.json records (train.saved_run)."""
+    """`cfg` a TrainConfig, `run` what OUT/config.json records (resume.saved_run)."""
     report = read_report(cfg.data)
     source = resolve_named(report.get("source"))
     evals = [r for r in read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl")) if r["split"] == "eval"]

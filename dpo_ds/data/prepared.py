@@ -17,8 +17,8 @@ import shutil
 import numpy as np
 
 from dpo_ds.errors import UserError
-from dpo_ds.files import atomic_json, read_json
-from dpo_ds.fingerprint import sha256_file
+from dpo_ds.storage.files import atomic_json, read_json
+from dpo_ds.storage.fingerprint import sha256_file
 
 SPLITS = ("train", "eval")
 ID_COLUMNS = ("example_id", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")

@@ -181,7 +181,7 @@ def output_head(model) -> OutputHead:
     else:
         raise UserError(f"model type {model_type!r} ({type(model).__name__}) has not been checked by dpo_ds: its "
                         f"forward may transform the logits after lm_head, which the chunked log-probs would miss. "
-                        f"Add it to dpo_ds/head.py once tests/test_architectures.py shows it exact")
+                        f"Add it to dpo_ds/model/head.py once tests/test_architectures.py shows it exact")
     lm_head = model.get_output_embeddings()
     if lm_head is None:
         raise UserError(f"model type {model_type!r} ({type(model).__name__}) has no output embeddings (lm_head)")

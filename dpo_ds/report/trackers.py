@@ -17,7 +17,7 @@ import pathlib
 import secrets
 
 from dpo_ds.errors import ConfigError, UserError
-from dpo_ds.files import atomic_json, read_json
+from dpo_ds.storage.files import atomic_json, read_json
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 REPORT_TO = (*PACKAGES, "all", "none")

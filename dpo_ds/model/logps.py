@@ -15,10 +15,10 @@ from torch.utils.checkpoint import checkpoint
 
 from dpo_ds import dist
 from dpo_ds.config import LOGP_CHUNK_SIZE
-from dpo_ds.encode import IGNORE
-from dpo_ds.head import output_head
-from dpo_ds.layout import PLAIN, Layout
-from dpo_ds.sequence_parallel import local_slice, sum_over_group
+from dpo_ds.data.encode import IGNORE
+from dpo_ds.model.head import output_head
+from dpo_ds.model.layout import PLAIN, Layout
+from dpo_ds.model.sequence_parallel import local_slice, sum_over_group
 
 
 class HeadStats(NamedTuple):
@@ -68,10 +68,21 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return scored.logps, scored.tokens
 
 
+def _attention_mask(model, mask):
+    """A batch's mask as the model's attention takes it: None without padding (attention's causal fast path),
+    an additive float mask for eager attention (it adds the mask to its scores), else as built."""
+    if mask is not None and mask.dim() == 2 and bool(mask.all()):
+        return None
+    if mask is not None and mask.dim() == 4 and model.config._attn_implementation == "eager":
+        dtype = model.get_input_embeddings().weight.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
 def scored_logps(model, input_ids, attention_mask, position_ids, positions, targets, sequence, num_sequences: int,
                  chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, head=None, shared=None,
                  stats: bool = False, sp_group=None) -> Scored:
-    """Rows in any `dpo_ds.layout` -> Scored per sequence: the token `targets[n]` is scored at flat row
+    """Rows in any `dpo_ds.model.layout` -> Scored per sequence: the token `targets[n]` is scored at flat row
     position `positions[n]` and summed into `sequence[n]`; `shared[n]` (bool, optional) marks the tokens
     summed into `shared_logps` too; `stats` adds HeadStats.
 
@@ -82,7 +93,7 @@ def scored_logps(model, input_ids, attention_mask, position_ids, positions, targ
     tokens run empty chunks).
     `head` is the model's `head.output_head` (built here when not given). No KV cache is built.
     With `sp_group` (a sequence_parallel.Group: the model's attention is Ulysses', dpo_ds.engine) this rank computes
-    its slice of the rows (dpo_ds.sequence_parallel) and the sums are over the group; every rank of the group
+    its slice of the rows (dpo_ds.model.sequence_parallel) and the sums are over the group; every rank of the group
     must call this with the same batch.
     """
     head = head or output_head(model)
@@ -92,14 +103,8 @@ def scored_logps(model, input_ids, attention_mask, position_ids, positions, targ
         input_ids, position_ids, positions, attention_mask = part.input_ids, part.position_ids, part.positions, None
         targets, sequence = targets[part.keep], sequence[part.keep]
         shared = None if shared is None else shared[part.keep]
-    if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
-        attention_mask = None  # no padding: let attention take its causal fast path
-    elif attention_mask is not None and attention_mask.dim() == 4 and model.config._attn_implementation == "eager":
-        dtype = model.get_input_embeddings().weight.dtype  # eager adds the mask to its scores
-        attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
-            ~attention_mask, torch.finfo(dtype).min)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=_attention_mask(model, attention_mask),
+                                 position_ids=position_ids, use_cache=False).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1])[positions]          # [N, H]: the positions that predict a target
     n_chunks = math.ceil(h.shape[0] / chunk_size)
     if collective and dist.active():
@@ -132,18 +137,8 @@ def scored_logps(model, input_ids, attention_mask, position_ids, positions, targ
                   HeadStats(*sums[:, n:].unbind(-1)) if stats else None)
 
 
-def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Reference implementation for tests and benchmarks: full log_softmax over [B, T, V] in float64."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.double()
-    logp = logits[:, :-1].log_softmax(-1)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(1)
-
-
 class SequenceLogps(torch.nn.Module):
-    """A causal LM whose forward returns `scored_logps` of a batch built in `layout` (dpo_ds.layout), with
+    """A causal LM whose forward returns `scored_logps` of a batch built in `layout` (dpo_ds.model.layout), with
     HeadStats when `stats` (the policy's metrics; a reference needs none). This is the module handed to
     DeepSpeed, so every call goes through the engine's forward: ZeRO-3 needs that bookkeeping for gradient
     accumulation to accumulate (calling submodules of `engine.module` directly silently keeps only the last
@@ -194,7 +189,7 @@ def shared_tokens(positions: torch.Tensor, sequence: torch.Tensor, B: int) -> to
 
 
 def pair_logps(logps_fn, batch: dict, shared: bool = True) -> PairLogps:
-    """A batch of `dpo_ds.layout.build` -> PairLogps: chosen and rejected go through one forward. `logps_fn`
+    """A batch of `dpo_ds.model.batch.build` -> PairLogps: chosen and rejected go through one forward. `logps_fn`
     is a SequenceLogps or a DeepSpeed engine wrapping one. `shared`: also the sums over LD-DPO's shared
     length (the cache stores them; a loss needs them only with --ld_alpha)."""
     B = batch["example_id"].numel()
@@ -206,3 +201,15 @@ def pair_logps(logps_fn, batch: dict, shared: bool = True) -> PairLogps:
                                                    HeadStats(*(v[B:] for v in s.stats)))
     shared_sums = (None, None) if s.shared_logps is None else (s.shared_logps[:B], s.shared_logps[B:])
     return PairLogps(s.logps[:B], s.logps[B:], *shared_sums, s.tokens[:B], s.tokens[B:], *stats)
+
+
+def is_collective(logps_fn) -> bool:
+    """Whether this log-prob function (a SequenceLogps, or an engine wrapping one as `.module`) must be called in
+    lockstep across ranks; see collective_forwards."""
+    return getattr(getattr(logps_fn, "module", logps_fn), "collective", False)
+
+
+def layout_of(logps_fn) -> Layout:
+    """The batch layout a SequenceLogps (or an engine wrapping one) takes: build its batches with
+    dpo_ds.model.batch.build(rows, layout_of(logps_fn), pad_id)."""
+    return getattr(logps_fn, "module", logps_fn).layout

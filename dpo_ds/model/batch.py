@@ -1,11 +1,5 @@
-"""How a batch of preference pairs becomes model rows: the one batch builder of every phase.
-
-    plain          one row per sequence (prompt + chosen, prompt + rejected), padded to the longest
-    share_prompt   one segment per pair, [prompt | chosen | rejected]: each response attends to the prompt and
-                   to itself, never to the other response; the rejected position_ids continue from the end
-                   of the prompt, as if it stood alone; the last prompt position predicts both first tokens
-    packing        several segments per row, no padding between them: block-diagonal attention, per-segment
-                   position_ids
+"""The one batch builder of every phase: preference pairs -> model rows in a layout (dpo_ds.model.layout),
+plus length grouping and row reads.
 
 Every layout gives the same per-sequence log-probs as `plain` (to fp32 rounding: only the order of sums
 differs), so a cache written with one layout serves a run with any other. A batch holds the rows
@@ -23,112 +17,58 @@ sequence it holds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from dpo_ds.encode import IGNORE
-from dpo_ds.errors import UserError
-
-MASKED = ("sdpa", "eager")  # attention implementations that take a 4-D mask
+from dpo_ds.data.encode import IGNORE
+from dpo_ds.model.layout import Layout
 
 
-@dataclass(frozen=True)
-class Layout:
-    share_prompt: bool = False
-    packing: bool = False
-    one_row: bool = False  # flash_attention_2: every segment in one row, segments told apart by position_ids
-
-    @property
-    def plain(self) -> bool:
-        return not (self.share_prompt or self.packing)
-
-    def __str__(self) -> str:
-        parts = [p for p, on in (("shared prompt", self.share_prompt), ("packed", self.packing)) if on]
-        return " + ".join(parts) or "plain (one padded row per sequence)"
+def pair_lengths(ds) -> np.ndarray:
+    """Padded length of each pair: max(len(chosen), len(rejected))."""
+    chosen, rejected = (np.fromiter((len(x) for x in ds[f"{side}_input_ids"]), dtype=np.int64, count=len(ds))
+                        for side in ("chosen", "rejected"))
+    return np.maximum(chosen, rejected)
 
 
-PLAIN = Layout()
+def pad_and_eos(tokenizer) -> tuple[int, int]:
+    """Padding id (the EOS when the tokenizer has no pad token: padded positions are masked anyway), EOS id."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return pad, tokenizer.eos_token_id
 
 
-# model types whose decoder computes the shared and packed layouts exactly (custom 4-D masks and per-segment
-# position_ids honoured, no recurrent state or position bias crossing segments), checked in float64 against
-# each sequence alone by tests/test_architectures.py; every other type runs the plain layout
-EXACT_TYPES: frozenset[str] = frozenset({
-    "apertus", "apertus1p5_text", "arcee", "aria_text", "axk1", "biogpt", "bitnet", "codegen", "cohere",
-    "cohere_compass_text", "ctrl", "dbrx", "deepseek_v2", "deepseek_v3", "diffllama", "doge", "dots1",
-    "emu3_text_model", "ernie4_5", "ernie4_5_moe", "exaone", "falcon", "flex_olmo", "fuyu", "gemma", "git", "glm",
-    "glm4", "glm4_moe", "glm4_moe_lite", "got_ocr2", "gpt2", "gpt_bigcode", "gpt_neox", "gpt_neox_japanese", "gptj",
-    "granite", "granitemoe", "granitemoeshared", "helium", "hrm_text", "hunyuan_v1_dense", "hunyuan_v1_moe",
-    "hy_v3", "hyperclovax", "internlm3", "iquestcoder", "jais2", "jetmoe", "laguna", "lfm2", "llama",
-    "longcat_flash", "mellum", "minicpm3", "minimax_m2", "minimax_m3_vl_text", "ministral3", "mixtral", "moshi",
-    "moss_transcribe_diarize", "nanochat", "nemotron", "olmo", "olmo2", "olmoe", "opt", "persimmon", "phi", "phi3",
-    "phi4_multimodal", "phimoe", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "sarvam_mla", "sarvam_moe", "seed_oss",
-    "smollm3", "solar_open", "stablelm", "starcoder2", "xglm", "youtu",
-})
+def take(ds, rows) -> list[dict]:
+    """Rows of a datasets.Dataset as dicts, read in one Arrow take (not one lookup per row)."""
+    cols = ds[[int(i) for i in rows]]
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
-# model types whose decoder hands position_ids on to the attention function, which flash_attention_2 needs to
-# tell packed segments apart (read in transformers 5.24's modeling code; unrun here: no GPU). Others (e.g.
-# gpt_bigcode, ctrl, persimmon drop them) would attend across segments, so flash-attn does not pack them.
-FLASH_PACKING_TYPES: frozenset[str] = frozenset({"llama", "qwen2", "qwen3"})
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """B pairs in the plain layout (dpo_ds.model.layout): input_ids, attention_mask, labels [2B, T] (rows 0..B-1
+    chosen, B..2B-1 rejected), the scored positions (position t predicts labels[t + 1]) and example_id [B]
+    (the key of the pair's cached reference values)."""
+    seqs = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
+    labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    label_t = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labels)):
+        input_ids[i, :len(s)] = torch.as_tensor(s)
+        label_t[i, :len(l)] = torch.as_tensor(l)
+        mask[i, :len(s)] = 1
+    targets = label_t[:, 1:]
+    where = (targets != IGNORE).nonzero()
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t, "position_ids": None,
+            "positions": where[:, 0] * T + where[:, 1], "targets": targets[targets != IGNORE], "sequence": where[:, 0],
+            "example_id": torch.tensor([r["example_id"] for r in rows], dtype=torch.long),
+            "tokens": int(mask.sum()), "slots": mask.numel()}
 
 
-def unsupported(model) -> str | None:
-    """Why `model` cannot run the shared/packed layouts exactly, or None."""
-    model_type = model.config.model_type
-    if model_type not in EXACT_TYPES:
-        return f"model type {model_type!r} is not among those checked exact in these layouts (dpo_ds/layout.py)"
-    cfg = model.config.get_text_config()
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        return f"its layers are not all full attention ({', '.join(sorted(set(layer_types)))})"
-    if layer_types is None and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        return "it uses sliding-window attention, which a 4-D mask would lose"
-    if getattr(cfg, "alibi", False):
-        return "its ALiBi position bias follows the row, not position_ids"
-    return None
-
-
-def resolve(share_prompt: bool | None, packing: bool | None, attn: str, reason: str | None = None,
-            model_type: str | None = None, sequence_parallel: int = 1) -> Layout:
-    """The layout for an attention implementation and a model (`reason`: why the model cannot run the
-    token-efficient layouts, see `unsupported`) with rows split `sequence_parallel` ways: None = the fastest
-    exact one, an explicit True that cannot be computed exactly is refused.
-
-    Split rows (K > 1) go through Ulysses' attention, which drops 4-D masks: sdpa is then causal along the whole
-    row (the plain layout alone is exact), flash_attention_2 still follows position_ids (packing in one row)."""
-    if sequence_parallel > 1 and attn in MASKED:
-        if share_prompt or packing:
-            raise UserError(f"--share_prompt/--packing need a 4-D attention mask, which Ulysses' attention drops "
-                            f"under --sequence_parallel_size {sequence_parallel}: pass --no-share_prompt "
-                            f"--no-packing with {attn} (flash_attention_2 packs through position_ids)")
-        return PLAIN
-    if reason is not None:
-        if share_prompt or packing:
-            raise UserError(f"--share_prompt/--packing cannot be computed exactly for this model: {reason}; pass "
-                            f"--no-share_prompt --no-packing")
-        return PLAIN
-    if attn in MASKED:
-        return Layout(share_prompt is not False, packing is not False)
-    if attn == "flash_attention_2":
-        if share_prompt:
-            raise UserError("--share_prompt needs an attention mask, which flash_attention_2 does not take; use "
-                            "--attn_implementation sdpa, or --no-share_prompt (flash-attn packs through "
-                            "position_ids)")
-        if model_type not in FLASH_PACKING_TYPES:
-            if packing:
-                raise UserError(f"--packing with flash_attention_2 needs a decoder that passes position_ids to "
-                                f"attention; model type {model_type!r} is not known to (dpo_ds/layout.py "
-                                f"FLASH_PACKING_TYPES): use --attn_implementation sdpa, or --no-packing")
-            return PLAIN
-        pack = packing is not False
-        return Layout(False, pack, one_row=pack)
-    if share_prompt or packing:
-        raise UserError(f"--share_prompt and --packing need sdpa, eager or flash_attention_2 attention; the model "
-                        f"uses {attn!r}: pass --no-share_prompt --no-packing")
-    return PLAIN
+def dummy_batch(pad_id: int, eos_id: int) -> dict:
+    """A one-token batch for ranks with no work left, so collective forwards stay in step under ZeRO-3."""
+    return collate([{"example_id": -1, "chosen_input_ids": [pad_id, eos_id], "chosen_labels": [IGNORE, eos_id],
+                     "rejected_input_ids": [pad_id, eos_id], "rejected_labels": [IGNORE, eos_id]}], pad_id)
 
 
 def first_label(labels: list) -> int:
@@ -186,7 +126,6 @@ def lengths(ds, layout: Layout) -> np.ndarray:
     """Tokens each pair of `ds` puts in a row in `layout`, the key that groups similar pairs into a batch:
     the longer side in the plain layout, prompt + both responses when the prompt is shared (the prompt is
     the leading -100 labels; read from Arrow, not row by row)."""
-    from dpo_ds.batching import pair_lengths
 
     if not layout.share_prompt:
         return pair_lengths(ds)
@@ -224,7 +163,6 @@ def _rows(segs: list[_Segment], layout: Layout) -> list[list[_Segment]]:
 def build(rows: list[dict], layout: Layout, pad_id: int) -> dict:
     """B prepared pairs -> one batch in `layout` (see the module docstring). `tokens` counts the positions
     the model computes, `slots` those plus padding."""
-    from dpo_ds.batching import collate
 
     if layout.plain:
         return collate(rows, pad_id)

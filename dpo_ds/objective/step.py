@@ -1,7 +1,7 @@
 """The one loss step of training, evaluation and the bench: a collated batch -> per-pair losses and metric sums.
 
     policy log-probs (one forward for chosen and rejected) -> reference log-probs (the cache's
-    `Reference`, or a live model's in scripts/bench.py) -> LD-DPO weighting -> the configured losses (and WPO
+    `Reference`, or a live model's in scripts/bench_workers.py) -> LD-DPO weighting -> the configured losses (and WPO
     weights) -> MetricSums
 
 and `split_metrics`, the same step over a whole split (train's periodic evals, dpo_ds.evaluate).
@@ -13,13 +13,12 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import dist
-from dpo_ds.batching import dummy_batch, take
+from dpo_ds.cache.format import RefLogps
 from dpo_ds.config import LossConfig
-from dpo_ds.engine import is_collective, layout_of
-from dpo_ds.layout import build, lengths
-from dpo_ds.logps import PairLogps, pair_logps
-from dpo_ds.loss import LossInputs, MetricSums, ld_logps, preference_losses, wpo_weights
-from dpo_ds.ref_cache import RefLogps
+from dpo_ds.model.batch import build, dummy_batch, lengths, take
+from dpo_ds.model.logps import PairLogps, is_collective, layout_of, pair_logps
+from dpo_ds.objective.loss import LossInputs, ld_logps, preference_losses, wpo_weights
+from dpo_ds.objective.metrics import MetricSums
 
 
 def loss_inputs(policy: PairLogps, ref: RefLogps, ld_alpha: float | None) -> LossInputs:
@@ -36,7 +35,7 @@ def loss_inputs(policy: PairLogps, ref: RefLogps, ld_alpha: float | None) -> Los
 def batch_losses(logps_fn, batch: dict, reference, loss_cfg: LossConfig, bco_delta: float = 0.0):
     """-> (per-pair losses [B], MetricSums of the batch). `logps_fn` is a SequenceLogps (with stats) or a
     DeepSpeed engine wrapping one; `reference(batch)` gives RefLogps, e.g. the cache's `Reference`."""
-    policy = pair_logps(logps_fn, batch, shared=loss_cfg.ld_alpha is not None)
+    policy = pair_logps(logps_fn, batch, shared=loss_cfg.length_desensitised)
     x = loss_inputs(policy, reference(batch), loss_cfg.ld_alpha)
     weights = None
     if loss_cfg.use_weighting:

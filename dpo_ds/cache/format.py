@@ -1,0 +1,62 @@
+"""The reference log-prob cache's format: what is on disk, and the fingerprint that says what it was computed from.
+
+Layout: CACHE_DIR/plan.json (the fingerprint, written first), CACHE_DIR/<split>/shard-<rank>-<n>.arrow
+(+ .json sidecar with rows and sha256, written after the shard is renamed into place), and
+CACHE_DIR/manifest.json, written last and atomically by rank 0. Without a manifest there is no cache.
+The fingerprint says what the values were computed from (model, tokenizer, data, dtype); which splits a
+cache holds is not part of it: rerunning precompute with more --splits extends a cache.
+
+Format 2 adds each response's log-prob over the pair's shared length (its first min(|y_w|, |y_l|) tokens),
+which LD-DPO needs for any α chosen at training time; a format-1 cache still serves every other loss.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import NamedTuple
+
+import pyarrow as pa
+import torch
+
+from dpo_ds.storage.fingerprint import model_fingerprint
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # format 1: no shared-length columns
+MANIFEST, PLAN = "manifest.json", "plan.json"
+SHARED_COLUMNS = ("ref_chosen_shared_logps", "ref_rejected_shared_logps")
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps") + SHARED_COLUMNS  # what the loss reads
+SCHEMA = pa.schema([("example_id", pa.int64()), *((name, pa.float32()) for name in REFERENCE_COLUMNS),
+                    ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32())])
+
+
+class RefLogps(NamedTuple):
+    """A batch's cached reference values [B] each; the shared-length ones are None from a format-1 cache."""
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    chosen_shared_logps: torch.Tensor | None
+    rejected_shared_logps: torch.Tensor | None
+
+
+REPAIR = "; rerun the precompute command that wrote the cache: it recomputes exactly the damaged shards"
+SHARD_RE = re.compile(r"shard-(\d+)-(\d+)\.arrow$")
+
+
+def fingerprint(model_dir: str, tokenizer_fp: str, data_report: dict, dtype: str) -> dict:
+    """Everything the cached values depend on."""
+    return {"format_version": FORMAT_VERSION, "model": model_fingerprint(model_dir), "tokenizer": tokenizer_fp,
+            "data": data_report["fingerprint"], "dtype": dtype}
+
+
+def same_computation(want: dict, have: dict) -> bool:
+    """Fingerprints written before splits left the fingerprint carry a `splits` key: it does not count."""
+    return {k: v for k, v in have.items() if k != "splits"} == want
+
+
+def describe_difference(want: dict, have: dict) -> str:
+    names = {"model": "reference model (config or weights)", "tokenizer": "tokenizer", "data": "prepared data",
+             "dtype": "dtype", "format_version": "cache format version"}
+    return ", ".join(names[k] for k in names if want.get(k) != have.get(k)) or "nothing"
+
+
+def shard_path(cache_dir: str, split: str, rank: int, n: int) -> str:
+    return os.path.join(cache_dir, split, f"shard-{rank:05d}-{n:05d}.arrow")

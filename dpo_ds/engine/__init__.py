@@ -1,0 +1,38 @@
+"""The only importer of deepspeed: what the phases run their models on.
+
+    ds_config     the run's DeepSpeed JSON with the job's batch sizes injected; what it implies
+    models        HF checkpoints loaded (dtype, attention, zero.Init), dropout and gradient checkpointing
+    long_context  Ulysses sequence parallelism and TiledMLP
+    build         the training engine (policy, AdamW, lr schedule) and the inference engine
+    checkpoint    DeepSpeed checkpoints read back safely
+    export        the policy out as an HF checkpoint, gathered from ZeRO-3 shards
+"""
+from dpo_ds.engine.build import ModelSpec, TrainingSpec, inference_engine, lr_lambda, training_engine
+from dpo_ds.engine.checkpoint import load_checkpoint, safe_load
+from dpo_ds.engine.ds_config import (
+                                     collective_forwards,
+                                     ds_dtype,
+                                     inference_ds_config,
+                                     partitions_nothing,
+                                     read_ds_config,
+                                     train_ds_config,
+                                     zero_stage,
+)
+from dpo_ds.engine.export import export_hf
+from dpo_ds.engine.long_context import check_sequence_parallel, gradient_scale, register_ulysses, tile_mlp
+from dpo_ds.engine.models import (
+                                     attn_implementation,
+                                     check_model_dir,
+                                     disable_dropout,
+                                     dtype_name,
+                                     enable_gradient_checkpointing,
+                                     load_model,
+                                     open_model_dir,
+                                     resolve_dtype,
+)
+
+__all__ = ["ModelSpec", "TrainingSpec", "attn_implementation", "check_model_dir", "check_sequence_parallel", "collective_forwards",
+           "disable_dropout", "ds_dtype", "dtype_name", "enable_gradient_checkpointing", "export_hf",
+           "gradient_scale", "inference_ds_config", "inference_engine", "load_checkpoint", "load_model",
+           "lr_lambda", "open_model_dir", "partitions_nothing", "read_ds_config", "register_ulysses",
+           "resolve_dtype", "safe_load", "tile_mlp", "train_ds_config", "training_engine", "zero_stage"]

@@ -1,0 +1,50 @@
+"""The trained policy out as an HF checkpoint: gathered from ZeRO-3 shards, written atomically."""
+from __future__ import annotations
+
+import os
+import shutil
+
+from dpo_ds import dist
+from dpo_ds.storage import files
+
+
+def export_hf(lm, source_dir: str, out_dir: str, card=None) -> None:
+    """Write the HF model `lm` (the policy inside a training engine: `engine.module.lm`) as an HF checkpoint
+    (safetensors), tokenizer files copied byte for byte. Collective: under ZeRO-3 its parameters are
+    partitioned (a plain save writes empty tensors), so each is gathered in turn and rank 0 keeps a copy;
+    peak memory is the full model on rank 0 plus one parameter elsewhere. `card()`: the README.md written
+    beside the weights (rank 0)."""
+    import deepspeed
+
+    state = {}
+    for name, param in lm.named_parameters():  # tied weights appear once; save_pretrained re-ties them
+        # a no-op for parameters without ZeRO-3 partitioning (stages 0-2); under stage 3 even the resident
+        # small ones are released on exit, so call this at the end of training, not in the middle
+        with deepspeed.zero.GatheredParameters([param]):
+            if dist.is_main():
+                state[name] = param.detach().to("cpu", copy=True)
+    dist.on_main(lambda: _save_hf(lm, state, source_dir, out_dir, card))  # its failure stops every rank
+
+
+def _save_hf(lm, state: dict, source_dir: str, out_dir: str, card=None) -> None:
+    persistent = lm.state_dict().keys()
+    state.update({name: b.detach().cpu() for name, b in lm.named_buffers() if name in persistent})
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    use_cache, lm.config.use_cache = lm.config.use_cache, True  # off for training; on for whoever generates
+    lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    lm.config.use_cache = use_cache
+    for name in os.listdir(source_dir):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            shutil.copy2(os.path.join(source_dir, name), tmp)
+    if card is not None:
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(card())
+    files.make_durable(tmp)
+    # a crash leaves out_dir (old or new) or, between the renames, out_dir.old, which the next export removes
+    if os.path.isdir(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    files.fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
+    shutil.rmtree(old, ignore_errors=True)

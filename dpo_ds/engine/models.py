@@ -1,0 +1,138 @@
+"""HF causal LMs as the phases load them: --model checked, dtype and attention chosen, built under
+ZeRO-3's zero.Init when the config shards it, dropout off and gradient checkpointing on for training; and
+DeepSpeed's communication layer started on the process group dpo_ds.dist made."""
+from __future__ import annotations
+
+import atexit
+import glob
+import importlib.util
+import os
+
+import torch
+
+from dpo_ds import dist
+from dpo_ds.data.prepared import load_tokenizer
+from dpo_ds.engine.ds_config import zero_stage
+from dpo_ds.errors import ConfigError, UserError
+
+_HF_DS_CONFIG = None  # transformers reads ZeRO-3 from a live HfDeepSpeedConfig: keep it referenced
+_SHM_CLEANUP_REGISTERED = False
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def attn_implementation(requested: str, dtype: torch.dtype) -> str:
+    """auto: flash_attention_2 where it can run (CUDA, flash-attn installed, a 16-bit dtype: it rejects fp32),
+    sdpa otherwise."""
+    if requested == "flash_attention_2":
+        missing = [why for why, bad in (("the flash-attn package is not installed (pip install flash-attn)",
+                                         importlib.util.find_spec("flash_attn") is None),
+                                        ("it runs on CUDA GPUs only", not torch.cuda.is_available()),
+                                        ("it takes bf16/fp16 only", dtype not in (torch.bfloat16, torch.float16)))
+                   if bad]
+        if missing:
+            raise ConfigError(f"--attn_implementation flash_attention_2 cannot run here: {'; '.join(missing)}. "
+                              f"Use --attn_implementation auto (sdpa where flash-attn cannot run)")
+    if requested != "auto":
+        return requested
+    if (torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+            and dtype in (torch.bfloat16, torch.float16)):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _init_deepspeed() -> None:
+    """DeepSpeed's communication layer on top of the process group `dist.init` made (the phases' one entry
+    point); run by the engine builders, idempotent."""
+    global _SHM_CLEANUP_REGISTERED
+    import deepspeed
+
+    dist.init()
+    if not torch.cuda.is_available():
+        from torch.utils.cpp_extension import _get_build_directory
+
+        if not glob.glob(os.path.join(_get_build_directory("deepspeed_shm_comm", False), "*.so")):
+            dist.print0("deepspeed: compiling its CPU communication op, once on this machine (1-2 minutes)")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available() and not _SHM_CLEANUP_REGISTERED:
+        atexit.register(_remove_shm_buffer)
+        _SHM_CLEANUP_REGISTERED = True
+
+
+def _remove_shm_buffer() -> None:
+    """DeepSpeed's CPU all-reduce leaves each rank's shared-memory buffer (69 MB) in /dev/shm at exit, so
+    every run on a CPU machine leaks RAM until reboot. At exit every peer has long mapped it: removing the
+    name is safe (the mappings live on until each process ends)."""
+    name = f"deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{dist.local_rank()}"
+    for path in glob.glob(os.path.join("/dev/shm", name)):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def open_model_dir(path: str, trust_remote_code: bool = False):
+    """--model checked and its tokenizer loaded on every rank; a rank that cannot (e.g. a node without the
+    directory) stops every rank with the reason, instead of leaving them waiting in their next collective."""
+    def read():
+        check_model_dir(path)
+        return load_tokenizer(path, trust_remote_code)
+
+    return dist.on_every_rank(read)
+
+
+def check_model_dir(path: str) -> None:
+    """The start-up check of --model, run once by each phase before anything is loaded."""
+    if not os.path.isdir(path):
+        raise UserError(f"--model {path}: no such directory (expected an HF checkpoint)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"--model {path}: no config.json; is it an HF checkpoint (save_pretrained)?")
+    if not glob.glob(os.path.join(path, "*.safetensors")):
+        raise UserError(f"--model {path}: no *.safetensors weights (pickle checkpoints are not loaded; "
+                        f"convert with save_pretrained(..., safe_serialization=True))")
+
+
+def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
+               ds_config: dict | None = None):
+    """An HF causal LM from safetensors. With a ZeRO-3 `ds_config` it is built under `zero.Init`
+    (transformers' HfDeepSpeedConfig route), so no rank ever holds the whole model."""
+    global _HF_DS_CONFIG
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if ds_config:
+        _init_deepspeed()
+    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config and zero_stage(ds_config) == 3 else None
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(attn, dtype),
+                                                use_safetensors=True, trust_remote_code=trust_remote_code)
+
+
+def disable_dropout(model) -> None:
+    """Every dropout of `model` off: its nn.Dropout layers, and the probabilities HF modules keep as floats and
+    apply only in training mode (`attention_dropout`, `hidden_dropout`, ...). The model's config is untouched,
+    so the exported checkpoint keeps the values it came with."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing: works under ZeRO-3 with the installed versions (tests/test_train.py)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False

@@ -1,0 +1,101 @@
+"""The metrics of a loss step, named as TRL names them, summed on the device over micro-batches and ranks:
+one tensor per batch, crossing to the host only when a line is logged."""
+from __future__ import annotations
+
+import torch
+
+from dpo_ds import dist
+from dpo_ds.objective.loss import LossInputs
+
+# A reward margin within this fraction of β·(|π_w| + |π_l| + |ref_w| + |ref_l|) is a tie, not a win: fp32 sums of
+# log-probs carry rounding of a few 2^-24 of their size, and layouts and batchings round differently (the SFT
+# model against its own cache has margins of ±1e-7 that would otherwise count as wins half the time).
+TIE_RELATIVE = 2.0 ** -20
+
+
+def wins(x: LossInputs, beta: float) -> torch.Tensor:
+    """[B] bool: the pair's reward margin exceeds its rounding noise (TIE_RELATIVE)."""
+    chosen, rejected = x.policy_chosen_logps.detach(), x.policy_rejected_logps.detach()
+    margin = beta * ((chosen - x.ref_chosen_logps) - (rejected - x.ref_rejected_logps)).double()
+    size = (chosen.abs() + rejected.abs() + x.ref_chosen_logps.abs() + x.ref_rejected_logps.abs()).double()
+    return margin > TIE_RELATIVE * beta * size
+
+
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "logps/win_rate")
+# metric -> the token count it is averaged over (dpo_ds.model.logps computes the sums inside the chunked head)
+TOKEN_METRICS = {"entropy": "response_tokens", "mean_token_accuracy": "chosen_tokens",
+                 "logits/chosen": "chosen_tokens", "logits/rejected": "rejected_tokens"}
+METRICS = PAIR_METRICS + tuple(TOKEN_METRICS)
+
+
+class MetricSums:
+    """Metrics summed over micro-batches and ranks: `add` a batch, `all_reduce` across ranks, `mean` per pair
+    (PAIR_METRICS) or per token (TOKEN_METRICS). Names as in TRL, plus the counts `pairs`, `tokens` (computed
+    positions, the throughput figure) and the response token counts. Every rank holds the same names in the
+    same order, so an all-reduce lines them up."""
+
+    NAMES = METRICS + ("pairs", "tokens", "chosen_tokens", "rejected_tokens", "response_tokens")
+
+    def __init__(self, values=None):
+        if isinstance(values, list) and len(values) == len(PAIR_METRICS) + 2:  # saved before the token metrics
+            values = dict(zip(PAIR_METRICS + ("pairs", "tokens"), values))
+        if isinstance(values, dict):  # a saved window: names missing from it (an older version) count 0
+            values = [values.get(name, 0.0) for name in self.NAMES]
+        self.values = torch.zeros(len(self.NAMES), dtype=torch.float64) if values is None else \
+            torch.as_tensor(values, dtype=torch.float64).clone()
+
+    @classmethod
+    def of_batch(cls, losses, x: LossInputs, policy, beta: float, tokens: int = 0) -> "MetricSums":
+        """`x` the loss inputs, `policy` the batch's dpo_ds.model.logps.PairLogps (raw sums and head statistics)."""
+        chosen_rewards = beta * (x.policy_chosen_logps.detach() - x.ref_chosen_logps).double()
+        rejected_rewards = beta * (x.policy_rejected_logps.detach() - x.ref_rejected_logps).double()
+        chosen, rejected = policy.chosen_logps.detach(), policy.rejected_logps.detach()
+        cs, rs = policy.chosen_stats, policy.rejected_stats
+        named = {
+            "loss": losses.detach().sum(),
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": wins(x, beta).sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": chosen.sum(),
+            "logps/rejected": rejected.sum(),
+            "logps/win_rate": (chosen > rejected).sum(),
+            "entropy": cs.entropy.sum() + rs.entropy.sum(),
+            "mean_token_accuracy": cs.top1.sum(),
+            "logits/chosen": cs.mean_logit.sum(),
+            "logits/rejected": rs.mean_logit.sum(),
+            "pairs": losses.numel(),
+            "tokens": tokens,
+            "chosen_tokens": policy.chosen_tokens.sum(),
+            "rejected_tokens": policy.rejected_tokens.sum(),
+            "response_tokens": policy.chosen_tokens.sum() + policy.rejected_tokens.sum(),
+        }
+        # one float64 vector on the batch's device: no value crosses to the host here (a GPU would wait for each);
+        # the head's statistics arrive attached to the graph (computed in the chunk's forward): detached here
+        device = losses.device
+        return cls(torch.stack([v.detach().to(device, torch.float64) if torch.is_tensor(v) else
+                                torch.full((), float(v), dtype=torch.float64, device=device)
+                                for v in map(named.get, cls.NAMES)]))
+
+    def __add__(self, other: "MetricSums") -> "MetricSums":
+        """On `other`'s device (a fresh MetricSums() is on the CPU, a batch's on the model's device)."""
+        return MetricSums(self.values.to(other.values.device) + other.values)
+
+    def __getitem__(self, name: str) -> float:
+        return float(self.values[self.NAMES.index(name)])
+
+    def as_dict(self) -> dict:
+        return dict(zip(self.NAMES, self.values.tolist()))
+
+    def all_reduce(self) -> "MetricSums":
+        """Summed over the data-parallel ranks (a sequence-parallel group's pairs counted once)."""
+        return MetricSums(dist.all_reduce_data(self.values))
+
+    def mean(self) -> dict:
+        """{metric: mean} for every name in METRICS: per pair, or per token of its count."""
+        sums = self.as_dict()  # one transfer to the host
+        n = max(sums["pairs"], 1.0)
+        means = {name: sums[name] / n for name in PAIR_METRICS}
+        means.update({name: sums[name] / max(sums[count], 1.0) for name, count in TOKEN_METRICS.items()})
+        return means

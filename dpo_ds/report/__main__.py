@@ -1,0 +1,3 @@
+from dpo_ds.report.plot import main
+
+main()

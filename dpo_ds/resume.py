@@ -1,0 +1,174 @@
+"""A training run across restarts: what a checkpoint carries besides the engine's own state (RunState), its
+save and restore, and whether a saved run may continue with the settings given now.
+
+A checkpoint is OUT/checkpoints/step-NNNNNNN: DeepSpeed's files (weights, optimizer, lr schedule) with the
+RunState as their client state, and each rank's RNG state beside them; DeepSpeed writes `latest` last, which
+marks it complete. The data order needs no state: it is a function of (seed, step).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dpo_ds import dist, engine
+from dpo_ds.cache import describe_difference
+from dpo_ds.config import TrainConfig, resume_keys, to_dict
+from dpo_ds.errors import UserError
+from dpo_ds.objective.metrics import MetricSums
+from dpo_ds.storage.files import read_json
+
+# inputs named by path: a resumed run compares what they hold (the reference cache's fingerprint covers the
+# model's weights, the tokenizer, the prepared data and the dtype), not how they are spelt
+BY_CONTENT = ("model", "data", "ref_cache")
+
+
+def saved_run(cfg: TrainConfig, ds_config: dict, reference: dict) -> dict:
+    """What OUT/config.json records: the settings, the DeepSpeed config, the ranks, the cache's fingerprint."""
+    return {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size(), "reference": reference}
+
+
+def continue_as_started(cfg: TrainConfig) -> None:
+    """A run saved before --disable_dropout existed trained with the model's dropout: resumed, it keeps it
+    (on every rank: each reads the shared OUT/config.json)."""
+    path = os.path.join(cfg.output_dir, "config.json")
+    if os.path.isfile(os.path.join(cfg.output_dir, "checkpoints", "latest")) and os.path.isfile(path):
+        try:
+            saved = read_json(path).get("train", {})
+        except (OSError, ValueError, AttributeError):
+            return  # check_resumable names what is wrong with it
+        if "disable_dropout" not in saved:
+            cfg.disable_dropout = False
+
+
+def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
+    """True when a checkpoint exists and may be continued with `now` (a `saved_run`); refuses, naming each old
+    and new value, a run that cannot: other settings, inputs, ZeRO stage, precision or number of ranks."""
+    if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
+        return False
+    if cfg.resume == "never":
+        raise UserError(f"{cfg.output_dir} already holds a run with checkpoints (--resume never); "
+                        f"use a new --output_dir or --resume auto")
+    saved_path = os.path.join(cfg.output_dir, "config.json")
+    if not os.path.isfile(saved_path):
+        return True
+    saved = read_json(saved_path)
+    old = saved["train"]  # as a config again: settings added since then take their defaults
+    old = to_dict(TrainConfig(**{k: v for k, v in old.items() if k in to_dict(cfg)}))
+    changed = []
+    for key in resume_keys(TrainConfig):
+        was, new = old.get(key), getattr(cfg, key)
+        if key in BY_CONTENT:
+            if "reference" in saved:
+                continue
+            was, new = os.path.realpath(was), os.path.realpath(new)  # a run saved before fingerprints were
+        if was != new:
+            changed.append(f"--{key} {was} -> {new}")
+    if saved.get("reference", now["reference"]) != now["reference"]:
+        what = describe_difference(now["reference"], saved["reference"])
+        changed.append(f"the reference cache's inputs ({what}) differ from the run's")
+    for name, get in (("ZeRO stage", engine.zero_stage), ("precision", engine.ds_dtype)):
+        was, new = get(saved["deepspeed"]), get(now["deepspeed"])
+        if was != new:
+            changed.append(f"{name} {was} -> {new} (--deepspeed)")
+    if saved.get("world_size", now["world_size"]) != now["world_size"]:
+        changed.append(f"ranks {saved['world_size']} -> {now['world_size']}")
+    if changed:
+        raise UserError(f"{cfg.output_dir} holds a run that cannot continue with these settings: "
+                        f"{'; '.join(changed)}. Rerun with the run's own settings, or use a new --output_dir")
+    return True
+
+
+def rng_path(ckpt_dir: str, tag: str) -> str:
+    return os.path.join(ckpt_dir, tag, f"rng_rank{dist.rank():05d}.pt")
+
+
+class RewardMean:
+    """bco_pair's δ: the mean reward β·ρ over every response of the steps before this one (all ranks), so a
+    step's loss does not depend on how its micro-batches are dealt across ranks or accumulation."""
+
+    def __init__(self, mean: float = 0.0, count: float = 0.0):
+        self.mean, self.count = mean, count
+
+    def update(self, step_sums: MetricSums) -> None:
+        """`step_sums`: one step's metric sums over every rank."""
+        n = 2 * step_sums["pairs"]
+        total = step_sums["rewards/chosen"] + step_sums["rewards/rejected"]
+        self.mean, self.count = (self.mean * self.count + total) / (self.count + n), self.count + n
+
+
+class Window:
+    """The train metrics summed since the last logged line (each rank its own share). Carried across a
+    checkpoint, so a run resumed between two log lines logs the same averages as an uninterrupted one."""
+
+    def __init__(self):
+        self.sums, self.t0 = MetricSums(), time.time()
+
+    def add(self, sums: MetricSums) -> None:
+        self.sums = self.sums + sums
+
+    def reduce(self) -> tuple[MetricSums, float]:
+        """(metric sums over every rank, seconds since the window opened): collective."""
+        return self.sums.all_reduce(), time.time() - self.t0
+
+    def state(self) -> dict:
+        sums, seconds = self.reduce()
+        return {"sums": sums.as_dict(), "seconds": seconds}
+
+    def restore(self, state: dict) -> None:
+        if dist.is_main():  # the reduced window lives on rank 0 alone, so the next reduce counts it once
+            self.sums, self.t0 = MetricSums(state["sums"]), time.time() - state["seconds"]
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides the engine's own state; each field continues exactly on resume."""
+    step: int = 0                  # optimizer steps done
+    num_tokens: float = 0.0        # tokens trained on, logged as num_tokens
+    bco: RewardMean = field(default_factory=RewardMean)  # bco_pair's δ
+    window: Window = field(default_factory=Window)       # the train metrics since the last logged line
+
+    def client_state(self) -> dict:
+        """As DeepSpeed saves it beside the engine (collective: the window is summed over the ranks)."""
+        return {"step": self.step, "window": self.window.state(), "num_tokens": self.num_tokens,
+                "bco_mean": self.bco.mean, "bco_count": self.bco.count}
+
+    @classmethod
+    def from_client_state(cls, client: dict) -> "RunState":
+        state = cls(client.get("step", 0), client.get("num_tokens", 0.0),
+                    RewardMean(client.get("bco_mean", 0.0), client.get("bco_count", 0.0)))
+        if "window" in client:
+            state.window.restore(client["window"])
+        return state
+
+
+def save(policy, ckpt_dir: str, state: RunState, keep: int = 2) -> None:
+    """A DeepSpeed checkpoint of the engine `policy` with `state`, plus each rank's RNG state (dropout, if the
+    model has any, continues exactly); the newest `keep` are kept."""
+    tag = f"step-{state.step:07d}"
+    os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, rng_path(ckpt_dir, tag))  # before DeepSpeed writes `latest`, which marks it complete
+    policy.save_checkpoint(ckpt_dir, tag=tag, client_state=state.client_state())
+    if dist.is_main():
+        tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step-"))
+        for old in tags[:-keep]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    dist.barrier()
+
+
+def restore(policy, ckpt_dir: str) -> RunState:
+    """Load the newest complete checkpoint into `policy` and this rank's RNG state -> the run's state there."""
+    state = RunState.from_client_state(engine.load_checkpoint(policy, ckpt_dir) or {})
+    path = rng_path(ckpt_dir, f"step-{state.step:07d}")
+    if state.step and os.path.isfile(path):
+        rng = torch.load(path, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state
