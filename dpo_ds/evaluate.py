@@ -12,7 +12,6 @@ from dpo_ds import dist, engine
 from dpo_ds.cache.read import open_verified, precision_warning
 from dpo_ds.cli import main_guard, on_fault, parse
 from dpo_ds.config import EvalConfig
-from dpo_ds.data.prepared import read_report
 from dpo_ds.errors import UserError
 from dpo_ds.model.batch import pad_and_eos
 from dpo_ds.objective.step import split_metrics
@@ -30,10 +29,10 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.output:
         dist.on_main(lambda: owner.check_output_file(cfg.output, "--output", OUTPUT_KEYS))
     tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
-    if tokenizer_fingerprint(tokenizer) != dist.on_main(lambda: read_report(cfg.data))["tokenizer_fingerprint"]:
-        raise UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
     # the evaluated model need not be the reference (a trained policy is not): no model check here
     cache = open_verified(cfg.ref_cache, cfg.data, None, [cfg.split])
+    if tokenizer_fingerprint(tokenizer) != cache.report["tokenizer_fingerprint"]:
+        raise UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
     reference = cache.reference(cfg.split, cfg.length_desensitised)
     warning = precision_warning(cache, cfg.split, engine.dtype_name(engine.resolve_dtype(cfg.dtype)), cfg.beta)
     if warning:

@@ -46,10 +46,10 @@ def batches_of(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
 def compute_batch(logps_fn, batch: dict) -> dict:
     """One collated batch -> its shard columns (cache.SCHEMA): chosen and rejected in one forward."""
     p = pair_logps(logps_fn, batch)
-    values = {"example_id": batch["example_id"], "ref_chosen_logps": p.chosen_logps,
-              "ref_rejected_logps": p.rejected_logps, "ref_chosen_shared_logps": p.chosen_shared_logps,
-              "ref_rejected_shared_logps": p.rejected_shared_logps, "chosen_tokens": p.chosen_tokens,
-              "rejected_tokens": p.rejected_tokens}
+    values = {"example_id": batch["example_id"]}
+    for side, logps in zip(("chosen", "rejected"), p):
+        values.update({f"ref_{side}_logps": logps.logps, f"ref_{side}_shared_logps": logps.shared_logps,
+                       f"{side}_tokens": logps.tokens})
     return {name: values[name].cpu().numpy() for name in cache.SCHEMA.names}
 
 
@@ -126,10 +126,12 @@ def check_finite(progress: Progress) -> None:
                         f"overflows) with a new --output_dir: a cache is tied to its dtype and model")
 
 
-def check_inputs(cfg: PrecomputeConfig, tokenizer, splits: list, dtype_name: str) -> dict:
-    """The fingerprint of this computation, after checking the data on disk is what its report says and was
-    tokenized by the model's tokenizer. Hashes every weight file and prepared split: run on one rank."""
+def check_inputs(cfg: PrecomputeConfig, tokenizer, dtype_name: str) -> tuple[dict, list]:
+    """(The fingerprint of this computation, the splits to compute: --splits, or every prepared one), after
+    checking the data on disk is what its report says and was tokenized by the model's tokenizer. Hashes every
+    weight file and prepared split: run on one rank."""
     report = read_report(cfg.data)
+    splits = cfg.splits or list(report["counts"])
     tok_fp = tokenizer_fingerprint(tokenizer)
     if tok_fp != report["tokenizer_fingerprint"]:
         raise UserError(f"--data {cfg.data} was prepared with a different tokenizer ({report['tokenizer']}) than "
@@ -139,7 +141,7 @@ def check_inputs(cfg: PrecomputeConfig, tokenizer, splits: list, dtype_name: str
         raise UserError(f"--splits {' '.join(unknown)}: not in --data {cfg.data} (prepared splits: "
                         f"{', '.join(report['counts'])})")
     verify_files(cfg.data, report, splits)
-    return cache.fingerprint(cfg.model, tok_fp, report, dtype_name)
+    return cache.fingerprint(cfg.model, tok_fp, report, dtype_name), splits
 
 
 def after_fault(cache_dir: str) -> str:
@@ -157,8 +159,7 @@ def run(cfg: PrecomputeConfig) -> dict | None:
 def _run(cfg: PrecomputeConfig) -> dict | None:
     tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
     dtype = engine.resolve_dtype(cfg.dtype)
-    requested = cfg.splits or dist.on_main(lambda: list(read_report(cfg.data)["counts"]))
-    fp = dist.on_main(lambda: check_inputs(cfg, tokenizer, requested, engine.dtype_name(dtype)))
+    fp, requested = dist.on_main(lambda: check_inputs(cfg, tokenizer, engine.dtype_name(dtype)))
     state, splits = dist.on_every_rank(lambda: cache.start(cfg.output_dir, fp, requested))
     dist.barrier()  # every rank has read the directory before rank 0 writes into it
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # every node must see the shards of the others

@@ -25,7 +25,6 @@ from dpo_ds import dist, engine
 from dpo_ds.cache import Reference, open_verified, precision_warning
 from dpo_ds.cli import main_guard, on_fault, parse
 from dpo_ds.config import TrainConfig, to_dict
-from dpo_ds.data.prepared import read_report
 from dpo_ds.errors import UserError
 from dpo_ds.model.batch import build, pad_and_eos, take
 from dpo_ds.model.batch import lengths as layout_lengths
@@ -63,7 +62,8 @@ def rank_micro_batches(rows: np.ndarray, lengths: np.ndarray, micro: int, grad_a
 def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: int, step: int,
                bco_delta: float = 0.0) -> MetricSums:
     """One optimizer step of the training engine `policy` over this rank's micro-batches -> their metric
-    sums. `reference(batch)` gives RefLogps: the cache's, or a live reference model (scripts/bench_workers.py)."""
+    sums. `reference(batch)` gives the reference's Pair: the cache's, or a live reference model
+    (scripts/bench_workers.py)."""
     sums, nonfinite = MetricSums(), torch.zeros((), dtype=torch.bool)
     for i, rows in enumerate(micro_batches):  # labelled ranges name the parts of a step in a profile (bench)
         with record_function("dpo_ds.data"):
@@ -90,15 +90,15 @@ def load_data(cfg: TrainConfig, dtype):
     """(train split, its Reference, eval split or None, its Reference or None, the cache's fingerprint). Rank 0
     alone hashes the data, the cache and the model's weights; the other ranks read what it verified. Warns when
     the training `dtype` is not the cache's."""
-    splits = [s for s in ("train", "eval") if s in dist.on_main(lambda: read_report(cfg.data))["counts"]]
-    cache = open_verified(cfg.ref_cache, cfg.data, cfg.model, splits, cfg.trust_remote_code)
+    cache = open_verified(cfg.ref_cache, cfg.data, cfg.model, ("train", "eval"), cfg.trust_remote_code,
+                          optional=("eval",))
     shared = cfg.length_desensitised
     data = cache.data
     fp = cache.manifest["fingerprint"]
     warning = precision_warning(cache, "train", engine.dtype_name(dtype), cfg.beta)
     if warning:
         dist.print0(warning)
-    if "eval" not in splits:
+    if "eval" not in data:
         dist.print0(f"train: {cfg.data} has no eval split (prepared with --eval_fraction 0): no evaluation")
         return data["train"], cache.reference("train", shared), None, None, fp
     return data["train"], cache.reference("train", shared), data["eval"], cache.reference("eval", shared), fp

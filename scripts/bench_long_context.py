@@ -79,7 +79,7 @@ def worker(a) -> None:
     for _ in range(a.steps + 1):
         t0 = time.perf_counter()
         p = pair_logps(policy, batch)
-        loss = -torch.nn.functional.logsigmoid(0.1 * (p.chosen_logps - p.rejected_logps)).mean()
+        loss = -torch.nn.functional.logsigmoid(0.1 * (p.chosen.logps - p.rejected.logps)).mean()
         policy.backward(loss)
         policy.step()
         times.append(time.perf_counter() - t0)

@@ -35,7 +35,6 @@ def live_reference(cfg, micro: int):
     import torch
 
     from dpo_ds import engine
-    from dpo_ds.cache import RefLogps
     from dpo_ds.model.logps import pair_logps
 
     ref = engine.inference_engine(engine.ModelSpec.of(cfg), "fp32", os.path.join(ROOT, "ds_configs",
@@ -43,8 +42,7 @@ def live_reference(cfg, micro: int):
 
     def reference(batch):
         with torch.no_grad():
-            p = pair_logps(ref, batch, shared=cfg.length_desensitised)
-        return RefLogps(p.chosen_logps, p.rejected_logps, p.chosen_shared_logps, p.rejected_shared_logps)
+            return pair_logps(ref, batch, shared=cfg.length_desensitised)
     return reference
 
 

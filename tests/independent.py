@@ -3,7 +3,8 @@ chunking, no layout), and one loss from its four log-prob tensors."""
 import torch
 
 from dpo_ds.data.encode import IGNORE
-from dpo_ds.objective.loss import LossInputs, pair_loss
+from dpo_ds.model.pair import Pair
+from dpo_ds.objective.loss import pair_loss
 
 
 def naive_sequence_logps(model, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -24,6 +25,5 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         if loss_type in ("ipo", "sigmoid_norm", "sft"):
             raise ValueError(f"{loss_type} needs chosen_tokens and rejected_tokens to length-normalise")
         chosen_tokens = rejected_tokens = torch.ones_like(policy_chosen_logps)
-    x = LossInputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                   chosen_tokens, rejected_tokens, policy_chosen_logps)
-    return pair_loss(loss_type, x, beta, label_smoothing)
+    return pair_loss(loss_type, Pair.of(policy_chosen_logps, policy_rejected_logps, chosen_tokens, rejected_tokens),
+                     Pair.of(ref_chosen_logps, ref_rejected_logps), beta, label_smoothing)

@@ -358,7 +358,7 @@ def layout_is_exact(model) -> bool:
                 want.append(sequence_logps(model, x, torch.ones_like(x), y, chunk_size=5)[0])
         try:
             p = pair_logps(SequenceLogps(model, chunk_size=5, layout=layout), build_layout(pairs, layout, 0))
-            c, r = p.chosen_logps, p.rejected_logps
+            c, r = p.chosen.logps, p.rejected.logps
         except Exception:  # noqa: BLE001 - a decoder that rejects position_ids or a 4-D mask is not exact
             return False
     got, want = torch.cat([c, r]).double(), torch.cat(want).double()

@@ -47,14 +47,15 @@ def test_every_layout_gives_the_plain_logps(tiny, rows, attn):
         want = pair_logps(SequenceLogps(model, chunk_size=7, stats=True), build(batch_rows, PLAIN, 0))
         for layout in LAYOUTS:
             got = pair_logps(SequenceLogps(model, chunk_size=7, layout=layout, stats=True), build(batch_rows, layout, 0))
-            for name in ("chosen_logps", "rejected_logps", "chosen_shared_logps", "rejected_shared_logps"):
-                torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6,
-                                           msg=lambda m: f"{layout} {name}: {m}")
-            for side in ("chosen_stats", "rejected_stats"):  # the head statistics, per sequence
-                torch.testing.assert_close(torch.stack(getattr(got, side)), torch.stack(getattr(want, side)),
-                                           rtol=1e-5, atol=1e-5, msg=lambda m: f"{layout} {side}: {m}")
-            assert got.chosen_tokens.tolist() == want.chosen_tokens.tolist()
-            assert got.rejected_tokens.tolist() == want.rejected_tokens.tolist()
+            for side in ("chosen", "rejected"):
+                for name in ("logps", "shared_logps"):
+                    torch.testing.assert_close(getattr(getattr(got, side), name), getattr(getattr(want, side), name),
+                                               rtol=1e-5, atol=1e-6, msg=lambda m: f"{layout} {side} {name}: {m}")
+                # the head statistics, per sequence
+                torch.testing.assert_close(torch.stack(getattr(got, side).stats), torch.stack(getattr(want, side).stats),
+                                           rtol=1e-5, atol=1e-5, msg=lambda m: f"{layout} {side} stats: {m}")
+            assert got.chosen.tokens.tolist() == want.chosen.tokens.tolist()
+            assert got.rejected.tokens.tolist() == want.rejected.tokens.tolist()
 
 
 def test_loss_and_every_gradient_equal_the_plain_layout(tiny, rows):
@@ -66,7 +67,7 @@ def test_loss_and_every_gradient_equal_the_plain_layout(tiny, rows):
         model = AutoModelForCausalLM.from_pretrained(tiny[0])
         logps = SequenceLogps(model, chunk_size=5, layout=layout)
         p = pair_logps(logps, build(batch_rows, layout, 0))
-        loss = dpo_loss(p.chosen_logps, p.rejected_logps, ref[0], ref[1], 0.1).mean()
+        loss = dpo_loss(p.chosen.logps, p.rejected.logps, ref[0], ref[1], 0.1).mean()
         loss.backward()
         return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 

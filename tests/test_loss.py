@@ -10,12 +10,12 @@ from independent import dpo_loss, naive_sequence_logps
 from transformers import AutoModelForCausalLM
 
 from dpo_ds import config as C
-from dpo_ds.cache.format import RefLogps
 from dpo_ds.cache.read import open_cache
 from dpo_ds.model.batch import collate
-from dpo_ds.model.logps import HeadStats, PairLogps, SequenceLogps, sequence_logps
+from dpo_ds.model.logps import SequenceLogps, sequence_logps
+from dpo_ds.model.pair import HeadStats, Logps, Pair
 from dpo_ds.objective.metrics import MetricSums
-from dpo_ds.objective.step import batch_losses, loss_inputs
+from dpo_ds.objective.step import batch_losses
 
 PC, PR, RC, RR = (torch.tensor(v) for v in ([-10.0, -20.0], [-12.0, -18.0], [-11.0, -19.0], [-11.5, -19.5]))
 
@@ -44,9 +44,8 @@ def test_metrics_match_definitions():
     beta = 0.1
     nc, nr = torch.tensor([4, 5]), torch.tensor([2, 10])
     stats = [HeadStats(*torch.rand(4, 2).unbind()) for _ in range(2)]
-    policy = PairLogps(PC, PR, PC / 2, PR / 2, nc, nr, *stats)
-    x = loss_inputs(policy, RefLogps(RC, RR, None, None), None)
-    m = MetricSums.of_batch(dpo_loss(PC, PR, RC, RR, beta), x, policy, beta, tokens=40).mean()
+    policy = Pair(Logps(PC, nc, PC / 2, stats[0]), Logps(PR, nr, PR / 2, stats[1]))
+    m = MetricSums.of_batch(dpo_loss(PC, PR, RC, RR, beta), policy, Pair.of(RC, RR), beta, tokens=40).mean()
     rc, rr = beta * (PC - RC), beta * (PR - RR)
     assert m["rewards/chosen"] == pytest.approx(rc.mean().item())
     assert m["rewards/rejected"] == pytest.approx(rr.mean().item())

@@ -21,7 +21,8 @@ from dpo_ds.config import LOSS_TYPES
 from dpo_ds.errors import CacheError, ConfigError
 from dpo_ds.model.batch import collate
 from dpo_ds.model.logps import SequenceLogps, pair_logps
-from dpo_ds.objective.loss import LossInputs, f_difference, pair_loss, preference_losses
+from dpo_ds.model.pair import Pair
+from dpo_ds.objective.loss import f_difference, pair_loss, preference_losses
 from dpo_ds.objective.step import batch_losses
 from dpo_ds.storage.files import atomic_json, read_json
 from dpo_ds.storage.fingerprint import sha256_file
@@ -95,7 +96,8 @@ def random_pairs(seed, scale=1.0):
 
 
 def inputs(pw, pl, rw, rl, nw, nl):
-    return LossInputs(pw, pl, rw, rl, nw, nl, pw)
+    """(policy, reference) Pairs."""
+    return Pair.of(pw, pl, nw, nl), Pair.of(rw, rl)
 
 
 EPSILONS = {t: ((0.0, 0.1, 0.3) if t in C.SMOOTHED else (0.0,)) for t in LOSS_TYPES}
@@ -113,7 +115,7 @@ def test_each_loss_is_its_papers_equation_with_gradients(loss_type):
             pw, pl, rw, rl, nw, nl = random_pairs(seed, margins)
             got_w, got_l = pw.clone().requires_grad_(), pl.clone().requires_grad_()
             want_w, want_l = pw.clone().requires_grad_(), pl.clone().requires_grad_()
-            got = pair_loss(loss_type, inputs(got_w, got_l, rw, rl, nw, nl), beta, eps, bco_delta=0.3)
+            got = pair_loss(loss_type, *inputs(got_w, got_l, rw, rl, nw, nl), beta, eps, bco_delta=0.3)
             want = paper(loss_type, want_w, want_l, rw, rl, nw, nl, beta, eps, delta=0.3)
             assert torch.isfinite(want).all()
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{beta} {eps}: {m}")
@@ -136,7 +138,7 @@ def test_no_overflow_at_extreme_margins_in_fp32(loss_type, f_divergence):
     pw, pl = big.clone().requires_grad_(), big.flip(0).clone().requires_grad_()
     zeros = torch.zeros(6)
     eps = 0.1 if loss_type in C.SMOOTHED else 0.0
-    loss = pair_loss(loss_type, LossInputs(pw, pl, zeros, zeros, zeros + 3, zeros + 3, pw), 0.1, eps,
+    loss = pair_loss(loss_type, Pair.of(pw, pl, zeros + 3, zeros + 3), Pair.of(zeros, zeros), 0.1, eps,
                      f_divergence, 0.5 if f_divergence == "alpha_divergence" else None)
     loss.sum().backward()
     grads = [g for g in (pw.grad, pl.grad) if g is not None]
@@ -157,7 +159,7 @@ def test_f_divergences_follow_beyond_reverse_kl(f_divergence):
     uw, ul = torch.exp(pw - rw), torch.exp(pl - rl)
     for beta in (0.1, 0.5):
         want = -logsig(beta * (fprime(uw) - fprime(ul)))
-        got = pair_loss("sigmoid", inputs(pw, pl, rw, rl, pw * 0 + 1, pl * 0 + 1), beta,
+        got = pair_loss("sigmoid", *inputs(pw, pl, rw, rl, pw * 0 + 1, pl * 0 + 1), beta,
                         f_divergence=f_divergence, f_alpha=alpha if f_divergence == "alpha_divergence" else None)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     # forward KL is the α-divergence at α = 1
@@ -170,9 +172,9 @@ def test_mixture_sums_weighted_losses_and_wpo_multiplies():
     x = inputs(pw, pl, rw, rl, nw, nl)
     cfg = C.LossConfig(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2])
     want = paper("sigmoid", pw, pl, rw, rl, nw, nl, 0.1, 0.0) + 0.2 * paper("sft", pw, pl, rw, rl, nw, nl, 0.1, 0.0)
-    torch.testing.assert_close(preference_losses(x, cfg), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(preference_losses(*x, cfg), want, rtol=1e-12, atol=1e-12)
     w = torch.rand(B, dtype=torch.float64)
-    torch.testing.assert_close(preference_losses(x, cfg, weights=w), want * w, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(preference_losses(*x, cfg, weights=w), want * w, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -275,11 +277,11 @@ def test_wpo_weights_and_head_metrics_equal_a_full_softmax(models, batch):
         p = pair_logps(SequenceLogps(policy, chunk_size=5, stats=True), batch)
         full = per_token(policy, batch)
     Bn = batch["example_id"].numel()
-    stats = {k: torch.cat([getattr(p.chosen_stats, k), getattr(p.rejected_stats, k)]) for k in p.chosen_stats._fields}
+    stats = {k: torch.cat([getattr(p.chosen.stats, k), getattr(p.rejected.stats, k)]) for k in p.chosen.stats._fields}
     with torch.no_grad():  # without LD-DPO's sums (a loss without --ld_alpha): the same values, none of those
         q = pair_logps(SequenceLogps(policy, chunk_size=5, stats=True), batch, shared=False)
-    assert q.chosen_shared_logps is None and q.rejected_shared_logps is None
-    assert torch.equal(q.chosen_logps, p.chosen_logps) and torch.equal(q.rejected_stats.wpo, p.rejected_stats.wpo)
+    assert q.chosen.shared_logps is None and q.rejected.shared_logps is None
+    assert torch.equal(q.chosen.logps, p.chosen.logps) and torch.equal(q.rejected.stats.wpo, p.rejected.stats.wpo)
     for i, (logp, logsm, logits) in enumerate(full):
         probs = logsm.exp()
         target = batch["labels"][i, 1:][batch["labels"][i, 1:] != -100]
@@ -291,13 +293,11 @@ def test_wpo_weights_and_head_metrics_equal_a_full_softmax(models, batch):
     n = torch.tensor([len(f[0]) for f in full], dtype=torch.float64)
     w = torch.exp(stats["wpo"][:Bn] / n[:Bn] + stats["wpo"][Bn:] / n[Bn:])
     ref = torch.zeros(Bn, dtype=torch.float64)
-    from dpo_ds.cache.format import RefLogps
-
     x_cfg = C.LossConfig(use_weighting=True)
     weighted, _ = batch_losses(SequenceLogps(policy, chunk_size=5, stats=True), batch,
-                               lambda b: RefLogps(ref - 50, ref - 50, None, None), x_cfg)
+                               lambda b: Pair.of(ref - 50, ref - 50), x_cfg)
     plain, _ = batch_losses(SequenceLogps(policy, chunk_size=5, stats=True), batch,
-                            lambda b: RefLogps(ref - 50, ref - 50, None, None), C.LossConfig())
+                            lambda b: Pair.of(ref - 50, ref - 50), C.LossConfig())
     torch.testing.assert_close(weighted.detach(), plain.detach() * w, rtol=1e-9, atol=1e-12)
 
 
@@ -348,7 +348,7 @@ def test_format_1_cache_serves_every_loss_but_ld_dpo(tiny, prepared, cache, tmp_
     ref = opened.reference("eval")
     ds = datasets.load_from_disk(f"{prepared}/eval")
     values = ref(collate([ds[0], ds[1]], 0))
-    assert values.chosen_shared_logps is None and values.chosen_logps.shape == (2,)
+    assert values.chosen.shared_logps is None and values.chosen.logps.shape == (2,)
     with pytest.raises(CacheError, match="format-1 cache.*LD-DPO.*rerun dpo_ds.precompute"):
         opened.reference("eval", shared=True)
     with pytest.raises(CacheError, match="format-1 cache"):

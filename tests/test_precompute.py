@@ -160,6 +160,15 @@ def test_extra_shard_refused(prepared, cache_copy):
         R.open_cache(str(cache_copy), prepared)
 
 
+def test_a_split_the_data_lacks_is_left_out_only_where_optional(prepared, cache):
+    """train asks for train and, where the data has one, eval (prepared with --eval_fraction 0 it has none):
+    one read of the prepared report decides, and the opened cache carries that report for the phase."""
+    opened = R.open_cache(cache, prepared, splits=["train", "test"], optional=("test",))
+    assert list(opened.data) == ["train"] and opened.report["counts"]["train"] == len(opened.data["train"])
+    with pytest.raises(UserError, match="no split 'test' \\(prepared splits: train, eval\\)"):
+        R.open_cache(cache, prepared, splits=["train", "test"])
+
+
 def test_duplicate_rows_refused(prepared, cache_copy):
     """A shard that repeats another's examples (and a manifest updated to match) is still refused."""
     entry = json.load(open(cache_copy / "manifest.json"))

@@ -99,8 +99,8 @@ def test_tiled_mlp_gives_the_untiled_values_and_gradients(tiny):
         if tiled:
             tile_mlp(model, tile=7)
         p = pair_logps(SequenceLogps(model, chunk_size=5), batch)
-        (p.chosen_logps - 0.5 * p.rejected_logps).sum().backward()
-        grads.append((torch.cat([p.chosen_logps, p.rejected_logps]).detach(),
+        (p.chosen.logps - 0.5 * p.rejected.logps).sum().backward()
+        grads.append((torch.cat([p.chosen.logps, p.rejected.logps]).detach(),
                       {n: w.grad for n, w in model.named_parameters()}))
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-12, atol=1e-12)
     for name, g in grads[0][1].items():

@@ -125,7 +125,7 @@ def test_chunked_logps_equal_the_models_own_float64_forward(smol, smol_data):
         for model, rtol in ((ref, 1e-9), (AutoModelForCausalLM.from_pretrained(smol, dtype=torch.float32).eval(), 1e-5)):
             padded, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size=7)
             p = pair_logps(SequenceLogps(model, chunk_size=6, layout=shared), packed)
-            chosen, rejected = p.chosen_logps, p.rejected_logps
+            chosen, rejected = p.chosen.logps, p.rejected.logps
             for i, got in enumerate(torch.cat([chosen, rejected]).tolist()):
                 assert got == pytest.approx(want[i], rel=rtol), ("shared + packed", model.dtype, i)
             for i, (ids, labels) in enumerate(alone):

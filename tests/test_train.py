@@ -17,10 +17,9 @@ from safetensors.torch import load_file
 
 from dpo_ds import cli, train
 from dpo_ds import config as C
-from dpo_ds.cache.format import RefLogps
 from dpo_ds.errors import CacheError, ConfigError, UserError
 from dpo_ds.model.layout import PLAIN
-from dpo_ds.model.logps import HeadStats, Scored
+from dpo_ds.model.pair import HeadStats, Logps, Pair
 from dpo_ds.report.log import read_metrics
 
 ZERO3 = os.path.join(ROOT, "ds_configs", "zero3_cpu.json")
@@ -204,7 +203,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
 
         def __call__(self, num_sequences, **inputs):
             nan, ones = torch.full((num_sequences,), float("nan")), torch.ones(num_sequences)
-            return Scored(nan, ones.long(), nan, HeadStats(ones, ones, ones, ones))
+            return Logps(nan, ones.long(), nan, HeadStats(ones, ones, ones, ones))
 
         def backward(self, loss):
             calls.append("backward")
@@ -215,7 +214,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
     row = {"example_id": 0, "chosen_input_ids": [1, 2, 3], "chosen_labels": [-100, 2, 3],
            "rejected_input_ids": [1, 2, 4], "rejected_labels": [-100, 2, 4]}
     cfg = C.TrainConfig(model="m", data="d", ref_cache="r", output_dir=str(tmp_path), deepspeed="z")
-    reference = lambda batch: RefLogps(torch.tensor([-1.0]), torch.tensor([-2.0]), None, None)  # noqa: E731
+    reference = lambda batch: Pair.of(torch.tensor([-1.0]), torch.tensor([-2.0]))  # noqa: E731
     with pytest.raises(UserError, match="non-finite loss at step 5.*checkpoints is intact"):
         train.train_step(Engine(), datasets.Dataset.from_list([row]), reference, [np.array([0])], cfg, pad_id=0, step=4)
     assert calls == []
@@ -229,7 +228,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
             if finite["n"] == 1:
                 return super().__call__(num_sequences, **inputs)
             ones = torch.ones(num_sequences)
-            return Scored(-ones, ones.long(), -ones, HeadStats(ones, ones, ones, ones))
+            return Logps(-ones, ones.long(), -ones, HeadStats(ones, ones, ones, ones))
 
     with pytest.raises(UserError, match="non-finite loss at step 5"):
         train.train_step(NanFirst(), datasets.Dataset.from_list([row]), reference, [np.array([0]), np.array([0])], cfg,

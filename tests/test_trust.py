@@ -273,13 +273,12 @@ def test_owner_private_names_are_its_own():
 # ---------------------------------------------------------------- noise is not preference
 
 def test_margins_within_rounding_noise_are_ties():
-    from dpo_ds.objective.loss import LossInputs
+    from dpo_ds.model.pair import Pair
     from dpo_ds.objective.metrics import wins
 
     ref = torch.tensor([-30.0, -30.0, -30.0, -30.0])
     policy_chosen = ref + torch.tensor([1.5e-7, -1.5e-7, 1e-3, 0.0])  # rounding, rounding, a preference, exact
-    x = LossInputs(policy_chosen, ref, ref, ref, *[torch.ones(4)] * 2, policy_chosen)
-    assert wins(x, beta=0.1).tolist() == [False, False, True, False]
+    assert wins(Pair.of(policy_chosen, ref), Pair.of(ref, ref), beta=0.1).tolist() == [False, False, True, False]
 
 
 def test_sft_model_against_its_own_cache_ties_in_every_layout(tiny, prepared, cache, capsys):

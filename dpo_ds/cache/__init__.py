@@ -11,7 +11,6 @@ from dpo_ds.cache.format import (
                                  REFERENCE_COLUMNS,
                                  SCHEMA,
                                  SHARED_COLUMNS,
-                                 RefLogps,
                                  describe_difference,
                                  fingerprint,
 )
@@ -27,7 +26,7 @@ from dpo_ds.cache.write import (
                                  write_shard,
 )
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "PLAN", "REFERENCE_COLUMNS", "SCHEMA", "SHARED_COLUMNS", "RefCache", "RefLogps",
+__all__ = ["FORMAT_VERSION", "MANIFEST", "PLAN", "REFERENCE_COLUMNS", "SCHEMA", "SHARED_COLUMNS", "RefCache",
            "Reference", "complete_shards", "damaged", "describe_difference", "fingerprint", "open_cache",
            "open_verified", "precision_warning", "remove_partial_shard", "reopen", "start", "summary",
            "write_manifest", "write_plan", "write_shard"]

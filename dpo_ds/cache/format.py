@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import NamedTuple
 
 import pyarrow as pa
-import torch
 
 from dpo_ds.storage.fingerprint import model_fingerprint
 
@@ -27,14 +25,6 @@ SHARED_COLUMNS = ("ref_chosen_shared_logps", "ref_rejected_shared_logps")
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps") + SHARED_COLUMNS  # what the loss reads
 SCHEMA = pa.schema([("example_id", pa.int64()), *((name, pa.float32()) for name in REFERENCE_COLUMNS),
                     ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32())])
-
-
-class RefLogps(NamedTuple):
-    """A batch's cached reference values [B] each; the shared-length ones are None from a format-1 cache."""
-    chosen_logps: torch.Tensor
-    rejected_logps: torch.Tensor
-    chosen_shared_logps: torch.Tensor | None
-    rejected_shared_logps: torch.Tensor | None
 
 
 REPAIR = "; rerun the precompute command that wrote the cache: it recomputes exactly the damaged shards"

@@ -3,7 +3,7 @@
 `open_verified` is what train and evaluate call: rank 0 checks everything (`open_cache(..., verify=True)`
 hashes every file: one reader), the other ranks then read what it verified. The cache owns the names of its
 reference columns: a phase gets them as `cache.reference(split)`, a function from a batch's example_ids to
-RefLogps tensors.
+the reference's dpo_ds.model.pair.Pair.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from dpo_ds.cache.format import (
     REPAIR,
     SCHEMA,
     SHARED_COLUMNS,
-    RefLogps,
 )
 from dpo_ds.data.prepared import load_split, load_tokenizer, read_report, verify_files
 from dpo_ds.errors import CacheError, UserError
+from dpo_ds.model.pair import Logps, Pair
 from dpo_ds.storage.files import read_json
 from dpo_ds.storage.fingerprint import model_fingerprint, sha256_file, tokenizer_fingerprint
 
@@ -38,8 +38,8 @@ def read_shard(path: str) -> pa.Table:
 
 
 class Reference:
-    """One split's cached reference log-probs, looked up by example_id: `reference(batch)` -> RefLogps, each
-    [B] fp32, in the batch's order."""
+    """One split's cached reference log-probs, looked up by example_id: `reference(batch)` -> a Pair of the
+    reference's Logps (no token counts, no head statistics), each [B] fp32, in the batch's order."""
 
     def __init__(self, table: pa.Table):
         ids = table.column("example_id").to_numpy()
@@ -48,21 +48,24 @@ class Reference:
         self.columns = [n for n in REFERENCE_COLUMNS if n in table.column_names]
         self.logps = torch.from_numpy(np.stack([table.column(n).to_numpy() for n in self.columns], 1)[order])
 
-    def __call__(self, batch: dict) -> RefLogps:
+    def __call__(self, batch: dict) -> Pair:
         ids = batch["example_id"]
         pos = torch.searchsorted(self.ids, ids).clamp(max=len(self.ids) - 1)
         if not torch.equal(self.ids[pos], ids):  # open_cache proved coverage; this guards the caller's split
             raise CacheError(f"example_ids {ids[self.ids[pos] != ids][:5].tolist()} are not in this split's cache")
         logps = self.logps[pos]
-        return RefLogps(*(logps[:, self.columns.index(n)] if n in self.columns else None for n in REFERENCE_COLUMNS))
+        rw, rl, rw_shared, rl_shared = (logps[:, self.columns.index(n)] if n in self.columns else None
+                                        for n in REFERENCE_COLUMNS)
+        return Pair(Logps(rw, shared_logps=rw_shared), Logps(rl, shared_logps=rl_shared))
 
 
 class RefCache:
     """A verified cache: `reference(split)` for the loss, `values(split, example_ids)` for every column."""
 
-    def __init__(self, cache_dir: str, manifest: dict, tables: dict, data: dict):
+    def __init__(self, cache_dir: str, manifest: dict, tables: dict, data: dict, report: dict):
         self.cache_dir, self.manifest, self.tables = cache_dir, manifest, tables
         self.data = data  # {split: the prepared split the cache was checked against}: the phases train on it
+        self.report = report  # the prepared data's report, read once
 
     def reference(self, split: str, shared: bool = False) -> Reference:
         """The split's values for the loss; `shared` (LD-DPO) refuses a cache without the shared-length ones."""
@@ -83,15 +86,16 @@ class RefCache:
         return {name: table.column(name).to_numpy()[pos] for name in SCHEMA.names if name in table.column_names}
 
 
-def open_verified(cache_dir: str, data_dir: str, model_dir: str | None, splits, trust_remote_code: bool = False
-                  ) -> RefCache:
+def open_verified(cache_dir: str, data_dir: str, model_dir: str | None, splits, trust_remote_code: bool = False,
+                  optional=()) -> RefCache:
     """`open_cache` with every check on rank 0 alone (one reader hashes the shards, data and weights; its
     verdict reaches every rank), then a plain read on the other ranks; rank 0 keeps what it verified."""
     verified, error = [], None
-    dist.on_main(lambda: verified.append(open_cache(cache_dir, data_dir, model_dir, splits, trust_remote_code)))
+    dist.on_main(lambda: verified.append(open_cache(cache_dir, data_dir, model_dir, splits, trust_remote_code,
+                                                    optional=optional)))
     if not verified:  # what rank 0 verified may still be unreadable here (e.g. a node without the shared files)
         try:
-            verified.append(open_cache(cache_dir, data_dir, splits=splits, verify=False))
+            verified.append(open_cache(cache_dir, data_dir, splits=splits, verify=False, optional=optional))
         except UserError as e:
             error = e
     if dist.all_reduce([1.0 if error else 0.0])[0] > 0:  # every rank stops, none waits for the others
@@ -100,10 +104,11 @@ def open_verified(cache_dir: str, data_dir: str, model_dir: str | None, splits, 
 
 
 def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, splits=None,
-               trust_remote_code: bool = False, verify: bool = True) -> RefCache:
+               trust_remote_code: bool = False, verify: bool = True, optional=()) -> RefCache:
     """Open a cache: manifest, format, fingerprint against the prepared data's report, shard row counts, every
     example exactly once. With `verify` also what needs hashing: the prepared files against their report,
-    the tokenizer and weights of `model_dir` when given, every shard's sha256, no extra shard files."""
+    the tokenizer and weights of `model_dir` when given, every shard's sha256, no extra shard files.
+    `splits` (default: the cached ones) that are `optional` are left out where the data has none."""
     if not os.path.isdir(cache_dir):
         raise CacheError(f"--ref_cache {cache_dir}: no such directory; run dpo_ds.precompute first")
     path = os.path.join(cache_dir, MANIFEST)
@@ -117,7 +122,7 @@ def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, spli
         raise CacheError(f"{cache_dir}: cache format {fp.get('format_version')}, this code reads formats "
                          f"{', '.join(map(str, READABLE_VERSIONS))}; recompute it")
     report = read_report(data_dir)
-    splits = list(splits or manifest["splits"])
+    splits = [s for s in splits or manifest["splits"] if s in report["counts"] or s not in optional]
     if verify:
         verify_files(data_dir, report, splits)
     if fp["data"] != report["fingerprint"]:
@@ -139,7 +144,7 @@ def open_cache(cache_dir: str, data_dir: str, model_dir: str | None = None, spli
                              f"to add it")
         data[split] = load_split(data_dir, split)
         tables[split] = read_split(cache_dir, split, manifest["splits"][split], data[split], verify)
-    return RefCache(cache_dir, manifest, tables, data)
+    return RefCache(cache_dir, manifest, tables, data, report)
 
 
 def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) -> pa.Table:

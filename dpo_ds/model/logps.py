@@ -8,7 +8,6 @@ gradients are on, under its own activation checkpoint, so backward keeps `[chunk
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -18,26 +17,8 @@ from dpo_ds.config import LOGP_CHUNK_SIZE
 from dpo_ds.data.encode import IGNORE
 from dpo_ds.model.head import output_head
 from dpo_ds.model.layout import PLAIN, Layout
+from dpo_ds.model.pair import HeadStats, Logps, Pair
 from dpo_ds.model.sequence_parallel import local_slice, sum_over_group
-
-
-class HeadStats(NamedTuple):
-    """Per-sequence sums over its response tokens of what the head sees besides log p(target), without
-    gradient: entropy of the next-token distribution, top-1 == target, the mean logit (over the vocabulary),
-    and WPO's log p(target) - log Σ_v p(v)²."""
-    entropy: torch.Tensor
-    top1: torch.Tensor
-    mean_logit: torch.Tensor
-    wpo: torch.Tensor
-
-
-class Scored(NamedTuple):
-    """`scored_logps`' result, per sequence [S]: summed log-probs, scored tokens, the log-probs summed over
-    the tokens marked `shared` (LD-DPO; None unless given), and HeadStats (None unless asked for)."""
-    logps: torch.Tensor
-    tokens: torch.Tensor
-    shared_logps: torch.Tensor | None
-    stats: HeadStats | None
 
 
 def _chunk_logps(head, hidden: torch.Tensor, targets: torch.Tensor, stats_out: list | None = None) -> torch.Tensor:
@@ -81,8 +62,8 @@ def _attention_mask(model, mask):
 
 def scored_logps(model, input_ids, attention_mask, position_ids, positions, targets, sequence, num_sequences: int,
                  chunk_size: int = LOGP_CHUNK_SIZE, collective: bool = False, head=None, shared=None,
-                 stats: bool = False, sp_group=None) -> Scored:
-    """Rows in any `dpo_ds.model.layout` -> Scored per sequence: the token `targets[n]` is scored at flat row
+                 stats: bool = False, sp_group=None) -> Logps:
+    """Rows in any `dpo_ds.model.layout` -> Logps per sequence: the token `targets[n]` is scored at flat row
     position `positions[n]` and summed into `sequence[n]`; `shared[n]` (bool, optional) marks the tokens
     summed into `shared_logps` too; `stats` adds HeadStats.
 
@@ -133,8 +114,8 @@ def scored_logps(model, input_ids, attention_mask, position_ids, positions, targ
     if sp_group is not None:
         sums = sum_over_group(sums, sp_group)
     n = 1 + (shared is not None)
-    return Scored(sums[:, 0], tokens, sums[:, 1] if shared is not None else None,
-                  HeadStats(*sums[:, n:].unbind(-1)) if stats else None)
+    return Logps(sums[:, 0], tokens, sums[:, 1] if shared is not None else None,
+                 HeadStats(*sums[:, n:].unbind(-1)) if stats else None)
 
 
 class SequenceLogps(torch.nn.Module):
@@ -161,20 +142,6 @@ class SequenceLogps(torch.nn.Module):
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "positions", "targets", "sequence")
 
 
-class PairLogps(NamedTuple):
-    """One batch's pairs [B] each: summed response log-probs, the same over each pair's first
-    min(|y_w|, |y_l|) tokens (LD-DPO's shared length; None unless asked for), token counts, and HeadStats
-    (None when the SequenceLogps computes none)."""
-    chosen_logps: torch.Tensor
-    rejected_logps: torch.Tensor
-    chosen_shared_logps: torch.Tensor | None
-    rejected_shared_logps: torch.Tensor | None
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-    chosen_stats: HeadStats | None
-    rejected_stats: HeadStats | None
-
-
 def shared_tokens(positions: torch.Tensor, sequence: torch.Tensor, B: int) -> torch.Tensor:
     """[N] bool: the scored token is among the first min(|y_w|, |y_l|) tokens of its response. A response's
     tokens are ordered by their row position in every layout."""
@@ -188,19 +155,15 @@ def shared_tokens(positions: torch.Tensor, sequence: torch.Tensor, B: int) -> to
     return ordinal < shared_len[sequence]
 
 
-def pair_logps(logps_fn, batch: dict, shared: bool = True) -> PairLogps:
-    """A batch of `dpo_ds.model.batch.build` -> PairLogps: chosen and rejected go through one forward. `logps_fn`
-    is a SequenceLogps or a DeepSpeed engine wrapping one. `shared`: also the sums over LD-DPO's shared
-    length (the cache stores them; a loss needs them only with --ld_alpha)."""
+def pair_logps(logps_fn, batch: dict, shared: bool = True) -> Pair:
+    """A batch of `dpo_ds.model.batch.build` -> its Pair (dpo_ds.model.pair): chosen and rejected go through one
+    forward. `logps_fn` is a SequenceLogps or a DeepSpeed engine wrapping one. `shared`: also the sums over
+    LD-DPO's shared length (the cache stores them; a loss needs them only with --ld_alpha)."""
     B = batch["example_id"].numel()
     device = dist.device()
     inputs = {k: None if batch.get(k) is None else batch[k].to(device) for k in MODEL_INPUTS}
     mask = shared_tokens(batch["positions"], batch["sequence"], B).to(device) if shared else None
-    s = logps_fn(**inputs, num_sequences=2 * B, shared=mask)
-    stats = (None, None) if s.stats is None else (HeadStats(*(v[:B] for v in s.stats)),
-                                                   HeadStats(*(v[B:] for v in s.stats)))
-    shared_sums = (None, None) if s.shared_logps is None else (s.shared_logps[:B], s.shared_logps[B:])
-    return PairLogps(s.logps[:B], s.logps[B:], *shared_sums, s.tokens[:B], s.tokens[B:], *stats)
+    return Pair.split(logps_fn(**inputs, num_sequences=2 * B, shared=mask), B)
 
 
 def is_collective(logps_fn) -> bool:

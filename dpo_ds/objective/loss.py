@@ -25,36 +25,25 @@ With ρ_w = log π(y_w) - log π_ref(y_w), ρ_l likewise, and h = f'-difference 
                   Pang et al. 2024)
 
 Several losses are summed per pair with their weights. LD-DPO (Liu et al. 2024) replaces every log-prob
-(policy and reference) by its first min(|y_w|, |y_l|) tokens + α × the rest (`ld_logps`) before any loss but
+(policy and reference) by its first min(|y_w|, |y_l|) tokens + α × the rest (`weighted`) before any loss but
 sft; WPO (Zhou et al. 2024) multiplies each pair's loss by `wpo_weights`.
 Rewards (metrics) are β·ρ per response, on the log-probs the losses see.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from dpo_ds.config import LOSS_TYPES
+from dpo_ds.model.pair import Pair
 
 
-class LossInputs(NamedTuple):
-    """Per pair [B]: summed response log-probs of policy and reference (LD-weighted when LD-DPO is on), the
-    response token counts, and the chosen response's raw summed log-prob (for sft)."""
-    policy_chosen_logps: torch.Tensor
-    policy_rejected_logps: torch.Tensor
-    ref_chosen_logps: torch.Tensor
-    ref_rejected_logps: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-    policy_chosen_raw_logps: torch.Tensor
-
-
-def ld_logps(logps: torch.Tensor, shared_logps: torch.Tensor | None, alpha: float | None) -> torch.Tensor:
-    """LD-DPO: the log-prob of the first min(|y_w|, |y_l|) tokens plus α times the rest; α None = plain."""
-    return logps if alpha is None else shared_logps + alpha * (logps - shared_logps)
+def weighted(policy: Pair, ref: Pair, ld_alpha: float | None = None) -> tuple[torch.Tensor, ...]:
+    """(π_w, π_l, ref_w, ref_l) [B] each: the summed log-probs every loss but sft and the rewards read,
+    LD-DPO-weighted when `ld_alpha` is set."""
+    return policy.chosen.ld(ld_alpha), policy.rejected.ld(ld_alpha), ref.chosen.ld(ld_alpha), ref.rejected.ld(ld_alpha)
 
 
 def wpo_weights(chosen_wpo: torch.Tensor, rejected_wpo: torch.Tensor) -> torch.Tensor:
@@ -99,84 +88,79 @@ def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
     return -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
 
 
-class _Pair(NamedTuple):
-    """A loss's arguments: the inputs and the settings (`eps` label smoothing, `tau` discopop's, `delta` bco's)."""
-    x: LossInputs
-    beta: float
-    eps: float
-    f_divergence: str
-    f_alpha: float | None
-    tau: float
-    delta: float
+class _Args:
+    """A loss's arguments: the policy's Pair, the four log-probs of `weighted`, and the settings (`eps` label
+    smoothing, `tau` discopop's, `delta` bco's)."""
+
+    def __init__(self, policy: Pair, ref: Pair, beta: float, eps: float, f_divergence: str, f_alpha: float | None,
+                 tau: float, delta: float, ld_alpha: float | None):
+        self.policy, self.pw, self.pl, self.rw, self.rl = policy, *weighted(policy, ref, ld_alpha)
+        self.beta, self.eps, self.f_divergence, self.f_alpha, self.tau, self.delta = \
+            beta, eps, f_divergence, f_alpha, tau, delta
 
     def z(self, per_token: bool = False) -> torch.Tensor:
         """β·h: the pairwise log-ratio through the f-divergence (`per_token`: of length-normalised log-probs)."""
         return self.beta * self.h(per_token)
 
     def h(self, per_token: bool = False) -> torch.Tensor:
-        x = self.x
         if not per_token:
-            return _h(x.policy_chosen_logps, x.policy_rejected_logps, x.ref_chosen_logps, x.ref_rejected_logps,
-                      self.f_divergence, self.f_alpha)
-        nw, nl = x.chosen_tokens.clamp(min=1), x.rejected_tokens.clamp(min=1)
-        return _h(x.policy_chosen_logps / nw, x.policy_rejected_logps / nl, x.ref_chosen_logps / nw,
-                  x.ref_rejected_logps / nl, self.f_divergence, self.f_alpha)
+            return _h(self.pw, self.pl, self.rw, self.rl, self.f_divergence, self.f_alpha)
+        nw, nl = self.policy.chosen.tokens.clamp(min=1), self.policy.rejected.tokens.clamp(min=1)
+        return _h(self.pw / nw, self.pl / nl, self.rw / nw, self.rl / nl, self.f_divergence, self.f_alpha)
 
     def ratios(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(ρ_w, ρ_l): each response's log-ratio of policy to reference."""
-        x = self.x
-        return x.policy_chosen_logps - x.ref_chosen_logps, x.policy_rejected_logps - x.ref_rejected_logps
+        return self.pw - self.rw, self.pl - self.rl
 
 
-def _robust(a: _Pair) -> torch.Tensor:
+def _robust(a: _Args) -> torch.Tensor:
     z = a.z()
     return (-F.logsigmoid(z) * (1 - a.eps) + F.logsigmoid(-z) * a.eps) / (1 - 2 * a.eps)
 
 
-def _exo_pair(a: _Pair) -> torch.Tensor:
+def _exo_pair(a: _Args) -> torch.Tensor:
     z, eps = a.z(), a.eps
     return torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - eps)) + \
         torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps))
 
 
-def _discopop(a: _Pair) -> torch.Tensor:  # m·exp(-z) as exp(-z + log m): finite where exp(-z) alone overflows
+def _discopop(a: _Args) -> torch.Tensor:  # m·exp(-z) as exp(-z + log m): finite where exp(-z) alone overflows
     z = a.z()
     m = torch.sigmoid(z / a.tau)
     return (1 - m) * -F.logsigmoid(z) + torch.exp(-z + F.logsigmoid(z / a.tau))
 
 
-def _nca_pair(a: _Pair) -> torch.Tensor:
+def _nca_pair(a: _Args) -> torch.Tensor:
     (rw, rl), beta = a.ratios(), a.beta
     return -F.logsigmoid(beta * rw) - 0.5 * F.logsigmoid(-beta * rw) - 0.5 * F.logsigmoid(-beta * rl)
 
 
-def _bco_pair(a: _Pair) -> torch.Tensor:
+def _bco_pair(a: _Args) -> torch.Tensor:
     (rw, rl), beta = a.ratios(), a.beta
     return -F.logsigmoid(beta * rw - a.delta) - F.logsigmoid(-(beta * rl - a.delta))
 
 
-def _sppo_hard(a: _Pair) -> torch.Tensor:
+def _sppo_hard(a: _Args) -> torch.Tensor:
     (rw, rl), beta = a.ratios(), a.beta
     return (rw - 1 / (2 * beta)) ** 2 + (rl + 1 / (2 * beta)) ** 2
 
 
-def _aot(a: _Pair) -> torch.Tensor:
-    x = a.x
-    policy, ref = x.policy_chosen_logps - x.policy_rejected_logps, x.ref_chosen_logps - x.ref_rejected_logps
+def _aot(a: _Args) -> torch.Tensor:
+    policy, ref = a.pw - a.pl, a.rw - a.rl
     return _smoothed_sigmoid(a.beta * (policy.sort().values - ref.sort().values), a.eps)
 
 
-def _aot_unpaired(a: _Pair) -> torch.Tensor:
+def _aot_unpaired(a: _Args) -> torch.Tensor:
     rw, rl = a.ratios()
     return _smoothed_sigmoid(a.beta * (rw.sort().values - rl.sort().values), a.eps)
 
 
-def _apo_zero(a: _Pair) -> torch.Tensor:
+def _apo_zero(a: _Args) -> torch.Tensor:
     (rw, rl), beta = a.ratios(), a.beta
     return 1 - torch.sigmoid(beta * rw) + torch.sigmoid(beta * rl)
 
 
-def _apo_down(a: _Pair) -> torch.Tensor:
+def _apo_down(a: _Args) -> torch.Tensor:
     (rw, rl), beta = a.ratios(), a.beta
     return torch.sigmoid(beta * rw) + 1 - torch.sigmoid(beta * (rw - rl))
 
@@ -197,24 +181,26 @@ LOSS_FUNCTIONS = {
     "apo_down": _apo_down,
     "discopop": _discopop,
     "sigmoid_norm": lambda a: _smoothed_sigmoid(a.z(per_token=True), a.eps),
-    "sft": lambda a: -a.x.policy_chosen_raw_logps / a.x.chosen_tokens.clamp(min=1),
+    "sft": lambda a: -a.policy.chosen.logps / a.policy.chosen.tokens.clamp(min=1),
 }
 assert tuple(LOSS_FUNCTIONS) == LOSS_TYPES, "dpo_ds.config.LOSSES and this module name the same losses, in one order"
 
 
-def pair_loss(loss_type: str, x: LossInputs, beta: float, label_smoothing: float = 0.0,
+def pair_loss(loss_type: str, policy: Pair, ref: Pair, beta: float, label_smoothing: float = 0.0,
               f_divergence: str = "reverse_kl", f_alpha: float | None = None, discopop_tau: float = 0.05,
-              bco_delta: float = 0.0) -> torch.Tensor:
-    """One loss of the family (module docstring) -> per-pair losses [B]."""
+              bco_delta: float = 0.0, ld_alpha: float | None = None) -> torch.Tensor:
+    """One loss of the family (module docstring) of the policy's and the reference's Pairs (on one device; the
+    token counts are the policy's) -> per-pair losses [B]."""
     if loss_type not in LOSS_FUNCTIONS:
         raise ValueError(f"unknown loss_type {loss_type!r}")
-    return LOSS_FUNCTIONS[loss_type](_Pair(x, beta, label_smoothing, f_divergence, f_alpha, discopop_tau, bco_delta))
+    return LOSS_FUNCTIONS[loss_type](_Args(policy, ref, beta, label_smoothing, f_divergence, f_alpha, discopop_tau,
+                                           bco_delta, ld_alpha))
 
 
-def preference_losses(x: LossInputs, cfg, bco_delta: float = 0.0, weights: torch.Tensor | None = None
+def preference_losses(policy: Pair, ref: Pair, cfg, bco_delta: float = 0.0, weights: torch.Tensor | None = None
                       ) -> torch.Tensor:
     """Per-pair losses [B] of a LossConfig: Σ_k weight_k · loss_k, times the WPO `weights` when given."""
-    total = sum(w * pair_loss(t, x, cfg.beta, cfg.label_smoothing, cfg.f_divergence, cfg.f_alpha,
-                              cfg.discopop_tau, bco_delta)
+    total = sum(w * pair_loss(t, policy, ref, cfg.beta, cfg.label_smoothing, cfg.f_divergence, cfg.f_alpha,
+                              cfg.discopop_tau, bco_delta, cfg.ld_alpha)
                 for t, w in zip(cfg.loss_type, cfg.weights()))
     return total if weights is None else total * weights

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from dpo_ds import dist
-from dpo_ds.objective.loss import LossInputs
+from dpo_ds.model.pair import Pair
+from dpo_ds.objective.loss import weighted
 
 # A reward margin within this fraction of β·(|π_w| + |π_l| + |ref_w| + |ref_l|) is a tie, not a win: fp32 sums of
 # log-probs carry rounding of a few 2^-24 of their size, and layouts and batchings round differently (the SFT
@@ -13,11 +14,12 @@ from dpo_ds.objective.loss import LossInputs
 TIE_RELATIVE = 2.0 ** -20
 
 
-def wins(x: LossInputs, beta: float) -> torch.Tensor:
+def wins(policy: Pair, ref: Pair, beta: float, ld_alpha: float | None = None) -> torch.Tensor:
     """[B] bool: the pair's reward margin exceeds its rounding noise (TIE_RELATIVE)."""
-    chosen, rejected = x.policy_chosen_logps.detach(), x.policy_rejected_logps.detach()
-    margin = beta * ((chosen - x.ref_chosen_logps) - (rejected - x.ref_rejected_logps)).double()
-    size = (chosen.abs() + rejected.abs() + x.ref_chosen_logps.abs() + x.ref_rejected_logps.abs()).double()
+    chosen, rejected, ref_chosen, ref_rejected = weighted(policy, ref, ld_alpha)
+    chosen, rejected = chosen.detach(), rejected.detach()
+    margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected)).double()
+    size = (chosen.abs() + rejected.abs() + ref_chosen.abs() + ref_rejected.abs()).double()
     return margin > TIE_RELATIVE * beta * size
 
 
@@ -46,17 +48,20 @@ class MetricSums:
             torch.as_tensor(values, dtype=torch.float64).clone()
 
     @classmethod
-    def of_batch(cls, losses, x: LossInputs, policy, beta: float, tokens: int = 0) -> "MetricSums":
-        """`x` the loss inputs, `policy` the batch's dpo_ds.model.logps.PairLogps (raw sums and head statistics)."""
-        chosen_rewards = beta * (x.policy_chosen_logps.detach() - x.ref_chosen_logps).double()
-        rejected_rewards = beta * (x.policy_rejected_logps.detach() - x.ref_rejected_logps).double()
-        chosen, rejected = policy.chosen_logps.detach(), policy.rejected_logps.detach()
-        cs, rs = policy.chosen_stats, policy.rejected_stats
+    def of_batch(cls, losses, policy: Pair, ref: Pair, beta: float, ld_alpha: float | None = None, tokens: int = 0
+                 ) -> "MetricSums":
+        """`policy` (with head statistics) and `ref` the Pairs the losses read, on one device; rewards on the
+        log-probs the losses see (`weighted`), logps/ on the raw sums."""
+        pw, pl, rw, rl = weighted(policy, ref, ld_alpha)
+        chosen_rewards = beta * (pw.detach() - rw).double()
+        rejected_rewards = beta * (pl.detach() - rl).double()
+        chosen, rejected = policy.chosen.logps.detach(), policy.rejected.logps.detach()
+        cs, rs = policy.chosen.stats, policy.rejected.stats
         named = {
             "loss": losses.detach().sum(),
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": wins(x, beta).sum(),
+            "rewards/accuracies": wins(policy, ref, beta, ld_alpha).sum(),
             "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
             "logps/chosen": chosen.sum(),
             "logps/rejected": rejected.sum(),
@@ -67,9 +72,9 @@ class MetricSums:
             "logits/rejected": rs.mean_logit.sum(),
             "pairs": losses.numel(),
             "tokens": tokens,
-            "chosen_tokens": policy.chosen_tokens.sum(),
-            "rejected_tokens": policy.rejected_tokens.sum(),
-            "response_tokens": policy.chosen_tokens.sum() + policy.rejected_tokens.sum(),
+            "chosen_tokens": policy.chosen.tokens.sum(),
+            "rejected_tokens": policy.rejected.tokens.sum(),
+            "response_tokens": policy.chosen.tokens.sum() + policy.rejected.tokens.sum(),
         }
         # one float64 vector on the batch's device: no value crosses to the host here (a GPU would wait for each);
         # the head's statistics arrive attached to the graph (computed in the chunk's forward): detached here

@@ -13,36 +13,24 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import dist
-from dpo_ds.cache.format import RefLogps
 from dpo_ds.config import LossConfig
 from dpo_ds.model.batch import build, dummy_batch, lengths, take
-from dpo_ds.model.logps import PairLogps, is_collective, layout_of, pair_logps
-from dpo_ds.objective.loss import LossInputs, ld_logps, preference_losses, wpo_weights
+from dpo_ds.model.logps import is_collective, layout_of, pair_logps
+from dpo_ds.objective.loss import preference_losses, wpo_weights
 from dpo_ds.objective.metrics import MetricSums
-
-
-def loss_inputs(policy: PairLogps, ref: RefLogps, ld_alpha: float | None) -> LossInputs:
-    """The log-probs every loss reads, LD-DPO-weighted when `ld_alpha` is set, on the policy's device."""
-    device = policy.chosen_logps.device
-    ref = RefLogps(*(None if t is None else t.to(device) for t in ref))
-    return LossInputs(ld_logps(policy.chosen_logps, policy.chosen_shared_logps, ld_alpha),
-                      ld_logps(policy.rejected_logps, policy.rejected_shared_logps, ld_alpha),
-                      ld_logps(ref.chosen_logps, ref.chosen_shared_logps, ld_alpha),
-                      ld_logps(ref.rejected_logps, ref.rejected_shared_logps, ld_alpha),
-                      policy.chosen_tokens, policy.rejected_tokens, policy.chosen_logps)
 
 
 def batch_losses(logps_fn, batch: dict, reference, loss_cfg: LossConfig, bco_delta: float = 0.0):
     """-> (per-pair losses [B], MetricSums of the batch). `logps_fn` is a SequenceLogps (with stats) or a
-    DeepSpeed engine wrapping one; `reference(batch)` gives RefLogps, e.g. the cache's `Reference`."""
+    DeepSpeed engine wrapping one; `reference(batch)` gives the reference's Pair, e.g. the cache's `Reference`."""
     policy = pair_logps(logps_fn, batch, shared=loss_cfg.length_desensitised)
-    x = loss_inputs(policy, reference(batch), loss_cfg.ld_alpha)
+    ref = reference(batch).to(policy.chosen.logps.device)
     weights = None
     if loss_cfg.use_weighting:
-        weights = wpo_weights(policy.chosen_stats.wpo / policy.chosen_tokens.clamp(min=1),
-                              policy.rejected_stats.wpo / policy.rejected_tokens.clamp(min=1))
-    losses = preference_losses(x, loss_cfg, bco_delta, weights)
-    return losses, MetricSums.of_batch(losses, x, policy, loss_cfg.beta, tokens=batch["tokens"])
+        weights = wpo_weights(policy.chosen.stats.wpo / policy.chosen.tokens.clamp(min=1),
+                              policy.rejected.stats.wpo / policy.rejected.tokens.clamp(min=1))
+    losses = preference_losses(policy, ref, loss_cfg, bco_delta, weights)
+    return losses, MetricSums.of_batch(losses, policy, ref, loss_cfg.beta, loss_cfg.ld_alpha, tokens=batch["tokens"])
 
 
 @torch.no_grad()
