@@ -8,6 +8,7 @@ for every phase (each is also `python -m dpo_ds.<module>`):
     dpo-ds train      --deepspeed ds_configs/zero3.json --model SFT_DIR --data DATA --ref_cache CACHE --output_dir OUT
     dpo-ds evaluate   --model OUT/final --data DATA --ref_cache CACHE
     dpo-ds report     OUT                                   # redraw OUT/report.png
+    dpo-ds plan       --model SFT_DIR --gpus 8 --gpu_memory 80  # will it fit? (or --check OUT)
     dpo-ds tiny       --output_dir DIR                      # the embedded tiny model and data
     dpo-ds --version
 
@@ -227,7 +228,8 @@ def _exit(code: int) -> None:
 # process itself)
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "gloo/transport")
 COMMANDS = {"prepare": "dpo_ds.prepare", "precompute": "dpo_ds.precompute", "verify": "dpo_ds.verify",
-            "train": "dpo_ds.train", "evaluate": "dpo_ds.evaluate", "report": "dpo_ds.report.plot", "tiny": "dpo_ds.tiny"}
+            "train": "dpo_ds.train", "evaluate": "dpo_ds.evaluate", "report": "dpo_ds.report.plot", "tiny": "dpo_ds.tiny",
+            "plan": "dpo_ds.plan"}
 
 
 def version() -> str:

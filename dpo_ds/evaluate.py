@@ -15,6 +15,7 @@ from dpo_ds.config import EvalConfig
 from dpo_ds.errors import UserError
 from dpo_ds.model.batch import pad_and_eos
 from dpo_ds.objective.step import split_metrics
+from dpo_ds.report import memory
 from dpo_ds.report.log import format_metrics
 from dpo_ds.storage import owner
 from dpo_ds.storage.files import atomic_json
@@ -41,8 +42,11 @@ def run(cfg: EvalConfig) -> dict:
     model = engine.inference_engine(engine.ModelSpec.of(cfg), cfg.dtype, cfg.deepspeed, cfg.batch_size, stats=True)
     metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),
                **split_metrics(model, ds, reference, cfg, cfg.batch_size, *pad_and_eos(tokenizer), cfg.bco_delta)}
+    peaks = memory.per_rank()
+    metrics.update(memory.largest(peaks), memory=peaks)
     if dist.is_main():
-        print(f"evaluate {cfg.model} on {cfg.split} ({len(ds)} pairs): {format_metrics(metrics)}")
+        print(f"evaluate {cfg.model} on {cfg.split} ({len(ds)} pairs): {format_metrics(metrics)}\n"
+              f"  {memory.describe(peaks)}")
         if cfg.output:
             atomic_json(cfg.output, metrics)
     dist.barrier()

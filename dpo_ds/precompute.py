@@ -26,6 +26,7 @@ from dpo_ds.data.prepared import load_split, read_report, verify_files
 from dpo_ds.errors import UserError
 from dpo_ds.model.batch import build, dummy_batch, lengths, pad_and_eos, pair_lengths, take
 from dpo_ds.model.logps import is_collective, layout_of, pair_logps
+from dpo_ds.report import memory
 from dpo_ds.storage import owner
 from dpo_ds.storage.files import read_json
 from dpo_ds.storage.fingerprint import tokenizer_fingerprint
@@ -198,7 +199,8 @@ def _run(cfg: PrecomputeConfig) -> dict | None:
     manifest = dist.on_main(lambda: cache.write_manifest(cfg.output_dir, fp, n_shards, run_stats))
     dist.print0(f"precompute: wrote {cfg.output_dir}/manifest.json: "
                 f"{ {s: e['rows'] for s, e in manifest['splits'].items()} } examples, "
-                f"{run_stats['tokens_per_s']:.0f} tokens/s, padding {100 * run_stats['padding_fraction']:.1f}%")
+                f"{run_stats['tokens_per_s']:.0f} tokens/s, padding {100 * run_stats['padding_fraction']:.1f}%; "
+                f"{memory.describe(run_stats['memory'])}")
     return manifest
 
 
@@ -206,10 +208,10 @@ def summarise(progress: Progress, resumed: bool) -> dict:
     """The run's throughput over every rank (collective), for the manifest."""
     tokens, slots, examples = dist.all_reduce_data([progress.tokens, progress.slots, progress.examples]).tolist()
     elapsed = float(dist.all_reduce([time.time() - progress.start], op="max")[0])
-    return {"world_size": dist.world_size(), "sequence_parallel_size": dist.sp_size(), "seconds": elapsed, "examples": int(examples), "tokens": int(tokens),
-            "slots": int(slots),
+    return {"world_size": dist.world_size(), "sequence_parallel_size": dist.sp_size(), "seconds": elapsed,
+            "examples": int(examples), "tokens": int(tokens), "slots": int(slots),
             "tokens_per_s": tokens / max(elapsed, 1e-9), "examples_per_s": examples / max(elapsed, 1e-9),
-            "padding_fraction": 1 - tokens / slots if slots else 0.0, "resumed": resumed}
+            "padding_fraction": 1 - tokens / slots if slots else 0.0, "resumed": resumed, "memory": memory.per_rank()}
 
 
 def main(argv=None):

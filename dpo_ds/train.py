@@ -32,7 +32,7 @@ from dpo_ds.model.logps import layout_of
 from dpo_ds.objective.metrics import MetricSums
 from dpo_ds.objective.step import batch_losses, split_metrics
 from dpo_ds.report import card as model_card
-from dpo_ds.report import trackers
+from dpo_ds.report import memory, trackers
 from dpo_ds.report.log import MetricsLog, format_metrics, read_metrics
 from dpo_ds.report.plot import plot
 from dpo_ds.resume import RunState, Window, check_resumable, continue_as_started, restore, save, saved_run
@@ -219,7 +219,7 @@ def log_train(job: Job, lr: float, bar) -> None:
     state.num_tokens += sums["tokens"]
     metrics = {**sums.mean(), "num_tokens": state.num_tokens, "lr": lr,
                "grad_norm": float(job.policy.get_global_grad_norm() or 0.0),
-               "tokens_per_s": sums["tokens"] / max(seconds, 1e-9)}
+               "tokens_per_s": sums["tokens"] / max(seconds, 1e-9), **memory.largest(memory.per_rank())}
     if "bco_pair" in job.cfg.loss_type:
         metrics["bco/delta"] = state.bco.mean
     if job.log:
@@ -239,9 +239,11 @@ def finish(job: Job) -> dict:
         engine.export_hf(job.policy.module.lm, cfg.model, final_dir, card=lambda: model_card.render(cfg, run))
     dist.barrier()  # rank 0's MetricsLog has rewritten metrics.jsonl (a finished run's rerun exports nothing)
     final = dist.on_main(lambda: final_eval(cfg))
+    peaks = memory.per_rank()
     if job.log:
         job.log.close()
         print(f"train: {'already complete' if finished_before else 'done'}. final eval: {format_metrics(final)}\n"
+              f"  {memory.describe(peaks)}\n"
               f"  model -> {final_dir}, curves -> {plot(cfg.output_dir)}, metrics -> {job.log.path}")
     dist.barrier()
     return final

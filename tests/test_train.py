@@ -52,6 +52,11 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
     assert final_eval["loss"] != pytest.approx(math.log(2), abs=1e-4), "the model trained"
     saved = json.load(open(out / "config.json"))
     assert saved["train"]["beta"] == 0.1 and saved["deepspeed"]["train_batch_size"] == 4
+    # the run measured its peak; the planner sets its prediction for the same job beside it (README: Will it fit?)
+    peak = max(r["memory/peak_rss_bytes"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train")
+    plan = json.loads(run_module("dpo_ds.plan", "--check", out, "--json").stdout.strip().splitlines()[-1])
+    assert plan["measured"]["train"] == peak and plan["measured"]["figure"] == "memory/peak_rss_bytes"
+    assert 0.5 < plan["phases"]["train"]["predicted_peak_bytes"] / peak < 1.5  # measured: 0.6-0.8 (README)
     assert os.path.isfile(out / "report.png") and os.listdir(out / "tensorboard")
     p = run_module("dpo_ds.evaluate", "--model", out / "final", "--data", prepared, "--ref_cache", cache,
                    "--output", out / "eval.json")

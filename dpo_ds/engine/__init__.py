@@ -6,6 +6,8 @@
     build         the training engine (policy, AdamW, lr schedule) and the inference engine
     checkpoint    DeepSpeed checkpoints read back safely
     export        the policy out as an HF checkpoint, gathered from ZeRO-3 shards
+    footprint     each phase's memory per rank, term by term, from the configs alone (dpo_ds.plan)
+    probe         the runtime term on the CPU, measured by one real step around a negligible model
 """
 from dpo_ds.engine.build import ModelSpec, TrainingSpec, inference_engine, lr_lambda, training_engine
 from dpo_ds.engine.checkpoint import load_checkpoint, safe_load

@@ -1,2 +1,3 @@
 """What a run shows: its metrics (log: OUT/metrics.jsonl; trackers: --report_to), its picture (plot:
-OUT/report.png) and the model card of what it exported (card: final/README.md)."""
+OUT/report.png), the model card of what it exported (card: final/README.md) and the memory each rank used
+(memory: measured peaks)."""

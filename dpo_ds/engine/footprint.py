@@ -1,0 +1,170 @@
+"""What a phase holds in memory per rank, term by term, from the model's config and the DeepSpeed config alone
+(no weights: the model is built on the meta device for its exact parameter counts). `dpo_ds.plan` prints it.
+
+Per rank, N parameters, W ranks (ZeRO partitions over all of them), p bytes per parameter (2 bf16, 4 fp32):
+
+    parameters      N·p (stage < 3), N·p/W + the persistent small ones + the gathered working set (stage 3:
+                    the largest layer twice, for the prefetch, plus the prefetch bucket, at most N·p)
+    gradients       N·p (stage < 2; + N·4 fp32 accumulation under bf16), N·p/W + the reduce bucket (stage 2, 3)
+    optimizer       AdamW: m and v in fp32 (8 B) + an fp32 master copy under bf16 (4 B), per parameter,
+                    /W from stage 1; with offload_optimizer on the host (+ the fp32 gradient partition there)
+    activations     with gradient checkpointing: every layer's input [tokens, H] + one layer recomputed and its
+                    backward; without: every layer's. tokens = micro-batch x 2 x max_length / K (chosen and
+                    rejected padded to the longest row: the upper bound; shared prompt and packing use less)
+    output head     the chunked log-probs: a few [chunk, V] fp32 tensors (dpo_ds.model.logps), never [B, T, V]
+    runtime         what the process holds before any of the above: on CUDA the context (outside
+                    max_memory_allocated, inside the device's total); on the CPU (device = host) the resident
+                    interpreter, torch, transformers and DeepSpeed, measured in this process by `dpo_ds.plan`
+
+Precompute and evaluate: the parameters alone (sharded by zero3_inference: N·p/W + the working set) and one
+forward's transient activations without gradient. The same job in a two-model trainer adds the reference's
+parameters (sharded alike) and its forward: that difference is the cache's saving.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+GiB = 2 ** 30
+ADAM_STATE = 8          # m and v, fp32
+FP32 = 4
+# the layer's tensors kept for backward, in [tokens, H]-sized units besides the MLP's [tokens, I] ones: norms (2),
+# q/k/v/o projections (4, GQA's smaller k/v counted whole), residuals (2); the MLP keeps gate, up, act (3 x I)
+LAYER_H_UNITS, LAYER_I_UNITS = 8, 3
+HEAD_CHUNK_COPIES = 4   # logits, their softmax or exp, log-softmax and the gradient: [chunk, V] fp32 each
+
+
+@dataclass
+class Shape:
+    """What the terms need from a model: counts from the meta-device model, sizes from its config."""
+    params: int           # every parameter (tied embeddings once)
+    largest_layer: int    # the largest top-level block's (a decoder layer or the embedding)
+    small: int            # parameters in tensors of under `threshold` elements (ZeRO-3 keeps them whole)
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model: str, threshold: float = 1e5) -> "Shape":
+        """`model`: a checkpoint directory or its config.json."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = os.path.dirname(model) if os.path.isfile(model) else model
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config)
+        params = {id(p): p for p in lm.parameters()}.values()
+        blocks = [m for m in lm.modules() if isinstance(m, torch.nn.ModuleList)]
+        layer = max((sum(p.numel() for p in b.parameters()) for b in blocks[0]), default=0) if blocks else 0
+        embed = lm.get_input_embeddings().weight.numel()
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return cls(sum(p.numel() for p in params), max(layer, embed),
+                   sum(p.numel() for p in params if p.numel() < threshold), text.num_hidden_layers,
+                   text.hidden_size, getattr(text, "intermediate_size", 4 * text.hidden_size), text.vocab_size)
+
+
+@dataclass
+class Job:
+    """The settings the terms depend on."""
+    ds: dict                  # the DeepSpeed config (training or zero3_inference), {} for none
+    world: int                # ranks
+    micro_batch: int          # pairs per forward
+    max_length: int           # tokens per sequence (prompt + response)
+    sp: int = 1               # sequence-parallel size K
+    tiled_mlp: bool = False
+    checkpointing: bool = True
+    chunk: int = 256          # --logp_chunk_size
+    device: str = "cuda"      # cuda | cpu
+    runtime: int = 0          # bytes the process holds before the model (see the module docstring)
+
+    def zero(self, key: str, default=None):
+        return self.ds.get("zero_optimization", {}).get(key, default)
+
+    @property
+    def stage(self) -> int:
+        return int(self.zero("stage", 0))
+
+    @property
+    def param_bytes(self) -> int:
+        return 2 if self.ds.get("bf16", {}).get("enabled") or self.ds.get("fp16", {}).get("enabled") else FP32
+
+    def offloads(self, what: str) -> bool:
+        return (self.zero(f"offload_{what}") or {}).get("device", "none") not in ("none", None)
+
+    @property
+    def tokens(self) -> int:
+        """Token positions per rank in one forward: chosen and rejected rows, split K ways."""
+        return math.ceil(2 * self.micro_batch * self.max_length / self.sp)
+
+
+def parameters(s: Shape, j: Job) -> dict:
+    p = j.param_bytes
+    if j.stage < 3:
+        return {"parameters": s.params * p}
+    live = min(s.params, 2 * s.largest_layer + int(float(j.zero("stage3_prefetch_bucket_size", 5e7))))
+    sharded = 0 if j.offloads("param") else math.ceil(s.params / j.world) * p
+    return {"parameters": sharded + s.small * p + live * p,
+            "parameters (host, offloaded)": math.ceil(s.params / j.world) * p if j.offloads("param") else 0}
+
+
+def gradients_and_optimizer(s: Shape, j: Job) -> dict:
+    p, n = j.param_bytes, s.params
+    part = math.ceil(n / j.world)
+    bucket = min(n, int(float(j.zero("reduce_bucket_size", 5e8)))) * p
+    grads = n * p + (n * FP32 if p < FP32 else 0) if j.stage < 2 else part * p + bucket
+    state = (ADAM_STATE + (FP32 if p < FP32 else 0)) * (n if j.stage == 0 else part)
+    if j.offloads("optimizer"):  # moments, master copy and an fp32 gradient partition move to the host
+        return {"gradients": grads, "optimizer states": 0,
+                "optimizer states (host, offloaded)": state + part * FP32 + (part * FP32 if p == FP32 else 0)}
+    return {"gradients": grads, "optimizer states": state}
+
+
+def activations(s: Shape, j: Job, training: bool) -> dict:
+    """Per-rank activation memory of one micro-batch (training) or one forward (inference)."""
+    a, t, h = j.param_bytes, j.tokens, s.hidden
+    mlp = t * s.intermediate * a * LAYER_I_UNITS
+    if j.tiled_mlp:  # DeepSpeed's TiledMLP: ceil(tokens / H) tiles, one at a time
+        mlp = math.ceil(mlp / max(1, math.ceil(t / h)))
+    layer = t * h * a * LAYER_H_UNITS + mlp
+    head = j.chunk * s.vocab * FP32 * HEAD_CHUNK_COPIES + t * h * a
+    if not training:
+        return {"activations": t * h * a * 2 + layer // 2, "output head": head}
+    if j.checkpointing:
+        return {"activations": s.layers * t * h * a + 2 * layer, "output head": head}
+    return {"activations": s.layers * layer + layer, "output head": head}
+
+
+def phase(s: Shape, j: Job, name: str) -> dict:
+    """{term: bytes} of one phase (train, precompute, evaluate) per rank; `total` is their sum on the device (the
+    host's offloaded terms too on the CPU, where the host is the device)."""
+    training = name == "train"
+    terms = {**parameters(s, j)}
+    if training:
+        terms.update(gradients_and_optimizer(s, j))
+    terms.update(activations(s, j, training))
+    terms["runtime"] = j.runtime
+    counted = [v for k, v in terms.items() if j.device == "cpu" or "host" not in k]
+    return {**terms, "total": sum(counted)}
+
+
+def two_model(s: Shape, j: Job) -> dict:
+    """The training phase with the reference resident too, sharded as the policy (no gradients, no optimizer):
+    what a two-model trainer holds."""
+    train = phase(s, j, "train")
+    ref = {k: v for k, v in parameters(s, j).items() if j.device == "cpu" or "host" not in k}
+    forward = activations(s, j, training=False)["activations"]
+    return {**train, "reference parameters": sum(ref.values()), "reference forward": forward,
+            "total": train["total"] + sum(ref.values()) + forward}
+
+
+def read_ds(path: str | dict | None) -> dict:
+    """A DeepSpeed config: its file, or the config itself."""
+    if isinstance(path, dict) or not path:
+        return dict(path or {})
+    with open(path) as f:
+        return json.load(f)

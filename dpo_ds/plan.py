@@ -1,0 +1,225 @@
+"""Will it fit? Each phase's memory per rank, term by term, before launch, from the model's config alone (no
+weights are loaded), beside the same job in a two-model trainer:
+
+    python -m dpo_ds.plan --model SFT_DIR_OR_CONFIG_JSON --deepspeed ds_configs/zero3.json \\
+        --micro_batch_size 2 --max_length 2048 --gpus 8 --gpu_memory 80 [--search] [--json]
+    python -m dpo_ds.plan --check RUN_DIR      # a finished train run: predicted against measured
+
+--search adds the lightest DeepSpeed configuration that fits --gpu_memory (stage 0, 2, 3, 3 + optimizer
+offload, 3 + parameter offload, in that order) and the largest --micro_batch_size and --max_length that fit
+with it, as the command line to run. The terms are dpo_ds/engine/footprint.py's (its docstring says what each
+counts); the README's "Will it fit?" says which were checked against measured peaks and how closely.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from dpo_ds.cli import main_guard, parse
+from dpo_ds.config import LOGP_CHUNK_SIZE, opt
+from dpo_ds.engine import footprint as F
+from dpo_ds.errors import UserError
+
+PHASES = ("precompute", "train", "evaluate")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class PlanConfig:
+    model: str = opt(None, "SFT checkpoint directory, or just its config.json (no weights are read)")
+    deepspeed: str = opt(os.path.join("ds_configs", "zero3.json"), "the training DeepSpeed config")
+    inference_deepspeed: str = opt(None, "precompute's and evaluate's (ds_configs/zero3_inference.json to shard "
+                                         "them; default: a full copy per rank)")
+    dtype: str = opt("auto", "precompute's and evaluate's --dtype: auto = bf16 on CUDA, fp32 on the CPU (training's "
+                             "is the DeepSpeed config's)", choices=["auto", "bf16", "fp16", "fp32"])
+    micro_batch_size: int = opt(2, "training pairs per device per forward")
+    batch_size: int = opt(8, "precompute's and evaluate's pairs per forward")
+    max_length: int = opt(1024, "tokens per sequence, prompt + response (prepare's --max_length)")
+    sequence_parallel_size: int = opt(1, "K: each row split across K ranks (Ulysses)")
+    tiled_mlp: bool = opt(False, "DeepSpeed's TiledMLP in training")
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward")
+    logp_chunk_size: int = opt(LOGP_CHUNK_SIZE, "response tokens per lm_head chunk")
+    gpus: int = opt(1, "GPUs (ranks) per node")
+    nodes: int = opt(1, "nodes")
+    gpu_memory: float = opt(None, "GiB per device: the budget the verdict and --search use")
+    device: str = opt("cuda", "cuda: device memory (as max_memory_allocated counts it); cpu: the process's "
+                              "resident memory, runtime included (what a memory limit sees)", choices=["cuda", "cpu"])
+    search: bool = opt(False, "the lightest configuration and the largest batch and length that fit")
+    json: bool = opt(False, "print one JSON object (predicted_peak_bytes per phase) instead of tables")
+    check_run: str = opt(None, "a train run directory (--check RUN_DIR): its measured peak beside the prediction "
+                               "for its own settings, read from RUN_DIR/config.json")
+
+    def check(self):
+        if not (self.model or self.check_run):
+            raise UserError("give --model (a checkpoint directory or its config.json), or --check RUN_DIR")
+        for name in ("micro_batch_size", "batch_size", "max_length", "sequence_parallel_size", "gpus", "nodes"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be at least 1")
+        if (self.gpus * self.nodes) % self.sequence_parallel_size:
+            raise UserError(f"--sequence_parallel_size {self.sequence_parallel_size} must divide the "
+                            f"{self.gpus * self.nodes} ranks")
+
+
+def runtime_bytes(device: str, ds_path_or_config) -> int:
+    """The process's own footprint besides the model's terms. On the CPU: measured now, on this machine, as the
+    peak resident set of one real training step around a negligible model with this DeepSpeed config
+    (dpo_ds/engine/probe.py). On CUDA none of it is device memory as max_memory_allocated counts it."""
+    if device != "cpu":
+        return 0
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+        json.dump({**F.read_ds(ds_path_or_config), **{k: "auto" for k in batch_keys}}, f)
+        f.flush()
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)  # one plain process, whatever launched this one
+        out = subprocess.run([sys.executable, "-m", "dpo_ds.engine.probe", f.name], capture_output=True, text=True,
+                             env=env)
+    if out.returncode:
+        raise UserError(f"measuring the runtime on this machine failed: {out.stderr.strip()[-300:]}")
+    return int(out.stdout.split()[-1])
+
+
+def job_of(cfg: PlanConfig, ds: dict, training: bool, runtime: int) -> F.Job:
+    return F.Job(ds=ds, world=cfg.gpus * cfg.nodes, micro_batch=cfg.micro_batch_size if training else cfg.batch_size,
+                 max_length=cfg.max_length, sp=cfg.sequence_parallel_size, tiled_mlp=cfg.tiled_mlp and training,
+                 checkpointing=cfg.gradient_checkpointing, chunk=cfg.logp_chunk_size, device=cfg.device,
+                 runtime=runtime)
+
+
+def predict(cfg: PlanConfig, shape: F.Shape, runtime: int, train_ds: dict | None = None) -> dict:
+    train_ds = F.read_ds(cfg.deepspeed) if train_ds is None else train_ds
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp32" if cfg.device == "cpu" else "bf16")
+    infer_ds = {**F.read_ds(cfg.inference_deepspeed), "bf16": {"enabled": dtype == "bf16"},
+                "fp16": {"enabled": dtype == "fp16"}}  # as precompute sets it (engine.inference_ds_config)
+    phases = {name: F.phase(shape, job_of(cfg, train_ds if name == "train" else infer_ds, name == "train",
+                                          runtime), name) for name in PHASES}
+    two = F.two_model(shape, job_of(cfg, train_ds, True, runtime))
+    out = {"model": cfg.model, "parameters": shape.params, "ranks": cfg.gpus * cfg.nodes,
+           "phases": {n: {"terms": t, "predicted_peak_bytes": t["total"]} for n, t in phases.items()},
+           "two_model_train": {"terms": two, "predicted_peak_bytes": two["total"]},
+           "saving_bytes": two["total"] - phases["train"]["total"]}
+    if cfg.gpu_memory:
+        budget = cfg.gpu_memory * F.GiB
+        out["budget_bytes"] = int(budget)
+        out["fits"] = {n: p["predicted_peak_bytes"] <= budget for n, p in out["phases"].items()}
+    return out
+
+
+def candidates(base: dict) -> list:
+    """(name, DeepSpeed config) from lightest to heaviest in time: stage 0, 2, 3, 3 + optimizer offload,
+    3 + parameter offload; the dtype and clipping of `base`."""
+    keep = {k: v for k, v in base.items() if k != "zero_optimization" and k != "optimizer"}
+    offload = {"device": "cpu", "pin_memory": True}
+    zeros = [("stage 0", {"stage": 0}), ("stage 2", {"stage": 2}), ("stage 3", {"stage": 3}),
+             ("stage 3 + optimizer offload", {"stage": 3, "offload_optimizer": offload}),
+             ("stage 3 + parameter offload", {"stage": 3, "offload_optimizer": offload, "offload_param": offload})]
+    return [(name, {**copy.deepcopy(keep), "zero_optimization": z}) for name, z in zeros]
+
+
+def search(cfg: PlanConfig, shape: F.Shape, runtime: int) -> dict:
+    """The lightest configuration whose training fits, then the largest micro-batch and length with it."""
+    if not cfg.gpu_memory:
+        raise UserError("--search needs --gpu_memory (GiB per device)")
+    budget = cfg.gpu_memory * F.GiB
+    fits = lambda c, ds: F.phase(shape, job_of(c, ds, True, runtime), "train")["total"] <= budget  # noqa: E731
+    for name, ds in candidates(F.read_ds(cfg.deepspeed)):
+        if fits(cfg, ds):
+            break
+    else:
+        return {"fits": False}
+    largest = {}
+    for flag, start in (("micro_batch_size", cfg.micro_batch_size), ("max_length", cfg.max_length)):
+        value = start
+        while value < 2 ** 20 and fits(dataclasses.replace(cfg, **{flag: value * 2}), ds):
+            value *= 2
+        largest[flag] = value
+    command = (f"deepspeed --num_gpus {cfg.gpus} --num_nodes {cfg.nodes} --module dpo_ds.train --model "
+               f"{cfg.model} --deepspeed <{name}: write the JSON below> --micro_batch_size {cfg.micro_batch_size}")
+    return {"fits": True, "configuration": name, "deepspeed": ds, "largest": largest, "command": command}
+
+
+def measured_run(asked: PlanConfig, run_dir: str) -> tuple[PlanConfig, dict, dict]:
+    """`asked` with a train run's own settings, its DeepSpeed config, and what it measured: the busiest
+    rank's peak over the run (metrics.jsonl's train lines)."""
+    from dpo_ds.data.prepared import load_split
+    from dpo_ds.report.log import read_metrics
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"--check {run_dir}: no config.json, so not a dpo_ds train run directory")
+    with open(path) as f:
+        run = json.load(f)
+    t = run["train"]
+    rows = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "memory/peak_rss_bytes" in r]
+    if not rows:
+        raise UserError(f"--check {run_dir}: its metrics.jsonl has no measured memory (a run of an older dpo_ds, "
+                        f"or one that logged no train line yet)")
+    cuda = "memory/peak_allocated_bytes" in rows[-1]
+    name = "memory/peak_allocated_bytes" if cuda else "memory/peak_rss_bytes"
+    ds = load_split(t["data"], "train")
+    longest = max(max(map(len, ds["chosen_input_ids"])), max(map(len, ds["rejected_input_ids"])))
+    cfg = dataclasses.replace(asked, model=t["model"], micro_batch_size=t["micro_batch_size"], max_length=longest,
+                     sequence_parallel_size=t["sequence_parallel_size"], tiled_mlp=t.get("tiled_mlp", False),
+                     gradient_checkpointing=t["gradient_checkpointing"], logp_chunk_size=t["logp_chunk_size"],
+                     gpus=run["world_size"], device="cuda" if cuda else "cpu")
+    return cfg, run["deepspeed"], {"train": max(r[name] for r in rows), "figure": name}
+
+
+def gib(n: float) -> str:
+    return f"{n / F.GiB:8.2f}"
+
+
+def show(plan: dict) -> str:
+    lines = [f"{plan['model']}: {plan['parameters'] / 1e9:.3f} B parameters, {plan['ranks']} rank(s); GiB per rank"]
+    for name, p in [*plan["phases"].items(), ("train, two-model trainer", plan["two_model_train"])]:
+        lines.append(f"  {name}")
+        lines += [f"    {term:<36}{gib(v)}" for term, v in p["terms"].items() if term != "total" and v]
+        verdict = ""
+        if "budget_bytes" in plan:
+            verdict = "  fits" if p["predicted_peak_bytes"] <= plan["budget_bytes"] else "  DOES NOT FIT"
+            verdict += f" in {plan['budget_bytes'] / F.GiB:.1f} GiB"
+        lines.append(f"    {'predicted peak':<36}{gib(p['predicted_peak_bytes'])}{verdict}")
+    lines.append(f"  the cache saves {plan['saving_bytes'] / F.GiB:.2f} GiB per rank in training")
+    if "measured" in plan:
+        m = plan["measured"]
+        lines.append(f"  measured train peak ({m['figure']}, busiest rank) {gib(m['train'])}; predicted "
+                     f"{gib(plan['phases']['train']['predicted_peak_bytes'])}; error {100 * m['error']:+.1f}%")
+    if "search" in plan:
+        s = plan["search"]
+        lines.append("  search: nothing fits" if not s["fits"] else
+                     f"  search: lightest that fits: {s['configuration']}; largest --micro_batch_size "
+                     f"{s['largest']['micro_batch_size']}, --max_length {s['largest']['max_length']}\n    "
+                     f"{s['command']}\n    {json.dumps(s['deepspeed'])}")
+    return "\n".join(lines)
+
+
+def run(cfg: PlanConfig) -> dict:
+    train_ds, measured = None, None
+    if cfg.check_run:
+        cfg, train_ds, measured = measured_run(cfg, cfg.check_run)
+    shape = F.Shape.of(cfg.model, float((train_ds or F.read_ds(cfg.deepspeed)).get("zero_optimization", {}).get(
+        "stage3_param_persistence_threshold", 1e5)))
+    runtime = runtime_bytes(cfg.device, train_ds if train_ds is not None else cfg.deepspeed)
+    plan = predict(cfg, shape, runtime, train_ds)
+    if measured:
+        predicted = plan["phases"]["train"]["predicted_peak_bytes"]
+        plan["measured"] = {**measured, "error": predicted / measured["train"] - 1}
+    if cfg.search:
+        plan["search"] = search(cfg, shape, runtime)
+    print(json.dumps(plan) if cfg.json else show(plan))  # --json: one line, the last
+    return plan
+
+
+def main(argv=None):
+    main_guard(lambda: run(parse(PlanConfig, argv, prog="python -m dpo_ds.plan", doc=__doc__)))
+
+
+if __name__ == "__main__":
+    main()
