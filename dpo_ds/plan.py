@@ -66,41 +66,66 @@ class PlanConfig:
                             f"{self.gpus * self.nodes} ranks")
 
 
-def runtime_bytes(device: str, ds_path_or_config) -> int:
-    """The process's own footprint besides the model's terms. On the CPU: measured now, on this machine, as the
-    peak resident set of one real training step around a negligible model with this DeepSpeed config
-    (dpo_ds/engine/probe.py). On CUDA none of it is device memory as max_memory_allocated counts it."""
-    if device != "cpu":
-        return 0
+PROBE_LAYERS = (1, 3)
+
+
+def probe_peak(cfg: PlanConfig, ds: dict, layers: int) -> int:
+    """The peak resident bytes of dpo_ds/engine/probe.py: two real training steps, one process, on the model cut
+    to `layers`, with this DeepSpeed config and batch."""
+    batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
-        json.dump({**F.read_ds(ds_path_or_config), **{k: "auto" for k in batch_keys}}, f)
+        probe_ds = {k: v for k, v in ds.items() if k != "sequence_parallel_size"}  # one process: K = 1
+        json.dump({**probe_ds, **{k: "auto" for k in batch_keys}}, f)
         f.flush()
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(name, None)  # one plain process, whatever launched this one
-        out = subprocess.run([sys.executable, "-m", "dpo_ds.engine.probe", f.name], capture_output=True, text=True,
-                             env=env)
+        args = [cfg.model, cfg.micro_batch_size, cfg.max_length, int(cfg.gradient_checkpointing),
+                int(cfg.tiled_mlp), cfg.logp_chunk_size, layers]
+        out = subprocess.run([sys.executable, "-m", "dpo_ds.engine.probe", f.name, *map(str, args)],
+                             capture_output=True, text=True, env=env)
     if out.returncode:
         raise UserError(f"measuring the runtime on this machine failed: {out.stderr.strip()[-300:]}")
     return int(out.stdout.split()[-1])
 
 
-def job_of(cfg: PlanConfig, ds: dict, training: bool, runtime: int) -> F.Job:
+def measured_terms(cfg: PlanConfig, ds: dict, shape: F.Shape) -> tuple[int, float]:
+    """(runtime bytes, per-layer factor). On the CUDA device (0, 1.0): the runtime is outside
+    max_memory_allocated and nothing is measured. On the CPU, measured now, on this machine (probe_peak at 1 and
+    3 layers): the runtime is the one-layer peak less the arithmetic's one-layer job; the factor is what two
+    more layers cost against what the arithmetic says they cost (at one rank, as the probe runs)."""
+    if cfg.device != "cpu":
+        return 0, 1.0
+    one = dataclasses.replace(cfg, gpus=1, nodes=1, sequence_parallel_size=1)
+    arith, peak = [], []
+    for layers in PROBE_LAYERS:
+        cut = F.Shape.of(cfg.model, threshold(ds), layers=layers)
+        arith.append(F.phase(cut, job_of(one, ds, True, 0), "train")["total"])
+        peak.append(probe_peak(cfg, ds, layers))
+    factor = (peak[1] - peak[0]) / max(arith[1] - arith[0], 1)
+    return max(0, peak[0] - arith[0]), max(1.0, factor)
+
+
+def threshold(ds: dict) -> float:
+    return float(ds.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 1e5))
+
+
+def job_of(cfg: PlanConfig, ds: dict, training: bool, runtime: int, excess: float = 0.0) -> F.Job:
     return F.Job(ds=ds, world=cfg.gpus * cfg.nodes, micro_batch=cfg.micro_batch_size if training else cfg.batch_size,
                  max_length=cfg.max_length, sp=cfg.sequence_parallel_size, tiled_mlp=cfg.tiled_mlp and training,
                  checkpointing=cfg.gradient_checkpointing, chunk=cfg.logp_chunk_size, device=cfg.device,
-                 runtime=runtime)
+                 runtime=runtime, excess=excess)
 
 
-def predict(cfg: PlanConfig, shape: F.Shape, runtime: int, train_ds: dict | None = None) -> dict:
+def predict(cfg: PlanConfig, shape: F.Shape, runtime: int, train_ds: dict | None = None, excess: float = 0.0
+            ) -> dict:
     train_ds = F.read_ds(cfg.deepspeed) if train_ds is None else train_ds
     dtype = cfg.dtype if cfg.dtype != "auto" else ("fp32" if cfg.device == "cpu" else "bf16")
     infer_ds = {**F.read_ds(cfg.inference_deepspeed), "bf16": {"enabled": dtype == "bf16"},
                 "fp16": {"enabled": dtype == "fp16"}}  # as precompute sets it (engine.inference_ds_config)
     phases = {name: F.phase(shape, job_of(cfg, train_ds if name == "train" else infer_ds, name == "train",
-                                          runtime), name) for name in PHASES}
-    two = F.two_model(shape, job_of(cfg, train_ds, True, runtime))
+                                          runtime, excess), name) for name in PHASES}
+    two = F.two_model(shape, job_of(cfg, train_ds, True, runtime, excess))
     out = {"model": cfg.model, "parameters": shape.params, "ranks": cfg.gpus * cfg.nodes,
            "phases": {n: {"terms": t, "predicted_peak_bytes": t["total"]} for n, t in phases.items()},
            "two_model_train": {"terms": two, "predicted_peak_bytes": two["total"]},
@@ -123,12 +148,12 @@ def candidates(base: dict) -> list:
     return [(name, {**copy.deepcopy(keep), "zero_optimization": z}) for name, z in zeros]
 
 
-def search(cfg: PlanConfig, shape: F.Shape, runtime: int) -> dict:
+def search(cfg: PlanConfig, shape: F.Shape, runtime: int, excess: float = 0.0) -> dict:
     """The lightest configuration whose training fits, then the largest micro-batch and length with it."""
     if not cfg.gpu_memory:
         raise UserError("--search needs --gpu_memory (GiB per device)")
     budget = cfg.gpu_memory * F.GiB
-    fits = lambda c, ds: F.phase(shape, job_of(c, ds, True, runtime), "train")["total"] <= budget  # noqa: E731
+    fits = lambda c, ds: F.phase(shape, job_of(c, ds, True, runtime, excess), "train")["total"] <= budget  # noqa: E731
     for name, ds in candidates(F.read_ds(cfg.deepspeed)):
         if fits(cfg, ds):
             break
@@ -204,15 +229,15 @@ def run(cfg: PlanConfig) -> dict:
     train_ds, measured = None, None
     if cfg.check_run:
         cfg, train_ds, measured = measured_run(cfg, cfg.check_run)
-    shape = F.Shape.of(cfg.model, float((train_ds or F.read_ds(cfg.deepspeed)).get("zero_optimization", {}).get(
-        "stage3_param_persistence_threshold", 1e5)))
-    runtime = runtime_bytes(cfg.device, train_ds if train_ds is not None else cfg.deepspeed)
-    plan = predict(cfg, shape, runtime, train_ds)
+    ds = F.read_ds(cfg.deepspeed) if train_ds is None else train_ds
+    shape = F.Shape.of(cfg.model, threshold(ds))
+    runtime, factor = measured_terms(cfg, ds, shape)
+    plan = predict(cfg, shape, runtime, ds, factor - 1)
     if measured:
         predicted = plan["phases"]["train"]["predicted_peak_bytes"]
         plan["measured"] = {**measured, "error": predicted / measured["train"] - 1}
     if cfg.search:
-        plan["search"] = search(cfg, shape, runtime)
+        plan["search"] = search(cfg, shape, runtime, factor - 1)
     print(json.dumps(plan) if cfg.json else show(plan))  # --json: one line, the last
     return plan
 

@@ -12,9 +12,9 @@ Per rank, N parameters, W ranks (ZeRO partitions over all of them), p bytes per 
                     backward; without: every layer's. tokens = micro-batch x 2 x max_length / K (chosen and
                     rejected padded to the longest row: the upper bound; shared prompt and packing use less)
     output head     the chunked log-probs: a few [chunk, V] fp32 tensors (dpo_ds.model.logps), never [B, T, V]
-    runtime         what the process holds before any of the above: on CUDA the context (outside
-                    max_memory_allocated, inside the device's total); on the CPU (device = host) the resident
-                    interpreter, torch, transformers and DeepSpeed, measured in this process by `dpo_ds.plan`
+    runtime         what the process holds besides the above: on CUDA the context (outside max_memory_allocated,
+                    inside the device's total: not counted); on the CPU (device = host) measured by dpo_ds.plan
+                    (dpo_ds/engine/probe.py), with the measured excess of a real layer over its terms
 
 Precompute and evaluate: the parameters alone (sharded by zero3_inference: N·p/W + the working set) and one
 forward's transient activations without gradient. The same job in a two-model trainer adds the reference's
@@ -50,22 +50,38 @@ class Shape:
     vocab: int
 
     @classmethod
-    def of(cls, model: str, threshold: float = 1e5) -> "Shape":
-        """`model`: a checkpoint directory or its config.json."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+    def of(cls, model: str, threshold: float = 1e5, layers: int | None = None) -> "Shape":
+        """`model`: a checkpoint directory or its config.json; `layers`: cut to that many (the probe's)."""
+        from transformers import AutoModelForCausalLM
 
-        path = os.path.dirname(model) if os.path.isfile(model) else model
-        config = AutoConfig.from_pretrained(path)
+        config = config_of(model, layers)
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config)
         params = {id(p): p for p in lm.parameters()}.values()
         blocks = [m for m in lm.modules() if isinstance(m, torch.nn.ModuleList)]
         layer = max((sum(p.numel() for p in b.parameters()) for b in blocks[0]), default=0) if blocks else 0
         embed = lm.get_input_embeddings().weight.numel()
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         return cls(sum(p.numel() for p in params), max(layer, embed),
                    sum(p.numel() for p in params if p.numel() < threshold), text.num_hidden_layers,
                    text.hidden_size, getattr(text, "intermediate_size", 4 * text.hidden_size), text.vocab_size)
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def config_of(model: str, layers: int | None = None):
+    """The model's config (from a checkpoint directory or its config.json), cut to `layers` when given."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(os.path.dirname(model) if os.path.isfile(model) else model)
+    if layers is not None:
+        text = text_config(config)
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[:layers]
+    return config
 
 
 @dataclass
@@ -81,6 +97,7 @@ class Job:
     chunk: int = 256          # --logp_chunk_size
     device: str = "cuda"      # cuda | cpu
     runtime: int = 0          # bytes the process holds before the model (see the module docstring)
+    excess: float = 0.0       # CPU: what training really costs per modelled byte beyond 1 (dpo_ds.plan measures it)
 
     def zero(self, key: str, default=None):
         return self.ds.get("zero_optimization", {}).get(key, default)
@@ -147,6 +164,9 @@ def phase(s: Shape, j: Job, name: str) -> dict:
     if training:
         terms.update(gradients_and_optimizer(s, j))
     terms.update(activations(s, j, training))
+    if training and j.excess:  # allocator slack, optimizer temporaries: measured per layer, applied to the rest
+        modelled = sum(v for k, v in terms.items() if j.device == "cpu" or "host" not in k)
+        terms["measured excess over the terms"] = int(j.excess * modelled)
     terms["runtime"] = j.runtime
     counted = [v for k, v in terms.items() if j.device == "cpu" or "host" not in k]
     return {**terms, "total": sum(counted)}
