@@ -143,31 +143,12 @@ def open_log(cfg: TrainConfig, start: int) -> MetricsLog | None:
     return opened[0] if opened else None
 
 
-def engine_config(cfg: TrainConfig) -> dict:
-    """The DeepSpeed config the run uses: the job's batch sizes injected, and stage 0 where ZeRO-3 on one rank
-    partitions nothing (the same memory, without its hooks, gathers and copies), unless the run it resumes
-    started as ZeRO-3 (its checkpoints are stage 3's)."""
-    ds = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
-    lighter = engine.lightest(ds)
-    if lighter is ds:
-        return ds
-    saved = os.path.join(cfg.output_dir, "config.json")
-    if os.path.isfile(os.path.join(cfg.output_dir, "checkpoints", "latest")) and os.path.isfile(saved) and \
-            engine.zero_stage(read_json(saved).get("deepspeed", {})) == 3:
-        dist.print0(f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing; this run started so and "
-                    f"continues so (a new run gets stage 0)")
-        return ds
-    dist.print0(f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing: running stage 0 instead (the "
-                f"same memory, without ZeRO-3's gathers and partition copies)")
-    return lighter
-
-
 def set_up(cfg: TrainConfig) -> Job:
     """Data and cache (verified once), the saved config, the engine, and the checkpoint to continue from."""
     launched = psutil.Process().create_time()
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # checkpoints are written by every rank, read by all
     tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
-    ds_config = engine_config(cfg)
+    ds_config = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     train_ds, train_reference, eval_ds, eval_reference, reference = load_data(cfg, engine.ds_dtype(ds_config))
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.dp_size()
     if len(train_ds) < global_size:
@@ -186,6 +167,10 @@ def set_up(cfg: TrainConfig) -> Job:
     state = restore(policy, ckpt_dir) if resuming else RunState()
     start = state.step
     log = open_log(cfg, start)
+    if engine.partitions_nothing(ds_config):
+        lighter = "ds_configs/zero2.json" if torch.cuda.is_available() else "ds_configs/zero0_cpu.json"
+        dist.print0(f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing and only costs time; "
+                    f"{lighter} holds the same memory")
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.describe()}, "
                 f"ZeRO stage {engine.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}, "

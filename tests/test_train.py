@@ -75,15 +75,13 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
     sharded = json.load(open(out / "eval_zero3.json"))
     assert sharded["loss"] == pytest.approx(exported["loss"], rel=1e-5)
     w = weights(out)
-    assert all(t.numel() > 0 for t in w.values()), "the export holds the weights"
+    assert all(t.numel() > 0 for t in w.values()), "ZeRO-3 export gathered the weights"
     assert json.load(open(out / "final" / "config.json"))["use_cache"] is True, "generation may use a KV cache"
 
 
 def test_micro_batch_times_accumulation_invariance(tiny, prepared, cache, tmp_path):
-    """2 x 4 and 4 x 2 on one rank, and 4 x 1 on two ZeRO-3 ranks, see the same 8 pairs: same loss to 1e-6, the
-    same gradient norm, and the same first update. The norms: to 1e-6 between the one-rank runs; to 1e-5 against
-    the two ZeRO-3 ranks, because ZeRO-3 on one rank runs as stage 0, whose norm DeepSpeed sums per tensor where
-    ZeRO-3 sums per partition (two fp32 summation orders: 1.7e-6 apart, measured).
+    """2 x 4 and 4 x 2 on one rank, and 4 x 1 on two ZeRO-3 ranks, see the same 8 pairs: same loss and gradient
+    norm to 1e-6, and the same first update.
     Adam's first step is lr * g / (|g| + eps): an entry whose gradient is ~0 can flip sign on rounding, so the
     update is compared as: 99.9% of entries within 1% of lr, cosine > 0.9999. (Before the ZeRO-3 accumulation
     fix in SequenceLogps, 43% of entries differed and the gradient norms were 0.82 vs 1.15.)"""
@@ -99,7 +97,7 @@ def test_micro_batch_times_accumulation_invariance(tiny, prepared, cache, tmp_pa
     assert max((base[0][k] - first[k]).abs().max().item() for k in first) > 0.5 * lr, "the update is visible"
     da = torch.cat([(base[0][k] - first[k]).flatten() for k in first])
     for key in ((1, 4), (2, 4)):
-        assert runs[key][1]["grad_norm"] == pytest.approx(base[1]["grad_norm"], rel=1e-6 if key[0] == 1 else 1e-5), key
+        assert runs[key][1]["grad_norm"] == pytest.approx(base[1]["grad_norm"], rel=1e-6), key
         assert runs[key][1]["loss"] == pytest.approx(base[1]["loss"], rel=1e-6), key
         db = torch.cat([(runs[key][0][k] - first[k]).flatten() for k in first])
         assert ((da - db).abs() > 0.01 * lr).float().mean().item() < 1e-3, key

@@ -15,7 +15,6 @@ from dpo_ds.engine.ds_config import (
                                      collective_forwards,
                                      ds_dtype,
                                      inference_ds_config,
-                                     lightest,
                                      partitions_nothing,
                                      read_ds_config,
                                      train_ds_config,
@@ -37,5 +36,5 @@ from dpo_ds.engine.models import (
 __all__ = ["ModelSpec", "TrainingSpec", "attn_implementation", "check_model_dir", "check_sequence_parallel", "collective_forwards",
            "disable_dropout", "ds_dtype", "dtype_name", "enable_gradient_checkpointing", "export_hf",
            "gradient_scale", "inference_ds_config", "inference_engine", "load_checkpoint", "load_model",
-           "lightest", "lr_lambda", "open_model_dir", "partitions_nothing", "read_ds_config", "register_ulysses",
+           "lr_lambda", "open_model_dir", "partitions_nothing", "read_ds_config", "register_ulysses",
            "resolve_dtype", "safe_load", "tile_mlp", "train_ds_config", "training_engine", "zero_stage"]

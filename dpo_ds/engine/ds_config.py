@@ -82,14 +82,6 @@ def partitions_nothing(ds: dict) -> bool:
     return dist.world_size() == 1 and zero_stage(ds) == 3 and not offload
 
 
-def lightest(ds: dict) -> dict:
-    """`ds`, or stage 0 in its place where it partitions nothing (partitions_nothing): the same memory on one
-    rank without ZeRO-3's hooks, gathers and partition copies. Precision, clipping and batch sizes stay."""
-    if not partitions_nothing(ds):
-        return ds
-    return {**copy.deepcopy(ds), "zero_optimization": {"stage": 0}}
-
-
 def ds_dtype(ds: dict) -> torch.dtype:
     if ds.get("bf16", {}).get("enabled"):
         return torch.bfloat16
