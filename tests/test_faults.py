@@ -214,7 +214,8 @@ def test_evaluate_faults(tiny, prepared, cache, disk):
     assert not out.exists() and os.listdir(d) == ["filler"], "not even a temporary file"
     make_room()
     run_module("dpo_ds.evaluate", *args, "--output", out)
-    assert json.load(open(out)) == pytest.approx(want)
+    computed = lambda m: {k: v for k, v in m.items() if k != "memory" and not k.startswith("memory/")}  # noqa: E731
+    assert computed(json.load(open(out))) == pytest.approx(computed(want))  # measured peaks differ run to run
     read_only(d, "dpo_ds.evaluate", args + ["--output", d / "again.json"],
               f"error: --output {d / 'again.json'}: cannot write in {d} (Read-only file system); nothing was computed")
 
