@@ -200,7 +200,8 @@ class LossConfig:
 class TrainConfig(LossConfig, ModelConfig):
     ref_cache: str = opt(None, "reference cache directory (output of dpo_ds.precompute)", required=True, resume=True)
     output_dir: str = opt(None, "run directory: metrics, checkpoints/, final/", required=True)
-    deepspeed: str = opt(None, "DeepSpeed JSON config, e.g. ds_configs/zero3.json", required=True)
+    deepspeed: str = opt("auto", "DeepSpeed JSON config (ds_configs/), or auto: the lightest that fits these ranks "
+                                 "and devices, by the memory planner (README: Will it fit?)")
     config: str = opt(None, "JSON job file; flags override its values")
     learning_rate: float = opt(5e-7, "peak learning rate", resume=True)
     lr_schedule: str = opt("linear", "decay after warm-up", choices=["linear", "cosine", "constant"], resume=True)

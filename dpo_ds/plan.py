@@ -12,7 +12,6 @@ counts); the README's "Will it fit?" says which were checked against measured pe
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -21,8 +20,11 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+import torch
+
 from dpo_ds.cli import main_guard, parse
 from dpo_ds.config import LOGP_CHUNK_SIZE, opt
+from dpo_ds.engine import choice
 from dpo_ds.engine import footprint as F
 from dpo_ds.errors import UserError
 
@@ -33,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @dataclass
 class PlanConfig:
     model: str = opt(None, "SFT checkpoint directory, or just its config.json (no weights are read)")
-    deepspeed: str = opt(os.path.join("ds_configs", "zero3.json"), "the training DeepSpeed config")
+    deepspeed: str = opt("auto", "the training DeepSpeed config, or auto: the one train --deepspeed auto would "
+                                 "choose for --gpu_memory (default: this machine's device)")
     inference_deepspeed: str = opt(None, "precompute's and evaluate's (ds_configs/zero3_inference.json to shard "
                                          "them; default: a full copy per rank)")
     dtype: str = opt("auto", "precompute's and evaluate's --dtype: auto = bf16 on CUDA, fp32 on the CPU (training's "
@@ -137,35 +140,44 @@ def predict(cfg: PlanConfig, shape: F.Shape, runtime: int, train_ds: dict | None
     return out
 
 
-def candidates(base: dict) -> list:
-    """(name, DeepSpeed config) from lightest to heaviest in time: stage 0, 2, 3, 3 + optimizer offload,
-    3 + parameter offload; the dtype and clipping of `base`."""
-    keep = {k: v for k, v in base.items() if k != "zero_optimization" and k != "optimizer"}
-    offload = {"device": "cpu", "pin_memory": True}
-    zeros = [("stage 0", {"stage": 0}), ("stage 2", {"stage": 2}), ("stage 3", {"stage": 3}),
-             ("stage 3 + optimizer offload", {"stage": 3, "offload_optimizer": offload}),
-             ("stage 3 + parameter offload", {"stage": 3, "offload_optimizer": offload, "offload_param": offload})]
-    return [(name, {**copy.deepcopy(keep), "zero_optimization": z}) for name, z in zeros]
+def budget_of(cfg: PlanConfig) -> int:
+    """--gpu_memory, or this machine's device as train's --deepspeed auto sees it (engine.choice)."""
+    if cfg.gpu_memory:
+        return int(cfg.gpu_memory * F.GiB)
+    device, budget = choice.device_budget()
+    if device != cfg.device:
+        raise UserError(f"--gpu_memory: give the GiB per device of the planned --device {cfg.device} (this machine "
+                        f"has none to read it from); --deepspeed auto and --search choose by it")
+    return budget
+
+
+def lightest(cfg: PlanConfig, shape: F.Shape, runtime: int, excess: float, budget: int) -> tuple[str, dict] | None:
+    """(name, DeepSpeed config) of the first of engine.choice.candidates whose training fits `budget`, as train
+    --deepspeed auto chooses (the precision of --deepspeed's file when one is named)."""
+    auto = cfg.deepspeed == choice.AUTO
+    base = choice.base_config(torch.bfloat16 if cfg.device == "cuda" else torch.float32) if auto else \
+        F.read_ds(cfg.deepspeed)
+    for name, ds in choice.candidates(base, cfg.device):
+        if F.phase(shape, job_of(cfg, ds, True, runtime, excess), "train")["total"] <= budget:
+            return name, ds
+    return None
 
 
 def search(cfg: PlanConfig, shape: F.Shape, runtime: int, excess: float = 0.0) -> dict:
     """The lightest configuration whose training fits, then the largest micro-batch and length with it."""
-    if not cfg.gpu_memory:
-        raise UserError("--search needs --gpu_memory (GiB per device)")
-    budget = cfg.gpu_memory * F.GiB
-    fits = lambda c, ds: F.phase(shape, job_of(c, ds, True, runtime, excess), "train")["total"] <= budget  # noqa: E731
-    for name, ds in candidates(F.read_ds(cfg.deepspeed)):
-        if fits(cfg, ds):
-            break
-    else:
+    budget = budget_of(cfg)
+    found = lightest(cfg, shape, runtime, excess, budget)
+    if not found:
         return {"fits": False}
+    name, ds = found
     largest = {}
     for flag, start in (("micro_batch_size", cfg.micro_batch_size), ("max_length", cfg.max_length)):
         value = start
-        while value < 2 ** 20 and fits(dataclasses.replace(cfg, **{flag: value * 2}), ds):
+        while value < 2 ** 20 and F.phase(shape, job_of(dataclasses.replace(cfg, **{flag: value * 2}), ds, True,
+                                                        runtime, excess), "train")["total"] <= budget:
             value *= 2
         largest[flag] = value
-    command = (f"deepspeed --num_gpus {cfg.gpus} --num_nodes {cfg.nodes} --module dpo_ds.train --model "
+    command = (f"deepspeed --num_gpus {cfg.gpus} --num_nodes {cfg.nodes} --no_python dpo-ds train --model "
                f"{cfg.model} --deepspeed <{name}: write the JSON below> --micro_batch_size {cfg.micro_batch_size}")
     return {"fits": True, "configuration": name, "deepspeed": ds, "largest": largest, "command": command}
 
@@ -174,6 +186,7 @@ def measured_run(asked: PlanConfig, run_dir: str) -> tuple[PlanConfig, dict, dic
     """`asked` with a train run's own settings, its DeepSpeed config, and what it measured: the busiest
     rank's peak over the run (metrics.jsonl's train lines)."""
     from dpo_ds.data.prepared import load_split
+    from dpo_ds.model.batch import longest_row
     from dpo_ds.report.log import read_metrics
 
     path = os.path.join(run_dir, "config.json")
@@ -188,8 +201,7 @@ def measured_run(asked: PlanConfig, run_dir: str) -> tuple[PlanConfig, dict, dic
                         f"or one that logged no train line yet)")
     cuda = "memory/peak_allocated_bytes" in rows[-1]
     name = "memory/peak_allocated_bytes" if cuda else "memory/peak_rss_bytes"
-    ds = load_split(t["data"], "train")
-    longest = max(max(map(len, ds["chosen_input_ids"])), max(map(len, ds["rejected_input_ids"])))
+    longest = longest_row(load_split(t["data"], "train"))
     cfg = dataclasses.replace(asked, model=t["model"], micro_batch_size=t["micro_batch_size"], max_length=longest,
                      sequence_parallel_size=t["sequence_parallel_size"], tiled_mlp=t.get("tiled_mlp", False),
                      gradient_checkpointing=t["gradient_checkpointing"], logp_chunk_size=t["logp_chunk_size"],
@@ -203,6 +215,8 @@ def gib(n: float) -> str:
 
 def show(plan: dict) -> str:
     lines = [f"{plan['model']}: {plan['parameters'] / 1e9:.3f} B parameters, {plan['ranks']} rank(s); GiB per rank"]
+    if "deepspeed" in plan:
+        lines.append(f"  --deepspeed auto: {plan['deepspeed']['auto']}")
     for name, p in [*plan["phases"].items(), ("train, two-model trainer", plan["two_model_train"])]:
         lines.append(f"  {name}")
         lines += [f"    {term:<36}{gib(v)}" for term, v in p["terms"].items() if term != "total" and v]
@@ -229,10 +243,19 @@ def run(cfg: PlanConfig) -> dict:
     train_ds, measured = None, None
     if cfg.check_run:
         cfg, train_ds, measured = measured_run(cfg, cfg.check_run)
+    chosen = None
+    if train_ds is None and cfg.deepspeed == choice.AUTO:  # what train would choose (the CPU's runtime aside)
+        found = lightest(cfg, F.Shape.of(cfg.model), 0, 0.0, budget_of(cfg))
+        if not found:
+            raise UserError(f"--deepspeed auto: no configuration fits {budget_of(cfg) / F.GiB:.1f} GiB per "
+                            f"device (--search says what would)")
+        chosen, train_ds = found
     ds = F.read_ds(cfg.deepspeed) if train_ds is None else train_ds
     shape = F.Shape.of(cfg.model, threshold(ds))
     runtime, factor = measured_terms(cfg, ds, shape)
     plan = predict(cfg, shape, runtime, ds, factor - 1)
+    if chosen:
+        plan["deepspeed"] = {"auto": chosen, "config": ds}
     if measured:
         predicted = plan["phases"]["train"]["predicted_peak_bytes"]
         plan["measured"] = {**measured, "error": predicted / measured["train"] - 1}

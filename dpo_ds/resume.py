@@ -31,6 +31,19 @@ def saved_run(cfg: TrainConfig, ds_config: dict, reference: dict) -> dict:
     return {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size(), "reference": reference}
 
 
+def saved_config(cfg: TrainConfig) -> dict | None:
+    """The DeepSpeed configuration of the run OUT holds when it has a checkpoint to continue (None otherwise, or
+    when its config.json cannot be read: check_resumable then says what is wrong with it)."""
+    path = os.path.join(cfg.output_dir, "config.json")
+    if not (os.path.isfile(os.path.join(cfg.output_dir, "checkpoints", "latest")) and os.path.isfile(path)):
+        return None
+    try:
+        saved = read_json(path).get("deepspeed")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def continue_as_started(cfg: TrainConfig) -> None:
     """A run saved before --disable_dropout existed trained with the model's dropout: resumed, it keeps it
     (on every rank: each reads the shared OUT/config.json)."""

@@ -26,7 +26,7 @@ from dpo_ds.cache import Reference, open_verified, precision_warning
 from dpo_ds.cli import main_guard, on_fault, parse
 from dpo_ds.config import TrainConfig, to_dict
 from dpo_ds.errors import UserError
-from dpo_ds.model.batch import build, pad_and_eos, take
+from dpo_ds.model.batch import build, longest_row, pad_and_eos, take
 from dpo_ds.model.batch import lengths as layout_lengths
 from dpo_ds.model.logps import layout_of
 from dpo_ds.objective.metrics import MetricSums
@@ -35,7 +35,16 @@ from dpo_ds.report import card as model_card
 from dpo_ds.report import memory, trackers
 from dpo_ds.report.log import MetricsLog, format_metrics, read_metrics
 from dpo_ds.report.plot import plot
-from dpo_ds.resume import RunState, Window, check_resumable, continue_as_started, restore, save, saved_run
+from dpo_ds.resume import (
+    RunState,
+    Window,
+    check_resumable,
+    continue_as_started,
+    restore,
+    save,
+    saved_config,
+    saved_run,
+)
 from dpo_ds.storage import owner
 from dpo_ds.storage.files import atomic_json, read_json
 
@@ -148,8 +157,12 @@ def set_up(cfg: TrainConfig) -> Job:
     launched = psutil.Process().create_time()
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # checkpoints are written by every rank, read by all
     tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
-    ds_config = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
-    train_ds, train_reference, eval_ds, eval_reference, reference = load_data(cfg, engine.ds_dtype(ds_config))
+    saved = saved_config(cfg)
+    train_ds, train_reference, eval_ds, eval_reference, reference = load_data(
+        cfg, engine.planned_dtype(cfg.deepspeed, saved))
+    ds_config, said = engine.engine_config(cfg, saved, longest_row(train_ds))
+    if said:
+        dist.print0(said)
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.dp_size()
     if len(train_ds) < global_size:
         raise UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
@@ -167,10 +180,6 @@ def set_up(cfg: TrainConfig) -> Job:
     state = restore(policy, ckpt_dir) if resuming else RunState()
     start = state.step
     log = open_log(cfg, start)
-    if engine.partitions_nothing(ds_config):
-        lighter = "ds_configs/zero2.json" if torch.cuda.is_available() else "ds_configs/zero0_cpu.json"
-        dist.print0(f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing and only costs time; "
-                    f"{lighter} holds the same memory")
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.describe()}, "
                 f"ZeRO stage {engine.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}, "

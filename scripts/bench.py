@@ -12,7 +12,7 @@ Benchmarks (not tests): prints a table and writes OUT/bench.json. Same model, da
   4. amortisation: wall time of precompute + K training runs (a beta sweep) vs K baseline runs.
   5. the trainer users would otherwise run: TRL's DPOTrainer (online reference, and precompute_ref_log_probs),
      same model, token ids, micro-batch, accumulation, steps and precision (fp32), beside dpo_ds with
-     ds_configs/zero0_cpu.json and --ds, one process each; then TRL under DeepSpeed (--ds) on the ranks of
+     ds_configs/zero0_cpu.json and --deepspeed auto (train's default), one process each; then TRL under DeepSpeed (--ds) on the ranks of
      section 1, beside dpo_ds's cached step there (needs the `bench` extra; skipped without TRL).
                                          target: dpo_ds <= 0.75x TRL online, <= 1.0x TRL precompute
   6. the batch layout (dpo_ds.model.layout) on UltraFeedback-like lengths (prompts 12-590 tokens, responses 8-490,
@@ -140,7 +140,7 @@ def section_trainers(a, out: str, model: str, data: str, cache: str) -> list[dic
     open(trainers_file, "w").close()
     common = ["--model", model, "--data", data, "--cache", cache, "--steps", a.steps, "--micro", a.micro,
               "--accum", a.accum, "--result", trainers_file, "--gradient_checkpointing", int(a.gradient_checkpointing)]
-    for ds_file in (ZERO0, a.ds):
+    for ds_file in (ZERO0, "auto"):  # train's default; ZeRO-3 asked for on one rank runs as stage 0 too
         sh([py, WORKERS, "--worker", "train", "--mode", "cached", "--out", f"{out}/run", "--ds", ds_file,
             *map(str, common)])
     if importlib.util.find_spec("trl") is None:

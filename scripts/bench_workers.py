@@ -55,12 +55,12 @@ def worker_train(a) -> None:
     from dpo_ds.config import TrainConfig
     from dpo_ds.data.prepared import load_split, load_tokenizer
     from dpo_ds.model.batch import lengths as layout_lengths
-    from dpo_ds.model.batch import pad_and_eos
+    from dpo_ds.model.batch import longest_row, pad_and_eos
     from dpo_ds.model.logps import layout_of
     from dpo_ds.train import global_batch, rank_micro_batches, train_step
 
     if not a.ds:
-        sys.exit("--worker train needs --ds (a DeepSpeed config, e.g. ds_configs/zero0_cpu.json)")
+        sys.exit("--worker train needs --ds (a DeepSpeed config, e.g. ds_configs/zero0_cpu.json, or auto)")
     if a.profile >= a.steps:
         sys.exit(f"--profile {a.profile} must be below --steps {a.steps}: the first steps are the warm-up")
 
@@ -69,9 +69,11 @@ def worker_train(a) -> None:
                       learning_rate=1e-4, lr_schedule="constant", max_steps=a.steps, warmup_steps=0,
                       micro_batch_size=a.micro, grad_accum=a.accum, gradient_checkpointing=bool(a.gradient_checkpointing),
                       **LAYOUTS[a.layout])
-    ds_cfg = engine.train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     t_start = time.time()
     ds = load_split(cfg.data, "train")
+    ds_cfg, said = engine.engine_config(cfg, None, longest_row(ds))  # as train chooses it (--ds auto too)
+    if said:
+        dist.print0(said)
     policy = engine.training_engine(engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_cfg)
     if a.mode == "cached":
         reference = open_verified(cfg.ref_cache, cfg.data, cfg.model, ["train"]).reference("train")

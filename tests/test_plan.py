@@ -8,8 +8,11 @@ import pytest
 from conftest import run_module
 from transformers import AutoModelForCausalLM
 
+from dpo_ds import dist
+from dpo_ds.engine import choice
 from dpo_ds.engine import footprint as F
-from dpo_ds.plan import PlanConfig, candidates, predict, search
+from dpo_ds.errors import UserError
+from dpo_ds.plan import PlanConfig, predict, search
 
 FP32_STAGE0 = {"zero_optimization": {"stage": 0}}
 
@@ -71,10 +74,10 @@ def test_the_two_model_trainer_adds_the_reference_and_search_finds_the_lightest_
     assert plan["saving_bytes"] >= 2 * SHAPE.params // 8  # the bf16 reference's shard, at least
     assert set(plan["phases"]) == {"precompute", "train", "evaluate"} and all(plan["fits"].values())
     found = search(cfg, SHAPE, runtime=0)
-    names = [name for name, _ in candidates({})]
+    names = [name for name, _ in choice.candidates({}, "cuda")]
     lighter = names[:names.index(found["configuration"])]
     for name in lighter:  # every lighter configuration was too large
-        ds_ = dict(candidates({"bf16": {"enabled": True}}))[name]
+        ds_ = dict(choice.candidates({"bf16": {"enabled": True}}, "cuda"))[name]
         assert F.phase(SHAPE, F.Job(ds=ds_, world=8, micro_batch=2, max_length=2048), "train")["total"] > 80 * F.GiB
     assert found["fits"] and found["largest"]["max_length"] >= 2048
 
@@ -87,3 +90,52 @@ def test_plan_command_prints_json_and_one_line_errors(tiny):
         {"precompute": True, "train": True, "evaluate": True}
     bad = run_module("dpo_ds.plan", "--deepspeed", "ds_configs/zero3.json", check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: give --model")
+
+
+class Job:  # what engine.choice reads of a TrainConfig
+    model, micro_batch_size, grad_accum, max_grad_norm = None, 2, 4, 1.0
+    sequence_parallel_size, tiled_mlp, gradient_checkpointing, logp_chunk_size = 1, False, True, 256
+
+    def __init__(self, model, deepspeed="auto"):
+        self.model, self.deepspeed = model, deepspeed
+
+
+def test_deepspeed_auto_takes_the_lightest_that_fits_and_a_resumed_run_keeps_its_own(tiny, monkeypatch):
+    """--deepspeed auto (train's default): stage 0 while a whole copy fits each rank, then 2, 3 (and the offloads
+    on CUDA); a run it resumes keeps the configuration it started with; ZeRO-3 asked for on one rank runs as
+    stage 0, unless the run it resumes started as ZeRO-3."""
+    cfg = Job(tiny[0])
+    monkeypatch.setattr(F.Shape, "of", lambda *a, **k: SHAPE)  # a 7B model's shape, its config not needed
+    monkeypatch.setattr(dist, "world_size", lambda: 4)
+    need = {name: F.phase(SHAPE, F.Job(ds=ds, world=4, micro_batch=2, max_length=300, device="cpu"), "train")["total"]
+            for name, ds in choice.candidates(choice.base_config(choice.auto_dtype()), "cpu")}
+    assert list(need) == ["stage 0", "stage 2", "stage 3"] and need["stage 0"] > need["stage 2"] > need["stage 3"]
+    for budget, expected in ((10 * need["stage 0"], "stage 0"), (need["stage 0"] - 1, "stage 2"),
+                             (need["stage 2"] - 1, "stage 3")):
+        monkeypatch.setattr(choice, "device_budget", lambda b=budget: ("cpu", b))
+        name, ds, line = choice.lightest(cfg, 300)
+        assert name == expected and line.startswith(f"train: --deepspeed auto: {expected} (4 rank(s), fp32")
+    monkeypatch.setattr(choice, "device_budget", lambda: ("cpu", need["stage 3"] - 1))
+    with pytest.raises(UserError, match=r"no configuration fits .* rows up to 300 tokens\): lower --micro_batch"):
+        choice.lightest(cfg, 300)
+    monkeypatch.undo()
+
+    saved = {"train_batch_size": 32, "zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}
+    monkeypatch.setattr(dist, "world_size", lambda: 4)
+    ds, line = choice.engine_config(cfg, saved, 300)  # the same batch sizes, injected again for these ranks
+    assert ds["zero_optimization"] == {"stage": 2} and ds["train_batch_size"] == 2 * 4 * 4 and "run's own" in line
+
+    monkeypatch.setattr(dist, "world_size", lambda: 1)
+    zero3 = Job(tiny[0], "ds_configs/zero3_cpu.json")
+    ds, line = choice.engine_config(zero3, None, 300)
+    assert ds["zero_optimization"] == {"stage": 0} and "running stage 0 instead" in line
+    ds, line = choice.engine_config(zero3, {"zero_optimization": {"stage": 3}}, 300)
+    assert ds["zero_optimization"]["stage"] == 3 and "continues so" in line
+    ds, line = choice.engine_config(Job(tiny[0], "ds_configs/zero2.json"), None, 300)
+    assert ds["zero_optimization"]["stage"] == 2 and line is None
+
+
+def test_plan_deepspeed_auto_names_what_train_would_choose(tiny):
+    p = run_module("dpo_ds.plan", "--model", tiny[0], "--device", "cpu", "--gpus", 2, "--gpu_memory", 8, "--json")
+    plan = json.loads(p.stdout.strip().splitlines()[-1])
+    assert plan["deepspeed"]["auto"] == "stage 0" and plan["deepspeed"]["config"]["zero_optimization"] == {"stage": 0}

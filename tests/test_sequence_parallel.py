@@ -197,7 +197,8 @@ def test_training_does_not_depend_on_k_and_resumes(tiny, prepared, cache, tmp_pa
     the same global batches in the same (plain) layout: loss, gradient norm and metrics of every step (the
     first step's before any update), then the exported weights. The 2-rank K = 2
     run SIGKILLed once its step-4 checkpoint is complete and rerun continues the same trajectory."""
-    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, tmp_path / "k1"), "--no-share_prompt", "--no-packing")
+    k1 = run_module("dpo_ds.train", *train_args(tiny, prepared, cache, tmp_path / "k1"), "--no-share_prompt",
+                    "--no-packing")
     sp = ["--sequence_parallel_size", "2"]
     p = run_module("dpo_ds.train", *train_args(tiny, prepared, cache, tmp_path / "k2"), *sp, launcher=2)
     assert "2 ranks = 1 data-parallel x 2 sequence-parallel" in p.stdout and "global batch 4" in p.stdout
@@ -209,6 +210,8 @@ def test_training_does_not_depend_on_k_and_resumes(tiny, prepared, cache, tmp_pa
     a = read_metrics(tmp_path / "k1" / "metrics.jsonl")
     assert a[1]["grad_norm"] > 0.1  # step 1: the gradient of the same weights, compared below
     w1 = load_file(str(tmp_path / "k1" / "final" / "model.safetensors"))
+    w0 = load_file(os.path.join(tiny[0], "model.safetensors"))
+    assert "partitions nothing: running stage 0 instead" in k1.stdout
     for run in ("k2", "k2d2"):
         b = read_metrics(tmp_path / run / "metrics.jsonl")
         assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
@@ -218,11 +221,16 @@ def test_training_does_not_depend_on_k_and_resumes(tiny, prepared, cache, tmp_pa
                     assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (run, ra["step"], ra["split"], k)
         w2 = load_file(str(tmp_path / run / "final" / "model.safetensors"))
         assert w1.keys() == w2.keys()
-        for name in w1:
-            torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6, msg=f"{run} {name}")
+        # the one-rank run is stage 0 (ZeRO-3 on one rank partitions nothing), the others ZeRO-3: their fp32 sums
+        # differ in order, and Adam turns a ~0 gradient's rounding into a +-lr step (a few entries). So the whole
+        # difference against the whole update (measured 4.1e-6), and entries out of 1e-4 (measured 3 of 830k)
+        diff = torch.cat([(w2[n] - w1[n]).flatten() for n in w1])
+        update = torch.cat([(w1[n] - w0[n]).flatten() for n in w1 if n in w0])
+        assert float(diff.norm() / update.norm()) < 1e-4, run
+        apart = sum(int((~torch.isclose(w2[n], w1[n], rtol=1e-4, atol=1e-6)).sum()) for n in w1)
+        assert apart < 1e-4 * len(diff), (run, apart)
     b = read_metrics(tmp_path / "k2" / "metrics.jsonl")
-    moved = max(float((w1[n] - w).abs().max()) for n, w in load_file(
-        os.path.join(tiny[0], "model.safetensors")).items() if n in w1)
+    moved = max(float((w1[n] - w).abs().max()) for n, w in w0.items() if n in w1)
     assert moved > 1e-3, "training moved the weights"
 
     killed = tmp_path / "killed"

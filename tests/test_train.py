@@ -41,8 +41,9 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
     """Policy == reference at the first step: loss ln 2, rewards 0. The exported HF checkpoint is the trained
     model: `dpo_ds.evaluate` on it gives the engine's own final eval metrics."""
     out = tmp_path / "run"
-    run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out, max_steps=3, learning_rate=1e-3,
-                                           report_to="tensorboard"))
+    p = run_module("dpo_ds.train", *train_args(tiny, prepared, cache, out, max_steps=3, learning_rate=1e-3,
+                                               report_to="tensorboard", deepspeed=None))  # the default: auto
+    assert "train: --deepspeed auto: stage 0 (1 rank(s), fp32" in p.stdout
     first = read_metrics(out / "metrics.jsonl")[0]
     assert first["step"] == 1 and first["split"] == "train"
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
@@ -52,6 +53,7 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
     assert final_eval["loss"] != pytest.approx(math.log(2), abs=1e-4), "the model trained"
     saved = json.load(open(out / "config.json"))
     assert saved["train"]["beta"] == 0.1 and saved["deepspeed"]["train_batch_size"] == 4
+    assert saved["deepspeed"]["zero_optimization"] == {"stage": 0} and first["grad_norm"] > 0  # stage 0 reports it
     # the run measured its peak; the planner sets its prediction for the same job beside it (README: Will it fit?)
     peak = max(r["memory/peak_rss_bytes"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train")
     plan = json.loads(run_module("dpo_ds.plan", "--check", out, "--json").stdout.strip().splitlines()[-1])
@@ -75,13 +77,15 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
     sharded = json.load(open(out / "eval_zero3.json"))
     assert sharded["loss"] == pytest.approx(exported["loss"], rel=1e-5)
     w = weights(out)
-    assert all(t.numel() > 0 for t in w.values()), "ZeRO-3 export gathered the weights"
+    assert all(t.numel() > 0 for t in w.values()), "the export holds the weights"
     assert json.load(open(out / "final" / "config.json"))["use_cache"] is True, "generation may use a KV cache"
 
 
 def test_micro_batch_times_accumulation_invariance(tiny, prepared, cache, tmp_path):
-    """2 x 4 and 4 x 2 on one rank, and 4 x 1 on two ZeRO-3 ranks, see the same 8 pairs: same loss and gradient
-    norm to 1e-6, and the same first update.
+    """2 x 4 and 4 x 2 on one rank, and 4 x 1 on two ZeRO-3 ranks, see the same 8 pairs: same loss to 1e-6, the
+    same gradient norm, and the same first update. The norms: to 1e-6 between the one-rank runs; to 1e-5 against
+    the two ZeRO-3 ranks, because ZeRO-3 on one rank runs as stage 0, whose norm DeepSpeed sums per tensor where
+    ZeRO-3 sums per partition (two fp32 summation orders: 1.7e-6 apart, measured).
     Adam's first step is lr * g / (|g| + eps): an entry whose gradient is ~0 can flip sign on rounding, so the
     update is compared as: 99.9% of entries within 1% of lr, cosine > 0.9999. (Before the ZeRO-3 accumulation
     fix in SequenceLogps, 43% of entries differed and the gradient norms were 0.82 vs 1.15.)"""
@@ -97,7 +101,7 @@ def test_micro_batch_times_accumulation_invariance(tiny, prepared, cache, tmp_pa
     assert max((base[0][k] - first[k]).abs().max().item() for k in first) > 0.5 * lr, "the update is visible"
     da = torch.cat([(base[0][k] - first[k]).flatten() for k in first])
     for key in ((1, 4), (2, 4)):
-        assert runs[key][1]["grad_norm"] == pytest.approx(base[1]["grad_norm"], rel=1e-6), key
+        assert runs[key][1]["grad_norm"] == pytest.approx(base[1]["grad_norm"], rel=1e-6 if key[0] == 1 else 1e-5), key
         assert runs[key][1]["loss"] == pytest.approx(base[1]["loss"], rel=1e-6), key
         db = torch.cat([(runs[key][0][k] - first[k]).flatten() for k in first])
         assert ((da - db).abs() > 0.01 * lr).float().mean().item() < 1e-3, key

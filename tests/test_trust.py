@@ -151,10 +151,13 @@ def test_resume_compares_content_not_paths_and_refuses_in_one_line(tiny, prepare
     from safetensors.torch import load_file, save_file
     w = load_file(other / "model.safetensors")
     save_file({k: v + 1e-3 for k, v in w.items()}, other / "model.safetensors", metadata={"format": "pt"})
-    p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=ZERO3, beta=0.2), check=False)
+    zero2 = tmp_path / "zero2.json"  # (ZeRO-3 on this one rank would run as stage 0: no change to refuse)
+    json.dump({k: v for k, v in json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json"))).items() if k != "bf16"},
+              open(zero2, "w"))
+    p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=zero2, beta=0.2), check=False)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert err[-1].startswith("error: ") and "--beta 0.1 -> 0.2" in err[-1] and "ZeRO stage 0 -> 3" in err[-1]
+    assert err[-1].startswith("error: ") and "--beta 0.1 -> 0.2" in err[-1] and "ZeRO stage 0 -> 2" in err[-1]
     assert (out / "config.json").read_bytes() == saved
     with pytest.raises(UserError, match="another reference model"):  # the cache itself refuses other weights
         train.run(C.TrainConfig(deepspeed=ZERO0, model=str(other), data=prepared, ref_cache=cache, output_dir=str(out),
@@ -166,8 +169,9 @@ def test_planted_pickle_in_a_checkpoint_is_refused(tiny, prepared, cache, tmp_pa
     """DeepSpeed unpickles its checkpoints with weights_only=False; dpo_ds loads them with weights_only=True."""
     out = tmp_path / "run"
     p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=ZERO3))
-    check_export(out, p)
-    states = out / "checkpoints" / "step-0000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    check_export(out, p)  # ZeRO-3 on one rank runs as stage 0: its checkpoint holds the model and the optimizer
+    assert "partitions nothing: running stage 0 instead" in p.stdout
+    states = out / "checkpoints" / "step-0000002" / "mp_rank_00_model_states.pt"
     clean = states.read_bytes()
     marker = tmp_path / "pwned"
     planted = torch.load(states, weights_only=False)
@@ -177,7 +181,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused(tiny, prepared, cache, tmp_pa
     assert p.returncode == 2 and not marker.exists(), "the payload did not run"
     assert p.stderr.strip().splitlines()[-1].startswith(f"error: {states}: refused to load: it holds 'posix.system'")
     assert "Traceback" not in p.stderr
-    states.write_bytes(clean)  # the genuine checkpoint loads (optimizer states with ZeRO's own types too)
+    states.write_bytes(clean)  # the genuine checkpoint loads (ZeRO-3's own types: the 2-rank resumes in test_train)
     p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=ZERO3))
     assert "train: already complete" in p.stdout
 

@@ -1,6 +1,7 @@
 """The only importer of deepspeed: what the phases run their models on.
 
     ds_config     the run's DeepSpeed JSON with the job's batch sizes injected; what it implies
+    choice        which configuration a training run uses (--deepspeed auto: the planner's lightest)
     models        HF checkpoints loaded (dtype, attention, zero.Init), dropout and gradient checkpointing
     long_context  Ulysses sequence parallelism and TiledMLP
     build         the training engine (policy, AdamW, lr schedule) and the inference engine
@@ -9,8 +10,15 @@
     footprint     each phase's memory per rank, term by term, from the configs alone (dpo_ds.plan)
     probe         the runtime term on the CPU, measured by one real step around a negligible model
 """
-from dpo_ds.engine.build import ModelSpec, TrainingSpec, inference_engine, lr_lambda, training_engine
+from dpo_ds.engine.build import (
+                                     ModelSpec,
+                                     TrainingSpec,
+                                     inference_engine,
+                                     lr_lambda,
+                                     training_engine,
+)
 from dpo_ds.engine.checkpoint import load_checkpoint, safe_load
+from dpo_ds.engine.choice import AUTO, engine_config, planned_dtype
 from dpo_ds.engine.ds_config import (
                                      collective_forwards,
                                      ds_dtype,
@@ -21,7 +29,12 @@ from dpo_ds.engine.ds_config import (
                                      zero_stage,
 )
 from dpo_ds.engine.export import export_hf
-from dpo_ds.engine.long_context import check_sequence_parallel, gradient_scale, register_ulysses, tile_mlp
+from dpo_ds.engine.long_context import (
+                                     check_sequence_parallel,
+                                     gradient_scale,
+                                     register_ulysses,
+                                     tile_mlp,
+)
 from dpo_ds.engine.models import (
                                      attn_implementation,
                                      check_model_dir,
@@ -33,8 +46,9 @@ from dpo_ds.engine.models import (
                                      resolve_dtype,
 )
 
-__all__ = ["ModelSpec", "TrainingSpec", "attn_implementation", "check_model_dir", "check_sequence_parallel", "collective_forwards",
-           "disable_dropout", "ds_dtype", "dtype_name", "enable_gradient_checkpointing", "export_hf",
-           "gradient_scale", "inference_ds_config", "inference_engine", "load_checkpoint", "load_model",
-           "lr_lambda", "open_model_dir", "partitions_nothing", "read_ds_config", "register_ulysses",
-           "resolve_dtype", "safe_load", "tile_mlp", "train_ds_config", "training_engine", "zero_stage"]
+__all__ = ["AUTO", "ModelSpec", "TrainingSpec", "attn_implementation", "check_model_dir", "check_sequence_parallel",
+           "collective_forwards", "disable_dropout", "ds_dtype", "dtype_name", "enable_gradient_checkpointing",
+           "engine_config", "export_hf", "gradient_scale", "inference_ds_config", "inference_engine",
+           "load_checkpoint", "load_model", "lr_lambda", "open_model_dir", "partitions_nothing", "planned_dtype",
+           "read_ds_config", "register_ulysses", "resolve_dtype", "safe_load", "tile_mlp", "train_ds_config",
+           "training_engine", "zero_stage"]

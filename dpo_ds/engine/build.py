@@ -138,4 +138,16 @@ def _deepspeed_training(model, ds_config: dict, training: TrainingSpec, mpu=None
     engine, *_ = deepspeed.initialize(  # the scheduler is stepped by engine.step() and checkpointed with it
         model=model, optimizer=optimizer, config=ds_config, mpu=mpu,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule_fn))
+    _keep_fp32_grad_norm(engine)
     return engine
+
+
+def _keep_fp32_grad_norm(engine) -> None:
+    """Without ZeRO or a bf16/fp16 optimizer DeepSpeed clips fp32 gradients itself but drops the norm it
+    computed, so get_global_grad_norm() answers None: keep it, as the ZeRO optimizers do (before clipping)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_keep():
+        engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
+                                                         max_norm=engine.gradient_clipping(), mpu=engine.mpu))
+    engine.clip_fp32_gradients = clip_and_keep

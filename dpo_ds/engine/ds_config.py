@@ -31,9 +31,11 @@ def inject(ds: dict, path: str, key: str, value):
     ds[key] = value
 
 
-def train_ds_config(path: str, micro_batch_size: int, grad_accum: int, max_grad_norm: float) -> dict:
-    """The DeepSpeed config with the job's batch sizes injected (the JSON may only say "auto" or agree)."""
-    ds = copy.deepcopy(read_ds_config(path))
+def train_ds_config(source: str | dict, micro_batch_size: int, grad_accum: int, max_grad_norm: float) -> dict:
+    """The DeepSpeed config (a file's path, or the config engine.choice chose) with the job's batch sizes
+    injected (the JSON may only say "auto" or agree)."""
+    ds = copy.deepcopy(source if isinstance(source, dict) else read_ds_config(source))
+    path = "auto" if isinstance(source, dict) else source
     inject(ds, path, "train_micro_batch_size_per_gpu", micro_batch_size)
     inject(ds, path, "gradient_accumulation_steps", grad_accum)
     inject(ds, path, "train_batch_size", micro_batch_size * grad_accum * dist.dp_size())

@@ -22,12 +22,13 @@ parameters (sharded alike) and its forward: that difference is the cache's savin
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 
 import torch
+
+from dpo_ds.engine.ds_config import read_ds_config
 
 GiB = 2 ** 30
 ADAM_STATE = 8          # m and v, fp32
@@ -183,8 +184,5 @@ def two_model(s: Shape, j: Job) -> dict:
 
 
 def read_ds(path: str | dict | None) -> dict:
-    """A DeepSpeed config: its file, or the config itself."""
-    if isinstance(path, dict) or not path:
-        return dict(path or {})
-    with open(path) as f:
-        return json.load(f)
+    """A DeepSpeed config: its file, or the config itself ({} for none)."""
+    return dict(path or {}) if isinstance(path, dict) or not path else read_ds_config(path)

@@ -31,6 +31,14 @@ def pair_lengths(ds) -> np.ndarray:
     return np.maximum(chosen, rejected)
 
 
+def longest_row(ds) -> int:
+    """The longest chosen or rejected sequence of `ds` in tokens (from Arrow's offsets, not row by row)."""
+    if ds._indices is not None:
+        ds = ds.flatten_indices(keep_in_memory=True)
+    return max(int(np.diff(ds.data.column(f"{side}_input_ids").combine_chunks().offsets.to_numpy()).max(initial=0))
+               for side in ("chosen", "rejected"))
+
+
 def pad_and_eos(tokenizer) -> tuple[int, int]:
     """Padding id (the EOS when the tokenizer has no pad token: padded positions are masked anyway), EOS id."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,119 @@
+"""Which DeepSpeed configuration a training run uses: a resumed run's own; with `--deepspeed auto` (the default)
+the lightest the memory planner (engine/footprint.py) finds for the ranks and device at hand; else the file
+asked for, with stage 0 in place of a ZeRO-3 that partitions nothing (one rank, no offload)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from dpo_ds import dist
+from dpo_ds.engine import footprint as F
+from dpo_ds.engine.ds_config import ds_dtype, partitions_nothing, read_ds_config, train_ds_config, zero_stage
+from dpo_ds.errors import UserError
+
+AUTO = "auto"
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
+BUDGET_FRACTION = 0.9  # of the device: its context, the allocator's fragmentation and the planner's error
+
+
+def candidates(base: dict, device: str) -> list[tuple[str, dict]]:
+    """(name, DeepSpeed config) from lightest to heaviest in time: stage 0, 2, 3, 3 + optimizer offload, 3 +
+    parameter offload (on CUDA only: on the CPU the host is the device, so offloading frees nothing); the
+    precision and batch keys of `base`, ZeRO settings as the shipped ds_configs/ for that device."""
+    keep = {k: v for k, v in base.items() if k not in ("zero_optimization", "optimizer")}
+    cuda = device == "cuda"
+    stage3 = {"stage": 3, "overlap_comm": cuda, "contiguous_gradients": True,
+              "stage3_param_persistence_threshold": 1e6 if cuda else 1e5,
+              "stage3_gather_16bit_weights_on_model_save": True,
+              **({"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e8} if cuda else
+                 {"memory_efficient_linear": False})}
+    zeros = [("stage 0", {"stage": 0}, None),
+             ("stage 2", {"stage": 2, "overlap_comm": cuda, "contiguous_gradients": True,
+                          "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8}, None),
+             ("stage 3", stage3, None)]
+    if cuda:  # offloaded moments need DeepSpeed's CPU-Adam (as ds_configs/zero3_offload.json)
+        offload, adam = {"device": "cpu", "pin_memory": True}, {"type": "AdamW", "params": {"betas": [0.9, 0.999],
+                                                                                             "eps": 1e-8}}
+        zeros += [("stage 3 + optimizer offload", {**stage3, "offload_optimizer": offload}, adam),
+                  ("stage 3 + parameter offload", {**stage3, "offload_optimizer": offload, "offload_param": offload},
+                   adam)]
+    return [(name, {**copy.deepcopy(keep), "zero_optimization": z, **({"optimizer": o} if o else {})})
+            for name, z, o in zeros]
+
+
+def auto_dtype() -> torch.dtype:
+    """bf16 where the GPU has it, else fp32 (the CPU's kernels are fp32's)."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def base_config(dtype: torch.dtype) -> dict:
+    return {**{k: "auto" for k in BATCH_KEYS}, "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": False}}
+
+
+def device_budget() -> tuple[str, int]:
+    """(device, bytes one rank may plan for): BUDGET_FRACTION of the GPU's memory, or on the CPU of the host's
+    memory shared by this host's ranks."""
+    if torch.cuda.is_available():
+        return "cuda", int(BUDGET_FRACTION * torch.cuda.get_device_properties(dist.device()).total_memory)
+    import psutil
+
+    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size()))
+    return "cpu", int(BUDGET_FRACTION * psutil.virtual_memory().total / max(1, per_host))
+
+
+def lightest(cfg, longest: int) -> tuple[str, dict, str]:
+    """(name, DeepSpeed config, the line saying why) of the first candidate whose training step fits this
+    device; `cfg` a TrainConfig, `longest` its longest row in tokens."""
+    device, budget = device_budget()
+    shape = F.Shape.of(cfg.model)
+    tried = []
+    for name, ds in candidates(base_config(auto_dtype()), device):
+        job = F.Job(ds=ds, world=dist.world_size(), micro_batch=cfg.micro_batch_size, max_length=longest,
+                    sp=cfg.sequence_parallel_size, tiled_mlp=cfg.tiled_mlp, checkpointing=cfg.gradient_checkpointing,
+                    chunk=cfg.logp_chunk_size, device=device)
+        need = F.phase(shape, job, "train")["total"]
+        if need <= budget:
+            return name, ds, (f"train: --deepspeed auto: {name} ({dist.world_size()} rank(s), {dtype_word(ds)}; "
+                              f"planned {need / F.GiB:.2f} of {budget / F.GiB:.1f} GiB per rank)")
+        tried.append(f"{name} {need / F.GiB:.1f}")
+    raise UserError(f"--deepspeed auto: no configuration fits {budget / F.GiB:.1f} GiB per rank ({', '.join(tried)} "
+                    f"GiB planned, rows up to {longest} tokens): lower --micro_batch_size, use "
+                    f"--sequence_parallel_size or --tiled_mlp, or more ranks (dpo-ds plan --search)")
+
+
+def dtype_word(ds: dict) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(ds_dtype(ds), "fp32")
+
+
+def planned_dtype(path: str, saved: dict | None) -> torch.dtype:
+    """The training precision before the configuration is chosen (the data check compares the cache's)."""
+    if saved is not None:
+        return ds_dtype(saved)
+    return auto_dtype() if path == AUTO else ds_dtype(read_ds_config(path))
+
+
+def engine_config(cfg, saved: dict | None, longest: int) -> tuple[dict, str | None]:
+    """(the DeepSpeed config the run uses with the job's batch sizes injected, a line to print or None).
+    `saved`: the configuration of the run this one resumes (OUT/config.json), None for a new run."""
+    def injected(ds: dict) -> dict:
+        return train_ds_config({**ds, **{k: "auto" for k in BATCH_KEYS}}, cfg.micro_batch_size, cfg.grad_accum,
+                               cfg.max_grad_norm)
+
+    if cfg.deepspeed == AUTO:
+        if saved is not None:
+            return injected(saved), f"train: --deepspeed auto: the run's own configuration (ZeRO stage " \
+                                    f"{zero_stage(saved)}, {dtype_word(saved)})"
+        name, ds, line = lightest(cfg, longest)
+        return injected(ds), line
+    ds = train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
+    if not partitions_nothing(ds):
+        return ds, None
+    if saved is not None and zero_stage(saved) == 3:
+        return ds, (f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing; this run started so and "
+                    f"continues so (a new run gets stage 0)")
+    return {**ds, "zero_optimization": {"stage": 0}}, (
+        f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing: running stage 0 instead (the same "
+        f"memory, without ZeRO-3's gathers and partition copies)")
