@@ -48,6 +48,8 @@ class PlanConfig:
     tiled_mlp: bool = opt(False, "DeepSpeed's TiledMLP in training")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward")
     logp_chunk_size: int = opt(LOGP_CHUNK_SIZE, "response tokens per lm_head chunk")
+    share_prompt: bool = opt(None, "train's layout (default: as train resolves it); the CPU's probe runs it")
+    packing: bool = opt(None, "train's layout (default: as train resolves it); the CPU's probe runs it")
     gpus: int = opt(1, "GPUs (ranks) per node")
     nodes: int = opt(1, "nodes")
     gpu_memory: float = opt(None, "GiB per device: the budget the verdict and --search use")
@@ -83,8 +85,9 @@ def probe_peak(cfg: PlanConfig, ds: dict, layers: int) -> int:
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(name, None)  # one plain process, whatever launched this one
+        tri = lambda v: -1 if v is None else int(v)  # noqa: E731
         args = [cfg.model, cfg.micro_batch_size, cfg.max_length, int(cfg.gradient_checkpointing),
-                int(cfg.tiled_mlp), cfg.logp_chunk_size, layers]
+                int(cfg.tiled_mlp), cfg.logp_chunk_size, layers, tri(cfg.share_prompt), tri(cfg.packing)]
         out = subprocess.run([sys.executable, "-m", "dpo_ds.engine.probe", f.name, *map(str, args)],
                              capture_output=True, text=True, env=env)
     if out.returncode:
@@ -205,6 +208,7 @@ def measured_run(asked: PlanConfig, run_dir: str) -> tuple[PlanConfig, dict, dic
     cfg = dataclasses.replace(asked, model=t["model"], micro_batch_size=t["micro_batch_size"], max_length=longest,
                      sequence_parallel_size=t["sequence_parallel_size"], tiled_mlp=t.get("tiled_mlp", False),
                      gradient_checkpointing=t["gradient_checkpointing"], logp_chunk_size=t["logp_chunk_size"],
+                     share_prompt=t.get("share_prompt"), packing=t.get("packing"),
                      gpus=run["world_size"], device="cuda" if cuda else "cpu")
     return cfg, run["deepspeed"], {"train": max(r[name] for r in rows), "figure": name}
 

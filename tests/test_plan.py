@@ -2,10 +2,16 @@
 states, exactly, on a model built from a config alone; every phase logs what it measured; --check sets the two
 side by side. How close prediction and measurement come on real jobs is a benchmark's question (README: Will it
 fit?), not a test's: here the tolerance only catches a planner that has lost a term."""
+import dataclasses
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
 
 import pytest
-from conftest import run_module
+from conftest import ROOT, child_env, run_module
 from transformers import AutoModelForCausalLM
 
 from dpo_ds import dist
@@ -13,6 +19,7 @@ from dpo_ds.engine import choice
 from dpo_ds.engine import footprint as F
 from dpo_ds.errors import UserError
 from dpo_ds.plan import PlanConfig, predict, search
+from dpo_ds.report.log import read_metrics
 
 FP32_STAGE0 = {"zero_optimization": {"stage": 0}}
 
@@ -139,3 +146,84 @@ def test_plan_deepspeed_auto_names_what_train_would_choose(tiny):
     p = run_module("dpo_ds.plan", "--model", tiny[0], "--device", "cpu", "--gpus", 2, "--gpu_memory", 8, "--json")
     plan = json.loads(p.stdout.strip().splitlines()[-1])
     assert plan["deepspeed"]["auto"] == "stage 0" and plan["deepspeed"]["config"]["zero_optimization"] == {"stage": 0}
+
+
+CGROUP = "/sys/fs/cgroup/memory"
+
+
+def long_pairs(tiny_dir, n: int) -> str:
+    """n pairs far longer than any --max_length below, so prepare cuts every row to exactly that length."""
+    rng = random.Random(0)
+    words = lambda k: " ".join(str(rng.randint(0, 99)) for _ in range(k))  # noqa: E731
+    path = os.path.join(tiny_dir, "long.jsonl")
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"prompt": "sort ascending: " + words(400), "chosen": words(500),
+                                "rejected": words(500)}) + "\n")
+    return path
+
+
+def in_cgroup(name: str, limit: int, cmd: list) -> subprocess.CompletedProcess:
+    """`cmd` as one process in a fresh cgroup v1 memory group of `limit` bytes (the group is removed after)."""
+    group = os.path.join(CGROUP, name)
+    os.mkdir(group)
+    try:
+        with open(os.path.join(group, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit))
+        join = lambda: open(os.path.join(group, "cgroup.procs"), "w").write(str(os.getpid()))  # noqa: E731
+        p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=600,
+                           preexec_fn=join)
+        with open(os.path.join(group, "memory.failcnt")) as f:
+            p.failcnt = int(f.read())
+        return p
+    finally:
+        os.rmdir(group)
+
+
+@pytest.mark.skipif(not (os.access(CGROUP, os.W_OK) and os.path.isfile(os.path.join(CGROUP, "cgroup.procs"))),
+                    reason="needs a writable cgroup v1 memory hierarchy (root)")
+def test_the_fit_boundary_is_real(tmp_path):
+    """One rank, 32 pairs of exactly L tokens a side, micro-batch 32, the plain layout (the planner's padded upper
+    bound is then the batch itself), two steps (the optimizer's states exist from the first). The planner's
+    budget: between its predictions at L = 256 and 512. `--search` with it says 256 is the largest length
+    that fits; train at 256 inside a cgroup of that size finishes; at 512 the same cgroup ends it in an
+    out-of-memory kill. (Measured: 1.78 and 2.9 GiB predicted; errors -2 % against peaks like these.)"""
+    from dpo_ds import plan
+    from dpo_ds.tiny import build
+
+    model = build(str(tmp_path / "m"), num_examples=8, hidden_size=512, layers=2)  # 6.5 M parameters
+    src = long_pairs(str(tmp_path / "m"), 32)
+    runs = {}
+    for length in (256, 512):
+        data, cache = tmp_path / f"data{length}", tmp_path / f"cache{length}"
+        run_module("dpo_ds.prepare", "--dataset_name", src, "--tokenizer", model, "--output_dir", data,
+                   "--max_length", length, "--eval_fraction", 0)
+        run_module("dpo_ds.precompute", "--model", model, "--data", data, "--output_dir", cache)
+        runs[length] = ["--model", model, "--data", data, "--ref_cache", cache, "--micro_batch_size", 32,
+                        "--grad_accum", 1, "--max_steps", 2, "--no-share_prompt", "--no-packing", "--eval_every", 0,
+                        "--report_to", "none", "--learning_rate", 1e-5]
+    cfg = plan.PlanConfig(model=model, deepspeed=os.path.join(ROOT, "ds_configs", "zero0_cpu.json"),
+                          micro_batch_size=32, max_length=256, share_prompt=False, packing=False, device="cpu")
+    ds = F.read_ds(cfg.deepspeed)
+    shape = F.Shape.of(model, plan.threshold(ds))
+    runtime, factor = plan.measured_terms(cfg, ds, shape)
+    predicted = {length: F.phase(shape, plan.job_of(dataclasses.replace(cfg, max_length=length), ds, True, runtime,
+                                                   factor - 1), "train")["total"] for length in (256, 512)}
+    assert predicted[512] > 1.3 * predicted[256]  # a boundary wider than the planner's error
+    budget = (predicted[256] + predicted[512]) // 2
+    found = plan.search(dataclasses.replace(cfg, gpu_memory=budget / F.GiB), shape, runtime, factor - 1)
+    assert found["fits"] and found["configuration"] == "stage 0" and found["largest"]["max_length"] == 256
+
+    train = [sys.executable, "-m", "dpo_ds.train", "--deepspeed", cfg.deepspeed]
+    fits = in_cgroup(f"dpo_ds_fit_{os.getpid()}", budget, [*train, *map(str, runs[256]), "--output_dir",
+                                                          str(tmp_path / "fits")])
+    assert fits.returncode == 0, (budget, fits.stdout[-2000:], fits.stderr[-3000:])
+    peak = max(r["memory/peak_rss_bytes"] for r in read_metrics(tmp_path / "fits" / "metrics.jsonl")
+               if r["split"] == "train")
+    assert peak <= budget
+    print(f"fit boundary: predicted {predicted[256] / F.GiB:.2f} / {predicted[512] / F.GiB:.2f} GiB, budget "
+          f"{budget / F.GiB:.2f}, measured at 256: {peak / F.GiB:.2f}")
+    too_long = in_cgroup(f"dpo_ds_fit_{os.getpid()}", budget, [*train, *map(str, runs[512]), "--output_dir",
+                                                              str(tmp_path / "too_long")])
+    assert too_long.returncode == -signal.SIGKILL and too_long.failcnt > 0, (too_long.returncode,
+                                                                             too_long.stderr[-3000:])

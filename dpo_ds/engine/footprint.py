@@ -14,7 +14,9 @@ Per rank, N parameters, W ranks (ZeRO partitions over all of them), p bytes per 
     output head     the chunked log-probs: a few [chunk, V] fp32 tensors (dpo_ds.model.logps), never [B, T, V]
     runtime         what the process holds besides the above: on CUDA the context (outside max_memory_allocated,
                     inside the device's total: not counted); on the CPU (device = host) measured by dpo_ds.plan
-                    (dpo_ds/engine/probe.py), with the measured excess of a real layer over its terms
+                    (dpo_ds/engine/probe.py: the model cut to one layer, the real batch) less that job's terms
+    excess          CPU only: what each further layer costs beyond its terms (the allocator's slack), as a factor
+                    measured at one and three layers, applied to the terms' growth beyond the first layer
 
 Precompute and evaluate: the parameters alone (sharded by zero3_inference: N·p/W + the working set) and one
 forward's transient activations without gradient. The same job in a two-model trainer adds the reference's
@@ -22,6 +24,7 @@ parameters (sharded alike) and its forward: that difference is the cache's savin
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -49,6 +52,14 @@ class Shape:
     hidden: int
     intermediate: int
     vocab: int
+    layer_params: int = 0  # one decoder layer's parameters, and those of them under the threshold
+    layer_small: int = 0
+
+    def cut(self, layers: int) -> "Shape":
+        """The same model with `layers` decoder layers."""
+        drop = self.layers - layers
+        return dataclasses.replace(self, params=self.params - drop * self.layer_params,
+                                   small=self.small - drop * self.layer_small, layers=layers)
 
     @classmethod
     def of(cls, model: str, threshold: float = 1e5, layers: int | None = None) -> "Shape":
@@ -60,12 +71,14 @@ class Shape:
             lm = AutoModelForCausalLM.from_config(config)
         params = {id(p): p for p in lm.parameters()}.values()
         blocks = [m for m in lm.modules() if isinstance(m, torch.nn.ModuleList)]
+        first = list(blocks[0][0].parameters()) if blocks and len(blocks[0]) else []
         layer = max((sum(p.numel() for p in b.parameters()) for b in blocks[0]), default=0) if blocks else 0
         embed = lm.get_input_embeddings().weight.numel()
         text = text_config(config)
         return cls(sum(p.numel() for p in params), max(layer, embed),
                    sum(p.numel() for p in params if p.numel() < threshold), text.num_hidden_layers,
-                   text.hidden_size, getattr(text, "intermediate_size", 4 * text.hidden_size), text.vocab_size)
+                   text.hidden_size, getattr(text, "intermediate_size", 4 * text.hidden_size), text.vocab_size,
+                   sum(p.numel() for p in first), sum(p.numel() for p in first if p.numel() < threshold))
 
 
 def text_config(config):
@@ -80,8 +93,8 @@ def config_of(model: str, layers: int | None = None):
     if layers is not None:
         text = text_config(config)
         text.num_hidden_layers = layers
-        if getattr(text, "layer_types", None):
-            text.layer_types = text.layer_types[:layers]
+        if getattr(text, "layer_types", None):  # cut, or extended in its own pattern (the probe's 3 of a 2-layer)
+            text.layer_types = [text.layer_types[i % len(text.layer_types)] for i in range(layers)]
     return config
 
 
@@ -98,7 +111,7 @@ class Job:
     chunk: int = 256          # --logp_chunk_size
     device: str = "cuda"      # cuda | cpu
     runtime: int = 0          # bytes the process holds before the model (see the module docstring)
-    excess: float = 0.0       # CPU: what training really costs per modelled byte beyond 1 (dpo_ds.plan measures it)
+    excess: float = 0.0       # CPU: what a layer really costs per modelled byte beyond 1 (dpo_ds.plan measures it)
 
     def zero(self, key: str, default=None):
         return self.ds.get("zero_optimization", {}).get(key, default)
@@ -165,9 +178,10 @@ def phase(s: Shape, j: Job, name: str) -> dict:
     if training:
         terms.update(gradients_and_optimizer(s, j))
     terms.update(activations(s, j, training))
-    if training and j.excess:  # allocator slack, optimizer temporaries: measured per layer, applied to the rest
-        modelled = sum(v for k, v in terms.items() if j.device == "cpu" or "host" not in k)
-        terms["measured excess over the terms"] = int(j.excess * modelled)
+    if training and j.excess and s.layers > 1:  # the allocator's slack per layer, measured: on every layer but one
+        counted = lambda t: sum(v for k, v in t.items() if j.device == "cpu" or "host" not in k)  # noqa: E731
+        one = phase(s.cut(1), dataclasses.replace(j, excess=0.0, runtime=0), name)
+        terms["measured excess over the terms"] = int(j.excess * max(0, counted(terms) - one["total"]))
     terms["runtime"] = j.runtime
     counted = [v for k, v in terms.items() if j.device == "cpu" or "host" not in k]
     return {**terms, "total": sum(counted)}

@@ -6,9 +6,10 @@ the interpreter, torch's kernels and caches, DeepSpeed's engine and buffers) and
 costs on this machine against what the arithmetic says (allocator slack, the optimizer's temporaries).
 
     python -m dpo_ds.engine.probe DS_CONFIG_JSON \
-        [MODEL_DIR_OR_CONFIG MICRO_BATCH MAX_LENGTH CHECKPOINTING TILED CHUNK LAYERS]
+        [MODEL_DIR_OR_CONFIG MICRO_BATCH MAX_LENGTH CHECKPOINTING TILED CHUNK LAYERS SHARE_PROMPT PACKING]
 
 prints the peak resident bytes. Without a model: a negligible one (hidden 32, one layer) and a 1-token batch.
+SHARE_PROMPT and PACKING: 1, 0, or -1 for the layout's default (model.layout.resolve).
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def batch_rows(micro: int, length: int, vocab: int) -> list:
 def main(argv=None) -> None:
     args = list(argv or sys.argv[1:])
     ds_path, model = args[0], (args[1] if len(args) > 1 else None)
-    micro, length, checkpointing, tiled, chunk, layers = (int(a) for a in args[2:8]) if model else (1, 2, 1, 0, 256, 1)
+    micro, length, checkpointing, tiled, chunk, layers, share, pack = (int(a) for a in args[2:10]) if model else \
+        (1, 2, 1, 0, 256, 1, -1, -1)
     from dpo_ds import dist
     from dpo_ds.engine.build import ModelSpec, TrainingSpec, training_engine
     from dpo_ds.engine.ds_config import train_ds_config
@@ -66,7 +68,8 @@ def main(argv=None) -> None:
         training = TrainingSpec(learning_rate=1e-6, max_steps=2, gradient_checkpointing=bool(checkpointing),
                                 tiled_mlp=bool(tiled))
         ds = train_ds_config(ds_path, micro, 1, 1.0)
-        engine = training_engine(ModelSpec(tmp, logp_chunk_size=chunk), training, ds)
+        layout = {"share_prompt": None if share < 0 else bool(share), "packing": None if pack < 0 else bool(pack)}
+        engine = training_engine(ModelSpec(tmp, logp_chunk_size=chunk, **layout), training, ds)
         batch = build(batch_rows(micro, length, vocab), layout_of(engine), 0)
         engine.train()  # as train's loop: HF checkpoints layers only in training mode
         for _ in range(2):  # the optimizer's states appear at the first step; allocator slack by the second
