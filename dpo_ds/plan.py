@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,44 +73,87 @@ class PlanConfig:
 
 
 PROBE_LAYERS = (1, 3)
+PROBE_RANKS = 2  # what ranks that talk cost each (gloo, DeepSpeed's shared-memory all-reduce) shows at two
 
 
-def probe_peak(cfg: PlanConfig, ds: dict, layers: int) -> int:
-    """The peak resident bytes of dpo_ds/engine/probe.py: two real training steps, one process, on the model cut
-    to `layers`, with this DeepSpeed config and batch."""
-    batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+@dataclass
+class Measured:
+    """What the CPU's probes measured (dpo_ds/engine/probe.py): zeros on CUDA, where nothing is measured."""
+    runtime: int = 0          # training: the one-layer job's peak less its terms
+    factor: float = 1.0       # what a further layer costs against its terms
+    infer_runtime: int = 0    # precompute's and evaluate's engine, as runtime and factor
+    infer_factor: float = 1.0
+
+
+def probe_world(cfg: PlanConfig, collective: bool) -> tuple[int, int]:
+    """(ranks, K) a probe runs with: one process, or for a job whose ranks talk, PROBE_RANKS (K when larger)."""
+    if cfg.gpus * cfg.nodes == 1 or not collective:
+        return 1, 1
+    return max(min(cfg.gpus * cfg.nodes, PROBE_RANKS), cfg.sequence_parallel_size), cfg.sequence_parallel_size
+
+
+def probe_peak(cfg: PlanConfig, ds: dict | None, layers: int, mode: str = "train") -> int:
+    """The busiest rank's peak resident bytes in dpo_ds/engine/probe.py: two real training steps (or precompute's
+    two forwards: mode infer, `ds` its inference config or None) on the model cut to `layers`, with this
+    config, batch and layout, on probe_world's ranks."""
+    from dpo_ds.dist import LAUNCHER_VARIABLES, free_port
+
+    ranks, k = probe_world(cfg, mode == "train" or bool(ds) or cfg.sequence_parallel_size > 1)
+    tri = lambda v: -1 if v is None else int(v)  # noqa: E731
+    micro = cfg.micro_batch_size if mode == "train" else cfg.batch_size
+    flags = dict(mode=mode, model=cfg.model, micro=micro, length=cfg.max_length,
+                 checkpointing=int(cfg.gradient_checkpointing), tiled=int(cfg.tiled_mlp and mode == "train"),
+                 chunk=cfg.logp_chunk_size, layers=layers, share=tri(cfg.share_prompt), pack=tri(cfg.packing), sp=k)
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        probe_ds = {k: v for k, v in ds.items() if k != "sequence_parallel_size"}  # one process: K = 1
-        json.dump({**probe_ds, **{k: "auto" for k in batch_keys}}, f)
+        batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+        json.dump({**{k_: v for k_, v in (ds or {}).items() if k_ != "sequence_parallel_size"},
+                   **{k_: "auto" for k_ in batch_keys}}, f)
         f.flush()
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(name, None)  # one plain process, whatever launched this one
-        tri = lambda v: -1 if v is None else int(v)  # noqa: E731
-        args = [cfg.model, cfg.micro_batch_size, cfg.max_length, int(cfg.gradient_checkpointing),
-                int(cfg.tiled_mlp), cfg.logp_chunk_size, layers, tri(cfg.share_prompt), tri(cfg.packing)]
-        out = subprocess.run([sys.executable, "-m", "dpo_ds.engine.probe", f.name, *map(str, args)],
-                             capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise UserError(f"measuring the runtime on this machine failed: {out.stderr.strip()[-300:]}")
-    return int(out.stdout.split()[-1])
+        args = [f.name if ds else "-", *(str(x) for name, v in flags.items() for x in (f"--{name}", v))]
+        launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+        cmd = [sys.executable, "-m", "dpo_ds.engine.probe", *args] if ranks == 1 else \
+            [launcher if os.path.exists(launcher) else "deepspeed", "--num_gpus", str(ranks), "--master_port",
+             str(free_port()), "--module", "dpo_ds.engine.probe", *args]
+        env = {k_: v for k_, v in os.environ.items() if k_ not in LAUNCHER_VARIABLES}  # whatever launched this
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PYTHONWARNINGS": "ignore"})
+    peaks = [int(n) for n in re.findall(r"^probe_peak_bytes (\d+)$", out.stdout, re.M)]
+    if out.returncode or not peaks:
+        raise UserError(f"measuring the runtime on this machine failed: {(out.stderr or out.stdout).strip()[-300:]}")
+    return max(peaks)
 
 
-def measured_terms(cfg: PlanConfig, ds: dict, shape: F.Shape) -> tuple[int, float]:
-    """(runtime bytes, per-layer factor). On the CUDA device (0, 1.0): the runtime is outside
-    max_memory_allocated and nothing is measured. On the CPU, measured now, on this machine (probe_peak at 1 and
-    3 layers): the runtime is the one-layer peak less the arithmetic's one-layer job; the factor is what two
-    more layers cost against what the arithmetic says they cost (at one rank, as the probe runs)."""
+def measured_terms(cfg: PlanConfig, ds: dict, inference: bool = True) -> Measured:
+    """On the CUDA device nothing is measured: the runtime is outside max_memory_allocated. On the CPU, now, on
+    this machine, for training and (with `inference`) for precompute's and evaluate's engine: calibrate."""
     if cfg.device != "cpu":
-        return 0, 1.0
-    one = dataclasses.replace(cfg, gpus=1, nodes=1, sequence_parallel_size=1)
+        return Measured()
+    runtime, factor = calibrate(cfg, ds, "train")
+    if not inference:
+        return Measured(runtime, factor, runtime, factor)
+    return Measured(runtime, factor, *calibrate(cfg, inference_config(cfg), "infer"))
+
+
+def calibrate(cfg: PlanConfig, ds: dict, mode: str) -> tuple[int, float]:
+    """(runtime bytes, per-layer factor) from probe_peak at 1 and 3 layers on probe_world's ranks: the runtime is
+    the one-layer peak less the arithmetic for that same job, the factor what two more layers cost against what
+    the arithmetic says they cost."""
+    training = mode == "train"
+    ranks, k = probe_world(cfg, training or bool(cfg.inference_deepspeed) or cfg.sequence_parallel_size > 1)
+    probe_cfg = dataclasses.replace(cfg, gpus=ranks, nodes=1, sequence_parallel_size=k)
     arith, peak = [], []
     for layers in PROBE_LAYERS:
         cut = F.Shape.of(cfg.model, threshold(ds), layers=layers)
-        arith.append(F.phase(cut, job_of(one, ds, True, 0), "train")["total"])
-        peak.append(probe_peak(cfg, ds, layers))
-    factor = (peak[1] - peak[0]) / max(arith[1] - arith[0], 1)
-    return max(0, peak[0] - arith[0]), max(1.0, factor)
+        arith.append(F.phase(cut, job_of(probe_cfg, ds, training, 0), "train" if training else "precompute")["total"])
+        peak.append(probe_peak(cfg, ds if training or cfg.inference_deepspeed else None, layers, mode))
+    return max(0, peak[0] - arith[0]), max(1.0, (peak[1] - peak[0]) / max(arith[1] - arith[0], 1))
+
+
+def inference_config(cfg: PlanConfig) -> dict:
+    """Precompute's DeepSpeed config ({} for a full copy per rank) in its --dtype, as engine.inference_ds_config
+    sets it."""
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp32" if cfg.device == "cpu" else "bf16")
+    return {**F.read_ds(cfg.inference_deepspeed), "bf16": {"enabled": dtype == "bf16"},
+            "fp16": {"enabled": dtype == "fp16"}}
 
 
 def threshold(ds: dict) -> float:
@@ -123,15 +167,14 @@ def job_of(cfg: PlanConfig, ds: dict, training: bool, runtime: int, excess: floa
                  runtime=runtime, excess=excess)
 
 
-def predict(cfg: PlanConfig, shape: F.Shape, runtime: int, train_ds: dict | None = None, excess: float = 0.0
-            ) -> dict:
+def predict(cfg: PlanConfig, shape: F.Shape, m: Measured, train_ds: dict | None = None) -> dict:
     train_ds = F.read_ds(cfg.deepspeed) if train_ds is None else train_ds
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp32" if cfg.device == "cpu" else "bf16")
-    infer_ds = {**F.read_ds(cfg.inference_deepspeed), "bf16": {"enabled": dtype == "bf16"},
-                "fp16": {"enabled": dtype == "fp16"}}  # as precompute sets it (engine.inference_ds_config)
+    infer_ds = inference_config(cfg)
     phases = {name: F.phase(shape, job_of(cfg, train_ds if name == "train" else infer_ds, name == "train",
-                                          runtime, excess), name) for name in PHASES}
-    two = F.two_model(shape, job_of(cfg, train_ds, True, runtime, excess))
+                                          *((m.runtime, m.factor - 1) if name == "train" else
+                                            (m.infer_runtime, m.infer_factor - 1))), name)
+              for name in PHASES}
+    two = F.two_model(shape, job_of(cfg, train_ds, True, m.runtime, m.factor - 1))
     out = {"model": cfg.model, "parameters": shape.params, "ranks": cfg.gpus * cfg.nodes,
            "phases": {n: {"terms": t, "predicted_peak_bytes": t["total"]} for n, t in phases.items()},
            "two_model_train": {"terms": two, "predicted_peak_bytes": two["total"]},
@@ -154,22 +197,22 @@ def budget_of(cfg: PlanConfig) -> int:
     return budget
 
 
-def lightest(cfg: PlanConfig, shape: F.Shape, runtime: int, excess: float, budget: int) -> tuple[str, dict] | None:
+def lightest(cfg: PlanConfig, shape: F.Shape, m: Measured, budget: int) -> tuple[str, dict] | None:
     """(name, DeepSpeed config) of the first of engine.choice.candidates whose training fits `budget`, as train
     --deepspeed auto chooses (the precision of --deepspeed's file when one is named)."""
     auto = cfg.deepspeed == choice.AUTO
     base = choice.base_config(torch.bfloat16 if cfg.device == "cuda" else torch.float32) if auto else \
         F.read_ds(cfg.deepspeed)
     for name, ds in choice.candidates(base, cfg.device):
-        if F.phase(shape, job_of(cfg, ds, True, runtime, excess), "train")["total"] <= budget:
+        if F.phase(shape, job_of(cfg, ds, True, m.runtime, m.factor - 1), "train")["total"] <= budget:
             return name, ds
     return None
 
 
-def search(cfg: PlanConfig, shape: F.Shape, runtime: int, excess: float = 0.0) -> dict:
+def search(cfg: PlanConfig, shape: F.Shape, m: Measured) -> dict:
     """The lightest configuration whose training fits, then the largest micro-batch and length with it."""
     budget = budget_of(cfg)
-    found = lightest(cfg, shape, runtime, excess, budget)
+    found = lightest(cfg, shape, m, budget)
     if not found:
         return {"fits": False}
     name, ds = found
@@ -177,7 +220,7 @@ def search(cfg: PlanConfig, shape: F.Shape, runtime: int, excess: float = 0.0) -
     for flag, start in (("micro_batch_size", cfg.micro_batch_size), ("max_length", cfg.max_length)):
         value = start
         while value < 2 ** 20 and F.phase(shape, job_of(dataclasses.replace(cfg, **{flag: value * 2}), ds, True,
-                                                        runtime, excess), "train")["total"] <= budget:
+                                                        m.runtime, m.factor - 1), "train")["total"] <= budget:
             value *= 2
         largest[flag] = value
     command = (f"deepspeed --num_gpus {cfg.gpus} --num_nodes {cfg.nodes} --no_python dpo-ds train --model "
@@ -249,22 +292,22 @@ def run(cfg: PlanConfig) -> dict:
         cfg, train_ds, measured = measured_run(cfg, cfg.check_run)
     chosen = None
     if train_ds is None and cfg.deepspeed == choice.AUTO:  # what train would choose (the CPU's runtime aside)
-        found = lightest(cfg, F.Shape.of(cfg.model), 0, 0.0, budget_of(cfg))
+        found = lightest(cfg, F.Shape.of(cfg.model), Measured(), budget_of(cfg))
         if not found:
             raise UserError(f"--deepspeed auto: no configuration fits {budget_of(cfg) / F.GiB:.1f} GiB per "
                             f"device (--search says what would)")
         chosen, train_ds = found
     ds = F.read_ds(cfg.deepspeed) if train_ds is None else train_ds
     shape = F.Shape.of(cfg.model, threshold(ds))
-    runtime, factor = measured_terms(cfg, ds, shape)
-    plan = predict(cfg, shape, runtime, ds, factor - 1)
+    m = measured_terms(cfg, ds, inference=not measured)  # --check compares training only
+    plan = predict(cfg, shape, m, ds)
     if chosen:
         plan["deepspeed"] = {"auto": chosen, "config": ds}
     if measured:
         predicted = plan["phases"]["train"]["predicted_peak_bytes"]
         plan["measured"] = {**measured, "error": predicted / measured["train"] - 1}
     if cfg.search:
-        plan["search"] = search(cfg, shape, runtime, factor - 1)
+        plan["search"] = search(cfg, shape, m)
     print(json.dumps(plan) if cfg.json else show(plan))  # --json: one line, the last
     return plan
 

@@ -12,7 +12,8 @@ Benchmarks (not tests): prints a table and writes OUT/bench.json. Same model, da
   4. amortisation: wall time of precompute + K training runs (a beta sweep) vs K baseline runs.
   5. the trainer users would otherwise run: TRL's DPOTrainer (online reference, and precompute_ref_log_probs),
      same model, token ids, micro-batch, accumulation, steps and precision (fp32), beside dpo_ds with
-     ds_configs/zero0_cpu.json and --deepspeed auto (train's default), one process each; then TRL under DeepSpeed (--ds) on the ranks of
+     ds_configs/zero0_cpu.json and --deepspeed auto (train's default), one process each (step time and peak
+     RSS); then TRL under DeepSpeed (--ds) on the ranks of
      section 1, beside dpo_ds's cached step there (needs the `bench` extra; skipped without TRL).
                                          target: dpo_ds <= 0.75x TRL online, <= 1.0x TRL precompute
   6. the batch layout (dpo_ds.model.layout) on UltraFeedback-like lengths (prompts 12-590 tokens, responses 8-490,

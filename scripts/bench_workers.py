@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -26,7 +25,9 @@ from dpo_ds.config import ModelConfig  # noqa: E402  (no torch import)
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from dpo_ds.report.memory import peak_rss_bytes  # the phases' own measure (VmHWM), for the same figure
+
+    return peak_rss_bytes() / 2 ** 20
 
 
 def live_reference(cfg, micro: int):

@@ -18,7 +18,7 @@ from dpo_ds import dist
 from dpo_ds.engine import choice
 from dpo_ds.engine import footprint as F
 from dpo_ds.errors import UserError
-from dpo_ds.plan import PlanConfig, predict, search
+from dpo_ds.plan import Measured, PlanConfig, predict, search
 from dpo_ds.report.log import read_metrics
 
 FP32_STAGE0 = {"zero_optimization": {"stage": 0}}
@@ -77,10 +77,10 @@ def test_the_two_model_trainer_adds_the_reference_and_search_finds_the_lightest_
     ds = tmp_path / "z3.json"
     ds.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}))
     cfg = PlanConfig(model="m", deepspeed=str(ds), gpus=8, max_length=2048, gpu_memory=80)
-    plan = predict(cfg, SHAPE, runtime=0)
+    plan = predict(cfg, SHAPE, Measured())
     assert plan["saving_bytes"] >= 2 * SHAPE.params // 8  # the bf16 reference's shard, at least
     assert set(plan["phases"]) == {"precompute", "train", "evaluate"} and all(plan["fits"].values())
-    found = search(cfg, SHAPE, runtime=0)
+    found = search(cfg, SHAPE, Measured())
     names = [name for name, _ in choice.candidates({}, "cuda")]
     lighter = names[:names.index(found["configuration"])]
     for name in lighter:  # every lighter configuration was too large
@@ -143,9 +143,11 @@ def test_deepspeed_auto_takes_the_lightest_that_fits_and_a_resumed_run_keeps_its
 
 
 def test_plan_deepspeed_auto_names_what_train_would_choose(tiny):
-    p = run_module("dpo_ds.plan", "--model", tiny[0], "--device", "cpu", "--gpus", 2, "--gpu_memory", 8, "--json")
+    p = run_module("dpo_ds.plan", "--model", tiny[0], "--device", "cpu", "--gpus", 2, "--gpu_memory", 8, "--json",
+                   "--inference_deepspeed", "ds_configs/zero3_inference.json")  # the probes run on 2 ranks
     plan = json.loads(p.stdout.strip().splitlines()[-1])
     assert plan["deepspeed"]["auto"] == "stage 0" and plan["deepspeed"]["config"]["zero_optimization"] == {"stage": 0}
+    assert all(p_["terms"]["runtime"] > 0 for p_ in plan["phases"].values())  # measured, each engine its own
 
 
 CGROUP = "/sys/fs/cgroup/memory"
@@ -206,12 +208,12 @@ def test_the_fit_boundary_is_real(tmp_path):
                           micro_batch_size=32, max_length=256, share_prompt=False, packing=False, device="cpu")
     ds = F.read_ds(cfg.deepspeed)
     shape = F.Shape.of(model, plan.threshold(ds))
-    runtime, factor = plan.measured_terms(cfg, ds, shape)
-    predicted = {length: F.phase(shape, plan.job_of(dataclasses.replace(cfg, max_length=length), ds, True, runtime,
-                                                   factor - 1), "train")["total"] for length in (256, 512)}
+    m = plan.measured_terms(cfg, ds, inference=False)
+    predicted = {length: F.phase(shape, plan.job_of(dataclasses.replace(cfg, max_length=length), ds, True, m.runtime,
+                                                   m.factor - 1), "train")["total"] for length in (256, 512)}
     assert predicted[512] > 1.3 * predicted[256]  # a boundary wider than the planner's error
     budget = (predicted[256] + predicted[512]) // 2
-    found = plan.search(dataclasses.replace(cfg, gpu_memory=budget / F.GiB), shape, runtime, factor - 1)
+    found = plan.search(dataclasses.replace(cfg, gpu_memory=budget / F.GiB), shape, m)
     assert found["fits"] and found["configuration"] == "stage 0" and found["largest"]["max_length"] == 256
 
     train = [sys.executable, "-m", "dpo_ds.train", "--deepspeed", cfg.deepspeed]

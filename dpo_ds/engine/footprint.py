@@ -178,7 +178,7 @@ def phase(s: Shape, j: Job, name: str) -> dict:
     if training:
         terms.update(gradients_and_optimizer(s, j))
     terms.update(activations(s, j, training))
-    if training and j.excess and s.layers > 1:  # the allocator's slack per layer, measured: on every layer but one
+    if j.excess and s.layers > 1:  # what a layer really costs beyond its terms, measured: on every layer but one
         counted = lambda t: sum(v for k, v in t.items() if j.device == "cpu" or "host" not in k)  # noqa: E731
         one = phase(s.cut(1), dataclasses.replace(j, excess=0.0, runtime=0), name)
         terms["measured excess over the terms"] = int(j.excess * max(0, counted(terms) - one["total"]))

@@ -5,14 +5,16 @@ three, the planner takes the runtime (the one-layer peak less what footprint's a
 the interpreter, torch's kernels and caches, DeepSpeed's engine and buffers) and what one more layer really
 costs on this machine against what the arithmetic says (allocator slack, the optimizer's temporaries).
 
-    python -m dpo_ds.engine.probe DS_CONFIG_JSON \
-        [MODEL_DIR_OR_CONFIG MICRO_BATCH MAX_LENGTH CHECKPOINTING TILED CHUNK LAYERS SHARE_PROMPT PACKING]
+    python -m dpo_ds.engine.probe DS_CONFIG_JSON [--mode train|infer] [--model DIR_OR_CONFIG --micro B
+        --length T --checkpointing 0|1 --tiled 0|1 --chunk C --layers N --share 0|1|-1 --pack 0|1|-1 --sp K]
 
-prints the peak resident bytes. Without a model: a negligible one (hidden 32, one layer) and a 1-token batch.
-SHARE_PROMPT and PACKING: 1, 0, or -1 for the layout's default (model.layout.resolve).
+prints each rank's peak resident bytes (under the deepspeed launcher: one line per rank). Without a model: a
+negligible one (hidden 32, one layer) and a 1-token batch. --share and --pack: -1 for the layout's default
+(model.layout.resolve). --mode infer runs precompute's engine (DS_CONFIG_JSON the inference config, or -).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -46,37 +48,55 @@ def batch_rows(micro: int, length: int, vocab: int) -> list:
     return rows
 
 
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m dpo_ds.engine.probe")
+    p.add_argument("ds", help="the DeepSpeed config (train), or the inference one (infer; - for a full copy)")
+    p.add_argument("--mode", choices=["train", "infer"], default="train")
+    p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; LOCAL_RANK is read")
+    p.add_argument("--model", help="a checkpoint directory or its config.json (default: a negligible model)")
+    for name, default in (("micro", 1), ("length", 2), ("checkpointing", 1), ("tiled", 0), ("chunk", 256),
+                          ("layers", 1), ("share", -1), ("pack", -1), ("sp", 1)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    return p.parse_args(argv)
+
+
 def main(argv=None) -> None:
-    args = list(argv or sys.argv[1:])
-    ds_path, model = args[0], (args[1] if len(args) > 1 else None)
-    micro, length, checkpointing, tiled, chunk, layers, share, pack = (int(a) for a in args[2:10]) if model else \
-        (1, 2, 1, 0, 256, 1, -1, -1)
+    a = parse(argv)
     from dpo_ds import dist
-    from dpo_ds.engine.build import ModelSpec, TrainingSpec, training_engine
+    from dpo_ds.engine.build import ModelSpec, TrainingSpec, inference_engine, training_engine
     from dpo_ds.engine.ds_config import train_ds_config
     from dpo_ds.engine.footprint import text_config
     from dpo_ds.model.batch import build
     from dpo_ds.model.logps import layout_of, pair_logps
     from dpo_ds.report.memory import peak_rss_bytes
 
-    dist.init()
     with tempfile.TemporaryDirectory() as tmp:
-        lm = cut_model(model, layers)
-        lm.save_pretrained(tmp, safe_serialization=True)
-        vocab = text_config(lm.config).vocab_size
+        lm = cut_model(a.model, a.layers)
+        lm.save_pretrained(tmp, safe_serialization=True)  # every rank its own (transformers: rank 0 only, once
+        vocab = text_config(lm.config).vocab_size        # a process group exists)
         del lm
-        training = TrainingSpec(learning_rate=1e-6, max_steps=2, gradient_checkpointing=bool(checkpointing),
-                                tiled_mlp=bool(tiled))
-        ds = train_ds_config(ds_path, micro, 1, 1.0)
-        layout = {"share_prompt": None if share < 0 else bool(share), "packing": None if pack < 0 else bool(pack)}
-        engine = training_engine(ModelSpec(tmp, logp_chunk_size=chunk, **layout), training, ds)
-        batch = build(batch_rows(micro, length, vocab), layout_of(engine), 0)
-        engine.train()  # as train's loop: HF checkpoints layers only in training mode
-        for _ in range(2):  # the optimizer's states appear at the first step; allocator slack by the second
-            p = pair_logps(engine, batch)
-            engine.backward((p.chosen.logps - p.rejected.logps).sum() * 1e-3)
-            engine.step()
-    print(peak_rss_bytes())
+        dist.init(sequence_parallel_size=a.sp)
+        layout = {"share_prompt": None if a.share < 0 else bool(a.share),
+                  "packing": None if a.pack < 0 else bool(a.pack)}
+        spec = ModelSpec(tmp, logp_chunk_size=a.chunk, sequence_parallel_size=a.sp, **layout)
+        if a.mode == "infer":  # precompute's and evaluate's engine, forward only
+            engine = inference_engine(spec, "fp32", None if a.ds == "-" else a.ds, a.micro)
+            batch = build(batch_rows(a.micro, a.length, vocab), layout_of(engine), 0)
+            with torch.no_grad():
+                for _ in range(2):
+                    pair_logps(engine, batch)
+        else:
+            training = TrainingSpec(learning_rate=1e-6, max_steps=2, gradient_checkpointing=bool(a.checkpointing),
+                                    tiled_mlp=bool(a.tiled))
+            engine = training_engine(spec, training, train_ds_config(a.ds, a.micro, 1, 1.0))
+            batch = build(batch_rows(a.micro, a.length, vocab), layout_of(engine), 0)
+            engine.train()  # as train's loop: HF checkpoints layers only in training mode
+            for _ in range(2):  # the optimizer's states appear at the first step; allocator slack by the second
+                p = pair_logps(engine, batch)
+                engine.backward((p.chosen.logps - p.rejected.logps).sum() * 1e-3)
+                engine.step()
+    sys.stdout.flush()  # each rank's line in one write (ranks share the pipe); the caller takes the largest
+    os.write(sys.stdout.fileno(), f"\nprobe_peak_bytes {peak_rss_bytes()}\n".encode())
     os._exit(0)  # no process-group teardown to wait for
 
 
