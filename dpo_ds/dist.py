@@ -28,6 +28,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def local_world_size() -> int:
+    """Ranks on this host: torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size()))))
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -102,8 +107,7 @@ def init(timeout_minutes: float = 60.0, sequence_parallel_size: int | None = Non
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     elif "OMP_NUM_THREADS" not in os.environ:  # CPU ranks on one host share its cores; oversubscription halves speed
-        per_host = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, per_host)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size()))
     try:
         tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                  timeout=timedelta(minutes=timeout_minutes))

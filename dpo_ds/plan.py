@@ -15,10 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +23,13 @@ from dpo_ds.cli import main_guard, parse
 from dpo_ds.config import LOGP_CHUNK_SIZE, opt
 from dpo_ds.engine import choice
 from dpo_ds.engine import footprint as F
+from dpo_ds.engine.calibrate import (
+    Measured,
+    inference_config,
+    job_of,
+    measured_terms,
+    threshold,
+)
 from dpo_ds.errors import UserError
 
 PHASES = ("precompute", "train", "evaluate")
@@ -72,101 +75,6 @@ class PlanConfig:
                             f"{self.gpus * self.nodes} ranks")
 
 
-PROBE_LAYERS = (1, 3)
-PROBE_RANKS = 2  # what ranks that talk cost each (gloo, DeepSpeed's shared-memory all-reduce) shows at two
-
-
-@dataclass
-class Measured:
-    """What the CPU's probes measured (dpo_ds/engine/probe.py): zeros on CUDA, where nothing is measured."""
-    runtime: int = 0          # training: the one-layer job's peak less its terms
-    factor: float = 1.0       # what a further layer costs against its terms
-    infer_runtime: int = 0    # precompute's and evaluate's engine, as runtime and factor
-    infer_factor: float = 1.0
-
-
-def probe_world(cfg: PlanConfig, collective: bool) -> tuple[int, int]:
-    """(ranks, K) a probe runs with: one process, or for a job whose ranks talk, PROBE_RANKS (K when larger)."""
-    if cfg.gpus * cfg.nodes == 1 or not collective:
-        return 1, 1
-    return max(min(cfg.gpus * cfg.nodes, PROBE_RANKS), cfg.sequence_parallel_size), cfg.sequence_parallel_size
-
-
-def probe_peak(cfg: PlanConfig, ds: dict | None, layers: int, mode: str = "train") -> int:
-    """The busiest rank's peak resident bytes in dpo_ds/engine/probe.py: two real training steps (or precompute's
-    two forwards: mode infer, `ds` its inference config or None) on the model cut to `layers`, with this
-    config, batch and layout, on probe_world's ranks."""
-    from dpo_ds.dist import LAUNCHER_VARIABLES, free_port
-
-    ranks, k = probe_world(cfg, mode == "train" or bool(ds) or cfg.sequence_parallel_size > 1)
-    tri = lambda v: -1 if v is None else int(v)  # noqa: E731
-    micro = cfg.micro_batch_size if mode == "train" else cfg.batch_size
-    flags = dict(mode=mode, model=cfg.model, micro=micro, length=cfg.max_length,
-                 checkpointing=int(cfg.gradient_checkpointing), tiled=int(cfg.tiled_mlp and mode == "train"),
-                 chunk=cfg.logp_chunk_size, layers=layers, share=tri(cfg.share_prompt), pack=tri(cfg.packing), sp=k)
-    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
-        batch_keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
-        json.dump({**{k_: v for k_, v in (ds or {}).items() if k_ != "sequence_parallel_size"},
-                   **{k_: "auto" for k_ in batch_keys}}, f)
-        f.flush()
-        args = [f.name if ds else "-", *(str(x) for name, v in flags.items() for x in (f"--{name}", v))]
-        launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        cmd = [sys.executable, "-m", "dpo_ds.engine.probe", *args] if ranks == 1 else \
-            [launcher if os.path.exists(launcher) else "deepspeed", "--num_gpus", str(ranks), "--master_port",
-             str(free_port()), "--module", "dpo_ds.engine.probe", *args]
-        env = {k_: v for k_, v in os.environ.items() if k_ not in LAUNCHER_VARIABLES}  # whatever launched this
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PYTHONWARNINGS": "ignore"})
-    peaks = [int(n) for n in re.findall(r"^probe_peak_bytes (\d+)$", out.stdout, re.M)]
-    if out.returncode or not peaks:
-        raise UserError(f"measuring the runtime on this machine failed: {(out.stderr or out.stdout).strip()[-300:]}")
-    return max(peaks)
-
-
-def measured_terms(cfg: PlanConfig, ds: dict, inference: bool = True) -> Measured:
-    """On the CUDA device nothing is measured: the runtime is outside max_memory_allocated. On the CPU, now, on
-    this machine, for training and (with `inference`) for precompute's and evaluate's engine: calibrate."""
-    if cfg.device != "cpu":
-        return Measured()
-    runtime, factor = calibrate(cfg, ds, "train")
-    if not inference:
-        return Measured(runtime, factor, runtime, factor)
-    return Measured(runtime, factor, *calibrate(cfg, inference_config(cfg), "infer"))
-
-
-def calibrate(cfg: PlanConfig, ds: dict, mode: str) -> tuple[int, float]:
-    """(runtime bytes, per-layer factor) from probe_peak at 1 and 3 layers on probe_world's ranks: the runtime is
-    the one-layer peak less the arithmetic for that same job, the factor what two more layers cost against what
-    the arithmetic says they cost."""
-    training = mode == "train"
-    ranks, k = probe_world(cfg, training or bool(cfg.inference_deepspeed) or cfg.sequence_parallel_size > 1)
-    probe_cfg = dataclasses.replace(cfg, gpus=ranks, nodes=1, sequence_parallel_size=k)
-    arith, peak = [], []
-    for layers in PROBE_LAYERS:
-        cut = F.Shape.of(cfg.model, threshold(ds), layers=layers)
-        arith.append(F.phase(cut, job_of(probe_cfg, ds, training, 0), "train" if training else "precompute")["total"])
-        peak.append(probe_peak(cfg, ds if training or cfg.inference_deepspeed else None, layers, mode))
-    return max(0, peak[0] - arith[0]), max(1.0, (peak[1] - peak[0]) / max(arith[1] - arith[0], 1))
-
-
-def inference_config(cfg: PlanConfig) -> dict:
-    """Precompute's DeepSpeed config ({} for a full copy per rank) in its --dtype, as engine.inference_ds_config
-    sets it."""
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp32" if cfg.device == "cpu" else "bf16")
-    return {**F.read_ds(cfg.inference_deepspeed), "bf16": {"enabled": dtype == "bf16"},
-            "fp16": {"enabled": dtype == "fp16"}}
-
-
-def threshold(ds: dict) -> float:
-    return float(ds.get("zero_optimization", {}).get("stage3_param_persistence_threshold", 1e5))
-
-
-def job_of(cfg: PlanConfig, ds: dict, training: bool, runtime: int, excess: float = 0.0) -> F.Job:
-    return F.Job(ds=ds, world=cfg.gpus * cfg.nodes, micro_batch=cfg.micro_batch_size if training else cfg.batch_size,
-                 max_length=cfg.max_length, sp=cfg.sequence_parallel_size, tiled_mlp=cfg.tiled_mlp and training,
-                 checkpointing=cfg.gradient_checkpointing, chunk=cfg.logp_chunk_size, device=cfg.device,
-                 runtime=runtime, excess=excess)
-
-
 def predict(cfg: PlanConfig, shape: F.Shape, m: Measured, train_ds: dict | None = None) -> dict:
     train_ds = F.read_ds(cfg.deepspeed) if train_ds is None else train_ds
     infer_ds = inference_config(cfg)
@@ -186,33 +94,33 @@ def predict(cfg: PlanConfig, shape: F.Shape, m: Measured, train_ds: dict | None 
     return out
 
 
-def budget_of(cfg: PlanConfig) -> int:
-    """--gpu_memory, or this machine's device as train's --deepspeed auto sees it (engine.choice)."""
+def budget_of(cfg: PlanConfig, auto: bool = False) -> int:
+    """--gpu_memory (for the auto choice, the share of it train plans with), or this machine's device as train's
+    --deepspeed auto sees it (engine.choice)."""
     if cfg.gpu_memory:
-        return int(cfg.gpu_memory * F.GiB)
-    device, budget = choice.device_budget()
+        return int(cfg.gpu_memory * F.GiB * (choice.BUDGET_FRACTION if auto else 1.0))
+    device, budget = choice.device_budget(per_host=cfg.gpus)
     if device != cfg.device:
         raise UserError(f"--gpu_memory: give the GiB per device of the planned --device {cfg.device} (this machine "
                         f"has none to read it from); --deepspeed auto and --search choose by it")
     return budget
 
 
-def lightest(cfg: PlanConfig, shape: F.Shape, m: Measured, budget: int) -> tuple[str, dict] | None:
-    """(name, DeepSpeed config) of the first of engine.choice.candidates whose training fits `budget`, as train
-    --deepspeed auto chooses (the precision of --deepspeed's file when one is named)."""
+def lightest(cfg: PlanConfig, shape_of, m: Measured, budget: int) -> tuple[str, dict] | None:
+    """(name, DeepSpeed config) of the first of engine.choice.candidates whose training fits `budget`, chosen as
+    train --deepspeed auto chooses (the precision of --deepspeed's file when one is named)."""
     auto = cfg.deepspeed == choice.AUTO
     base = choice.base_config(torch.bfloat16 if cfg.device == "cuda" else torch.float32) if auto else \
         F.read_ds(cfg.deepspeed)
-    for name, ds in choice.candidates(base, cfg.device):
-        if F.phase(shape, job_of(cfg, ds, True, m.runtime, m.factor - 1), "train")["total"] <= budget:
-            return name, ds
-    return None
+    job = lambda ds: job_of(cfg, ds, True, m.runtime, m.factor - 1)  # noqa: E731
+    name, ds, _ = choice.first_fit(shape_of, job, budget, base, cfg.device)
+    return (name, ds) if name else None
 
 
 def search(cfg: PlanConfig, shape: F.Shape, m: Measured) -> dict:
     """The lightest configuration whose training fits, then the largest micro-batch and length with it."""
     budget = budget_of(cfg)
-    found = lightest(cfg, shape, m, budget)
+    found = lightest(cfg, lambda _: shape, m, budget)
     if not found:
         return {"fits": False}
     name, ds = found
@@ -263,7 +171,7 @@ def gib(n: float) -> str:
 def show(plan: dict) -> str:
     lines = [f"{plan['model']}: {plan['parameters'] / 1e9:.3f} B parameters, {plan['ranks']} rank(s); GiB per rank"]
     if "deepspeed" in plan:
-        lines.append(f"  --deepspeed auto: {plan['deepspeed']['auto']}")
+        lines.append(f"  {plan['deepspeed']['choice']}")
     for name, p in [*plan["phases"].items(), ("train, two-model trainer", plan["two_model_train"])]:
         lines.append(f"  {name}")
         lines += [f"    {term:<36}{gib(v)}" for term, v in p["terms"].items() if term != "total" and v]
@@ -291,18 +199,23 @@ def run(cfg: PlanConfig) -> dict:
     if cfg.check_run:
         cfg, train_ds, measured = measured_run(cfg, cfg.check_run)
     chosen = None
-    if train_ds is None and cfg.deepspeed == choice.AUTO:  # what train would choose (the CPU's runtime aside)
-        found = lightest(cfg, F.Shape.of(cfg.model), Measured(), budget_of(cfg))
+    if train_ds is None and cfg.deepspeed == choice.AUTO:  # as train chooses: the model's terms, no runtime
+        found = lightest(cfg, lambda limit: F.Shape.of(cfg.model, limit), Measured(), budget_of(cfg, auto=True))
         if not found:
-            raise UserError(f"--deepspeed auto: no configuration fits {budget_of(cfg) / F.GiB:.1f} GiB per "
-                            f"device (--search says what would)")
-        chosen, train_ds = found
-    ds = F.read_ds(cfg.deepspeed) if train_ds is None else train_ds
+            raise UserError(f"--deepspeed auto: no configuration fits {budget_of(cfg, auto=True) / F.GiB:.1f} GiB "
+                            f"per device (--search says what would)")
+        chosen, train_ds = f"--deepspeed auto: {found[0]}", found[1]
+    elif train_ds is None:
+        asked = F.read_ds(cfg.deepspeed)
+        train_ds = choice.runs_as(asked, cfg.gpus * cfg.nodes)
+        if train_ds is not asked:
+            chosen = f"--deepspeed {cfg.deepspeed}: runs as stage 0 (ZeRO-3 partitions nothing on one rank)"
+    ds = train_ds
     shape = F.Shape.of(cfg.model, threshold(ds))
     m = measured_terms(cfg, ds, inference=not measured)  # --check compares training only
     plan = predict(cfg, shape, m, ds)
     if chosen:
-        plan["deepspeed"] = {"auto": chosen, "config": ds}
+        plan["deepspeed"] = {"choice": chosen, "config": ds}
     if measured:
         predicted = plan["phases"]["train"]["predicted_peak_bytes"]
         plan["measured"] = {**measured, "error": predicted / measured["train"] - 1}

@@ -35,8 +35,9 @@ def saved_config(cfg: TrainConfig) -> dict | None:
     """The DeepSpeed configuration of the run OUT holds when it has a checkpoint to continue (None otherwise, or
     when its config.json cannot be read: check_resumable then says what is wrong with it)."""
     path = os.path.join(cfg.output_dir, "config.json")
-    if not (os.path.isfile(os.path.join(cfg.output_dir, "checkpoints", "latest")) and os.path.isfile(path)):
-        return None
+    if cfg.resume == "never" or not (os.path.isfile(os.path.join(cfg.output_dir, "checkpoints", "latest")) and
+                                     os.path.isfile(path)):
+        return None  # (--resume never: check_resumable refuses the run)
     try:
         saved = read_json(path).get("deepspeed")
     except (OSError, ValueError, AttributeError):
@@ -68,8 +69,12 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
     saved_path = os.path.join(cfg.output_dir, "config.json")
     if not os.path.isfile(saved_path):
         return True
-    saved = read_json(saved_path)
-    old = saved["train"]  # as a config again: settings added since then take their defaults
+    try:
+        saved = read_json(saved_path)
+        old = saved["train"]  # as a config again: settings added since then take their defaults
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{saved_path}: not a readable record of the run ({type(e).__name__}: {e}), so its "
+                        f"checkpoints cannot be checked against these settings; use a new --output_dir") from None
     old = to_dict(TrainConfig(**{k: v for k, v in old.items() if k in to_dict(cfg)}))
     changed = []
     for key in resume_keys(TrainConfig):
@@ -83,7 +88,7 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
     if saved.get("reference", now["reference"]) != now["reference"]:
         what = describe_difference(now["reference"], saved["reference"])
         changed.append(f"the reference cache's inputs ({what}) differ from the run's")
-    for name, get in (("ZeRO stage", engine.zero_stage), ("precision", engine.ds_dtype)):
+    for name, get in (("ZeRO stage", engine.zero_stage), ("precision", engine.ds_dtype), ("offload", offloads)):
         was, new = get(saved["deepspeed"]), get(now["deepspeed"])
         if was != new:
             changed.append(f"{name} {was} -> {new} (--deepspeed)")
@@ -91,8 +96,18 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
         changed.append(f"ranks {saved['world_size']} -> {now['world_size']}")
     if changed:
         raise UserError(f"{cfg.output_dir} holds a run that cannot continue with these settings: "
-                        f"{'; '.join(changed)}. Rerun with the run's own settings, or use a new --output_dir")
+                        f"{'; '.join(changed)}. Rerun with the run's own settings (--deepspeed auto, the default, "
+                        f"takes the run's own configuration), or use a new --output_dir")
     return True
+
+
+def offloads(ds: dict) -> str:
+    """What a DeepSpeed config offloads to the host (an offloaded optimizer is DeepSpeed's CPU-Adam, whose states
+    torch's AdamW does not read)."""
+    zero = ds.get("zero_optimization", {})
+    where = [k for k in ("optimizer", "param") if (zero.get(f"offload_{k}") or {}).get("device", "none")
+             not in ("none", None)]
+    return ", ".join(where) or "none"
 
 
 def rng_path(ckpt_dir: str, tag: str) -> str:

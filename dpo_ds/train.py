@@ -160,7 +160,7 @@ def set_up(cfg: TrainConfig) -> Job:
     saved = saved_config(cfg)
     train_ds, train_reference, eval_ds, eval_reference, reference = load_data(
         cfg, engine.planned_dtype(cfg.deepspeed, saved))
-    ds_config, said = engine.engine_config(cfg, saved, longest_row(train_ds))
+    ds_config, said = engine.engine_config(cfg, saved, lambda: longest_row(train_ds))
     if said:
         dist.print0(said)
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.dp_size()

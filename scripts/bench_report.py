@@ -69,12 +69,14 @@ def trainer_rows(a, report: dict) -> list[tuple]:
             rows.append((f"1 process: dpo_ds ({ds_name}) step s, vs TRL online / precompute", f"{seconds:.3f}", ratio,
                          "<= 0.75x / 1.0x"))
             mb = rss[(mode, ds_name, 1)]
-            rows.append((f"1 process: dpo_ds ({ds_name}) peak RSS MB, vs TRL precompute", f"{mb:.0f}",
-                         f"{mb / pre_rss:.2f}x" if pre_rss else "", "<= 1.0x"))
+            if mb:  # (a bench.json of an older bench has no peak here)
+                rows.append((f"1 process: dpo_ds ({ds_name}) peak RSS MB, vs TRL precompute", f"{mb:.0f}",
+                             f"{mb / pre_rss:.2f}x" if pre_rss else "", "<= 1.0x"))
     if online and pre:
         rows.append(("1 process: TRL step s (online / precompute_ref_log_probs)", f"{online:.3f} / {pre:.3f}", "", ""))
-        rows.append(("1 process: TRL peak RSS MB (online / precompute_ref_log_probs)",
-                     f"{rss[('trl_online', '', 1)]:.0f} / {pre_rss:.0f}", "", ""))
+        if pre_rss and rss.get(("trl_online", "", 1)):
+            rows.append(("1 process: TRL peak RSS MB (online / precompute_ref_log_probs)",
+                         f"{rss[('trl_online', '', 1)]:.0f} / {pre_rss:.0f}", "", ""))
     online_n, pre_n = by.get(("trl_online", "", a.ranks)), by.get(("trl_precompute", "", a.ranks))
     if online_n and pre_n:
         rows.append((f"{a.ranks} ranks ZeRO-3: dpo_ds cached step s, vs TRL online / precompute",

@@ -72,7 +72,7 @@ def worker_train(a) -> None:
                       **LAYOUTS[a.layout])
     t_start = time.time()
     ds = load_split(cfg.data, "train")
-    ds_cfg, said = engine.engine_config(cfg, None, longest_row(ds))  # as train chooses it (--ds auto too)
+    ds_cfg, said = engine.engine_config(cfg, None, lambda: longest_row(ds))  # as train chooses (--ds auto too)
     if said:
         dist.print0(said)
     policy = engine.training_engine(engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_cfg)

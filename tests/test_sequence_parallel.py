@@ -193,10 +193,10 @@ def train_args(tiny, prepared, cache, out, **kw):
 
 
 def test_training_does_not_depend_on_k_and_resumes(tiny, prepared, cache, tmp_path):
-    """Ten ZeRO-3 steps with K = 2 on 2 ranks, and on 4 ranks (2 data-parallel groups), = one rank with K = 1 on
-    the same global batches in the same (plain) layout: loss, gradient norm and metrics of every step (the
-    first step's before any update), then the exported weights. The 2-rank K = 2
-    run SIGKILLed once its step-4 checkpoint is complete and rerun continues the same trajectory."""
+    """Ten ZeRO-3 steps with K = 2 on 2 ranks, and on 4 ranks (2 data-parallel groups), = one rank with K = 1 (as
+    stage 0: ZeRO-3 on one rank runs so) on the same global batches in the same (plain) layout: loss, gradient
+    norm and metrics of every step, then the exported weights. The 2-rank K = 2 run SIGKILLed once its step-4
+    checkpoint is complete and rerun continues the same trajectory."""
     k1 = run_module("dpo_ds.train", *train_args(tiny, prepared, cache, tmp_path / "k1"), "--no-share_prompt",
                     "--no-packing")
     sp = ["--sequence_parallel_size", "2"]

@@ -8,7 +8,8 @@
     checkpoint    DeepSpeed checkpoints read back safely
     export        the policy out as an HF checkpoint, gathered from ZeRO-3 shards
     footprint     each phase's memory per rank, term by term, from the configs alone (dpo_ds.plan)
-    probe         the runtime term on the CPU, measured by one real step around a negligible model
+    calibrate     the CPU's measured terms for dpo_ds.plan: runtime and per-layer excess, from probes
+    probe         one probe: two real steps (or forwards) of the engine on the model cut to a few layers
 """
 from dpo_ds.engine.build import (
                                      ModelSpec,

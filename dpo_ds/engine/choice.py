@@ -4,7 +4,6 @@ asked for, with stage 0 in place of a ZeRO-3 that partitions nothing (one rank, 
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 
@@ -53,35 +52,51 @@ def base_config(dtype: torch.dtype) -> dict:
             "fp16": {"enabled": False}}
 
 
-def device_budget() -> tuple[str, int]:
+def device_budget(per_host: int | None = None) -> tuple[str, int]:
     """(device, bytes one rank may plan for): BUDGET_FRACTION of the GPU's memory, or on the CPU of the host's
-    memory shared by this host's ranks."""
+    memory shared by `per_host` ranks (default: this host's)."""
     if torch.cuda.is_available():
         return "cuda", int(BUDGET_FRACTION * torch.cuda.get_device_properties(dist.device()).total_memory)
     import psutil
 
-    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size()))
-    return "cpu", int(BUDGET_FRACTION * psutil.virtual_memory().total / max(1, per_host))
+    return "cpu", int(BUDGET_FRACTION * psutil.virtual_memory().total / (per_host or dist.local_world_size()))
+
+
+def first_fit(shape_of, job, budget: int, base: dict, device: str):
+    """(name, DeepSpeed config, planned bytes) of the first candidate whose training step fits `budget`, else
+    (None, None, [(name, bytes) tried]); `shape_of(threshold)` is the model's footprint.Shape for a ZeRO-3
+    persistence threshold, `job(ds)` a candidate's footprint.Job. Train's auto and dpo-ds plan choose here."""
+    tried, shapes = [], {}
+    for name, ds in candidates(base, device):
+        limit = float(ds["zero_optimization"].get("stage3_param_persistence_threshold", 1e5))
+        if limit not in shapes:
+            shapes[limit] = shape_of(limit)
+        need = F.phase(shapes[limit], job(ds), "train")["total"]
+        if need <= budget:
+            return name, ds, need
+        tried.append((name, need))
+    return None, None, tried
 
 
 def lightest(cfg, longest: int) -> tuple[str, dict, str]:
     """(name, DeepSpeed config, the line saying why) of the first candidate whose training step fits this
-    device; `cfg` a TrainConfig, `longest` its longest row in tokens."""
-    device, budget = device_budget()
-    shape = F.Shape.of(cfg.model)
-    tried = []
-    for name, ds in candidates(base_config(auto_dtype()), device):
-        job = F.Job(ds=ds, world=dist.world_size(), micro_batch=cfg.micro_batch_size, max_length=longest,
-                    sp=cfg.sequence_parallel_size, tiled_mlp=cfg.tiled_mlp, checkpointing=cfg.gradient_checkpointing,
-                    chunk=cfg.logp_chunk_size, device=device)
-        need = F.phase(shape, job, "train")["total"]
-        if need <= budget:
-            return name, ds, (f"train: --deepspeed auto: {name} ({dist.world_size()} rank(s), {dtype_word(ds)}; "
-                              f"planned {need / F.GiB:.2f} of {budget / F.GiB:.1f} GiB per rank)")
-        tried.append(f"{name} {need / F.GiB:.1f}")
-    raise UserError(f"--deepspeed auto: no configuration fits {budget / F.GiB:.1f} GiB per rank ({', '.join(tried)} "
-                    f"GiB planned, rows up to {longest} tokens): lower --micro_batch_size, use "
-                    f"--sequence_parallel_size or --tiled_mlp, or more ranks (dpo-ds plan --search)")
+    device; `cfg` a TrainConfig, `longest` its longest row in tokens. Rank 0 chooses for every rank (hosts
+    may differ)."""
+    def choose():
+        device, budget = device_budget()
+        job = lambda ds: F.Job(ds=ds, world=dist.world_size(), micro_batch=cfg.micro_batch_size,  # noqa: E731
+                               max_length=longest, sp=cfg.sequence_parallel_size, tiled_mlp=cfg.tiled_mlp,
+                               checkpointing=cfg.gradient_checkpointing, chunk=cfg.logp_chunk_size, device=device)
+        shape_of = lambda limit: F.Shape.of(cfg.model, limit, trust_remote_code=cfg.trust_remote_code)  # noqa: E731
+        name, ds, need = first_fit(shape_of, job, budget, base_config(auto_dtype()), device)
+        if name is None:
+            raise UserError(f"--deepspeed auto: no configuration fits {budget / F.GiB:.1f} GiB per rank ("
+                            f"{', '.join(f'{n} {b / F.GiB:.1f}' for n, b in need)} GiB planned, rows up to "
+                            f"{longest} tokens): lower --micro_batch_size, use --sequence_parallel_size or "
+                            f"--tiled_mlp, or more ranks (dpo-ds plan --search)")
+        return name, ds, (f"train: --deepspeed auto: {name} ({dist.world_size()} rank(s), {dtype_word(ds)}; "
+                          f"planned {need / F.GiB:.2f} of {budget / F.GiB:.1f} GiB per rank, the model's terms)")
+    return dist.on_main(choose)
 
 
 def dtype_word(ds: dict) -> str:
@@ -95,9 +110,10 @@ def planned_dtype(path: str, saved: dict | None) -> torch.dtype:
     return auto_dtype() if path == AUTO else ds_dtype(read_ds_config(path))
 
 
-def engine_config(cfg, saved: dict | None, longest: int) -> tuple[dict, str | None]:
+def engine_config(cfg, saved: dict | None, longest) -> tuple[dict, str | None]:
     """(the DeepSpeed config the run uses with the job's batch sizes injected, a line to print or None).
-    `saved`: the configuration of the run this one resumes (OUT/config.json), None for a new run."""
+    `saved`: the configuration of the run this one resumes (OUT/config.json), None for a new run; `longest()`:
+    the longest row in tokens (asked only when auto chooses afresh)."""
     def injected(ds: dict) -> dict:
         return train_ds_config({**ds, **{k: "auto" for k in BATCH_KEYS}}, cfg.micro_batch_size, cfg.grad_accum,
                                cfg.max_grad_norm)
@@ -106,14 +122,27 @@ def engine_config(cfg, saved: dict | None, longest: int) -> tuple[dict, str | No
         if saved is not None:
             return injected(saved), f"train: --deepspeed auto: the run's own configuration (ZeRO stage " \
                                     f"{zero_stage(saved)}, {dtype_word(saved)})"
-        name, ds, line = lightest(cfg, longest)
+        name, ds, line = lightest(cfg, longest())
         return injected(ds), line
     ds = train_ds_config(cfg.deepspeed, cfg.micro_batch_size, cfg.grad_accum, cfg.max_grad_norm)
     if not partitions_nothing(ds):
         return ds, None
+    if ds_dtype(ds) != torch.float32:  # stage 0 would add bf16/fp16 gradients' fp32 accumulation: more memory
+        return ds, (f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing and only costs time; "
+                    f"ds_configs/zero2.json holds about the same memory")
     if saved is not None and zero_stage(saved) == 3:
         return ds, (f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing; this run started so and "
                     f"continues so (a new run gets stage 0)")
-    return {**ds, "zero_optimization": {"stage": 0}}, (
-        f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing: running stage 0 instead (the same "
-        f"memory, without ZeRO-3's gathers and partition copies)")
+    return runs_as(ds, 1), (f"train: one rank with ZeRO-3 ({cfg.deepspeed}) partitions nothing: running stage 0 "
+                            f"instead (fp32: the same memory, without ZeRO-3's gathers and partition copies)")
+
+
+def runs_as(ds: dict, world: int) -> dict:
+    """The configuration a new run of `ds` on `world` ranks runs: stage 0 in place of an fp32 ZeRO-3 that
+    partitions nothing (one rank, no offload), else `ds`."""
+    zero = ds.get("zero_optimization", {})
+    offload = any((zero.get(k) or {}).get("device", "none") not in ("none", None)
+                  for k in ("offload_param", "offload_optimizer"))
+    if world == 1 and zero_stage(ds) == 3 and not offload and ds_dtype(ds) == torch.float32:
+        return {**copy.deepcopy(ds), "zero_optimization": {"stage": 0}}
+    return ds

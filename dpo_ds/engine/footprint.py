@@ -62,13 +62,14 @@ class Shape:
                                    small=self.small - drop * self.layer_small, layers=layers)
 
     @classmethod
-    def of(cls, model: str, threshold: float = 1e5, layers: int | None = None) -> "Shape":
+    def of(cls, model: str, threshold: float = 1e5, layers: int | None = None, trust_remote_code: bool = False
+           ) -> "Shape":
         """`model`: a checkpoint directory or its config.json; `layers`: cut to that many (the probe's)."""
         from transformers import AutoModelForCausalLM
 
-        config = config_of(model, layers)
+        config = config_of(model, layers, trust_remote_code)
         with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config)
+            lm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         params = {id(p): p for p in lm.parameters()}.values()
         blocks = [m for m in lm.modules() if isinstance(m, torch.nn.ModuleList)]
         first = list(blocks[0][0].parameters()) if blocks and len(blocks[0]) else []
@@ -85,11 +86,12 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def config_of(model: str, layers: int | None = None):
+def config_of(model: str, layers: int | None = None, trust_remote_code: bool = False):
     """The model's config (from a checkpoint directory or its config.json), cut to `layers` when given."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(os.path.dirname(model) if os.path.isfile(model) else model)
+    config = AutoConfig.from_pretrained(os.path.dirname(model) if os.path.isfile(model) else model,
+                                        trust_remote_code=trust_remote_code)
     if layers is not None:
         text = text_config(config)
         text.num_hidden_layers = layers
@@ -179,9 +181,9 @@ def phase(s: Shape, j: Job, name: str) -> dict:
         terms.update(gradients_and_optimizer(s, j))
     terms.update(activations(s, j, training))
     if j.excess and s.layers > 1:  # what a layer really costs beyond its terms, measured: on every layer but one
-        counted = lambda t: sum(v for k, v in t.items() if j.device == "cpu" or "host" not in k)  # noqa: E731
+        on_device = lambda t: sum(v for k, v in t.items() if j.device == "cpu" or "host" not in k)  # noqa: E731
         one = phase(s.cut(1), dataclasses.replace(j, excess=0.0, runtime=0), name)
-        terms["measured excess over the terms"] = int(j.excess * max(0, counted(terms) - one["total"]))
+        terms["measured excess over the terms"] = int(j.excess * max(0, on_device(terms) - one["total"]))
     terms["runtime"] = j.runtime
     counted = [v for k, v in terms.items() if j.device == "cpu" or "host" not in k]
     return {**terms, "total": sum(counted)}

@@ -64,11 +64,11 @@ def _init_deepspeed() -> None:
             dist.print0("deepspeed: compiling its CPU communication op, once on this machine (1-2 minutes)")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if not torch.cuda.is_available() and not _SHM_CLEANUP_REGISTERED:
-        atexit.register(_remove_shm_buffer)
+        atexit.register(remove_shm_buffer)
         _SHM_CLEANUP_REGISTERED = True
 
 
-def _remove_shm_buffer() -> None:
+def remove_shm_buffer() -> None:
     """DeepSpeed's CPU all-reduce leaves each rank's shared-memory buffer (69 MB) in /dev/shm at exit, so
     every run on a CPU machine leaks RAM until reboot. At exit every peer has long mapped it: removing the
     name is safe (the mappings live on until each process ends)."""

@@ -54,6 +54,7 @@ def parse(argv):
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; LOCAL_RANK is read")
     p.add_argument("--model", help="a checkpoint directory or its config.json (default: a negligible model)")
+    p.add_argument("--dtype", default="fp32", help="infer: precompute's --dtype")
     for name, default in (("micro", 1), ("length", 2), ("checkpointing", 1), ("tiled", 0), ("chunk", 256),
                           ("layers", 1), ("share", -1), ("pack", -1), ("sp", 1)):
         p.add_argument(f"--{name}", type=int, default=default)
@@ -66,6 +67,7 @@ def main(argv=None) -> None:
     from dpo_ds.engine.build import ModelSpec, TrainingSpec, inference_engine, training_engine
     from dpo_ds.engine.ds_config import train_ds_config
     from dpo_ds.engine.footprint import text_config
+    from dpo_ds.engine.models import remove_shm_buffer
     from dpo_ds.model.batch import build
     from dpo_ds.model.logps import layout_of, pair_logps
     from dpo_ds.report.memory import peak_rss_bytes
@@ -80,7 +82,7 @@ def main(argv=None) -> None:
                   "packing": None if a.pack < 0 else bool(a.pack)}
         spec = ModelSpec(tmp, logp_chunk_size=a.chunk, sequence_parallel_size=a.sp, **layout)
         if a.mode == "infer":  # precompute's and evaluate's engine, forward only
-            engine = inference_engine(spec, "fp32", None if a.ds == "-" else a.ds, a.micro)
+            engine = inference_engine(spec, a.dtype, None if a.ds == "-" else a.ds, a.micro)
             batch = build(batch_rows(a.micro, a.length, vocab), layout_of(engine), 0)
             with torch.no_grad():
                 for _ in range(2):
@@ -97,6 +99,7 @@ def main(argv=None) -> None:
                 engine.step()
     sys.stdout.flush()  # each rank's line in one write (ranks share the pipe); the caller takes the largest
     os.write(sys.stdout.fileno(), f"\nprobe_peak_bytes {peak_rss_bytes()}\n".encode())
+    remove_shm_buffer()  # what the atexit hook would do (DeepSpeed's CPU all-reduce buffer, 69 MB a rank)
     os._exit(0)  # no process-group teardown to wait for
 
 

@@ -32,11 +32,17 @@ def pair_lengths(ds) -> np.ndarray:
 
 
 def longest_row(ds) -> int:
-    """The longest chosen or rejected sequence of `ds` in tokens (from Arrow's offsets, not row by row)."""
-    if ds._indices is not None:
-        ds = ds.flatten_indices(keep_in_memory=True)
-    return max(int(np.diff(ds.data.column(f"{side}_input_ids").combine_chunks().offsets.to_numpy()).max(initial=0))
-               for side in ("chosen", "rejected"))
+    """The longest chosen or rejected sequence of `ds` in tokens (Arrow's list lengths, chunk by chunk: no copy
+    of the token columns)."""
+    import pyarrow.compute as pc
+
+    best = 0
+    for side in ("chosen", "rejected"):
+        lengths = pc.list_value_length(ds.data.column(f"{side}_input_ids"))
+        if ds._indices is not None:  # a selected view: its rows of the table
+            lengths = lengths.take(ds._indices.column(0))
+        best = max(best, pc.max(lengths).as_py() or 0)
+    return int(best)
 
 
 def pad_and_eos(tokenizer) -> tuple[int, int]:
