@@ -257,3 +257,16 @@ def test_a_run_saved_before_disable_dropout_resumes_with_its_dropout(tmp_path):
     cfg = cli.parse(C.TrainConfig, REQUIRED[:6] + ["--output_dir", str(tmp_path), "--deepspeed", "z.json"])
     continue_as_started(cfg)
     assert cfg.disable_dropout is True
+
+
+def test_the_model_cards_command_is_one_a_person_can_run_again():
+    """dpo_ds.cli leaves the subcommand among sys.argv's arguments and the launcher adds --local_rank: the card
+    shows neither twice nor the launcher's flag, and puts the launcher back where there were several ranks."""
+    from dpo_ds.report.card import command
+
+    argv = ["dpo-ds train", "--local_rank=0", "train", "--deepspeed", "x.json", "--beta", "0.2"]
+    assert command(argv, 2, 2) == "deepspeed --num_gpus 2 --no_python dpo-ds train --deepspeed x.json --beta 0.2"
+    assert command(["dpo-ds train", "train", "--model", "a b"], 1, 1) == "dpo-ds train --model 'a b'"
+    argv = [os.path.join("x", "dpo_ds", "train.py"), "--local_rank", "1", "--max_steps", "5"]
+    assert command(argv, 4, 2) == "deepspeed --num_gpus 2 --num_nodes 2 --module dpo_ds.train --max_steps 5"
+    assert command(argv, 1, 1) == "python -m dpo_ds.train --max_steps 5"

@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 
+from dpo_ds import dist
 from dpo_ds.data.prepared import read_report
 from dpo_ds.data.sources import resolve_named
 from dpo_ds.report.log import read_metrics
@@ -67,8 +68,27 @@ def render(cfg, run: dict) -> str:
     return "\n".join(lines)
 
 
-def command() -> str:
-    argv = list(sys.argv)
-    if argv[0].endswith(os.path.join("dpo_ds", "train.py")):  # python -m dpo_ds.train / deepspeed --module
-        argv[:1] = ["python", "-m", "dpo_ds.train"]
-    return shlex.join(argv)
+def command(argv: list | None = None, world: int | None = None, per_host: int | None = None) -> str:
+    """The command line that ran this process, as a person would type it again: the dpo-ds form (dpo_ds.cli sets
+    sys.argv[0] to `dpo-ds SUB` and leaves SUB among the arguments) or `python -m dpo_ds.train`, without the
+    launcher's --local_rank, under `deepspeed` with the same ranks when there were several."""
+    argv = list(sys.argv if argv is None else argv)
+    world = dist.world_size() if world is None else world
+    per_host = dist.local_world_size() if per_host is None else per_host
+    head, rest = argv[0].split(), argv[1:]
+    if head[0] == "dpo-ds" and len(head) == 2:
+        if head[1] in rest:
+            rest.remove(head[1])
+        head = ["dpo-ds", head[1]]
+    elif argv[0].endswith(os.path.join("dpo_ds", "train.py")):  # python -m dpo_ds.train / deepspeed --module
+        head = ["python", "-m", "dpo_ds.train"]
+    args = [a for i, a in enumerate(rest)
+            if not (a.startswith("--local_rank") or (i and rest[i - 1] == "--local_rank"))]
+    if world > 1:
+        nodes = max(1, world // per_host)
+        launcher = ["deepspeed", "--num_gpus", str(per_host), *(["--num_nodes", str(nodes)] if nodes > 1 else [])]
+        if head[0] == "dpo-ds":
+            head = [*launcher, "--no_python", *head]
+        else:
+            head = [*launcher, "--module", *head[2:]] if head[:2] == ["python", "-m"] else [*launcher, *head]
+    return shlex.join([*head, *args])
