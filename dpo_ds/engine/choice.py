@@ -140,9 +140,6 @@ def engine_config(cfg, saved: dict | None, longest) -> tuple[dict, str | None]:
 def runs_as(ds: dict, world: int) -> dict:
     """The configuration a new run of `ds` on `world` ranks runs: stage 0 in place of an fp32 ZeRO-3 that
     partitions nothing (one rank, no offload), else `ds`."""
-    zero = ds.get("zero_optimization", {})
-    offload = any((zero.get(k) or {}).get("device", "none") not in ("none", None)
-                  for k in ("offload_param", "offload_optimizer"))
-    if world == 1 and zero_stage(ds) == 3 and not offload and ds_dtype(ds) == torch.float32:
+    if partitions_nothing(ds, world) and ds_dtype(ds) == torch.float32:
         return {**copy.deepcopy(ds), "zero_optimization": {"stage": 0}}
     return ds
