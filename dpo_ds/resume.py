@@ -8,6 +8,7 @@ marks it complete. The data order needs no state: it is a function of (seed, ste
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,18 +32,57 @@ def saved_run(cfg: TrainConfig, ds_config: dict, reference: dict) -> dict:
     return {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size(), "reference": reference}
 
 
-def saved_config(cfg: TrainConfig) -> dict | None:
-    """The DeepSpeed configuration of the run OUT holds when it has a checkpoint to continue (None otherwise, or
-    when its config.json cannot be read: check_resumable then says what is wrong with it)."""
+def saved_record(cfg: TrainConfig) -> dict | None:
+    """OUT/config.json of the run OUT holds when it has a checkpoint to continue (None otherwise, or when it
+    cannot be read: check_resumable then says what is wrong with it)."""
     path = os.path.join(cfg.output_dir, "config.json")
     if cfg.resume == "never" or not (os.path.isfile(os.path.join(cfg.output_dir, "checkpoints", "latest")) and
                                      os.path.isfile(path)):
         return None  # (--resume never: check_resumable refuses the run)
     try:
-        saved = read_json(path).get("deepspeed")
-    except (OSError, ValueError, AttributeError):
+        saved = read_json(path)
+    except (OSError, ValueError):
         return None
+    return saved if isinstance(saved, dict) and isinstance(saved.get("train"), dict) else None
+
+
+def saved_config(cfg: TrainConfig) -> dict | None:
+    """The DeepSpeed configuration of the run OUT holds when it has a checkpoint to continue (saved_record)."""
+    saved = (saved_record(cfg) or {}).get("deepspeed")
     return saved if isinstance(saved, dict) else None
+
+
+def global_batch(train: dict, world: int) -> int:
+    """Pairs per optimizer step of a run's settings on `world` ranks."""
+    return train["micro_batch_size"] * train["grad_accum"] * (world // train.get("sequence_parallel_size", 1))
+
+
+def keep_global_batch(cfg: TrainConfig) -> str | None:
+    """A run resumed on another number of ranks keeps the global batch it started with: --grad_accum is derived
+    again (global = micro x accumulation x ranks / K; --micro_batch_size may change too) -> the line that says
+    so, None when nothing changed; refused, naming the micro-batch sizes that work, when impossible. Another K
+    is refused."""
+    saved = saved_record(cfg)
+    if saved is None:
+        return None
+    train, world = saved["train"], saved.get("world_size", dist.world_size())
+    if train.get("sequence_parallel_size", 1) != cfg.sequence_parallel_size:
+        raise UserError(f"{cfg.output_dir} holds a run of --sequence_parallel_size "
+                        f"{train.get('sequence_parallel_size', 1)}: a resume keeps it (another K on resume is not "
+                        f"supported yet); rerun with it, or use a new --output_dir")
+    if world == dist.world_size():
+        return None
+    total, dp = global_batch(train, world), dist.dp_size()
+    if total % (cfg.micro_batch_size * dp):
+        works = [m for m in range(1, total // dp + 1) if total % (m * dp) == 0]
+        raise UserError(f"{cfg.output_dir}: the run's global batch of {total} pairs cannot be kept on {dp} "
+                        f"data-parallel rank(s) with --micro_batch_size {cfg.micro_batch_size}: "
+                        + (f"use --micro_batch_size {' or '.join(map(str, works))}" if works else
+                           f"{dp} does not divide {total}; use ranks that do"))
+    cfg.grad_accum = total // (cfg.micro_batch_size * dp)
+    return (f"train: the run started on {world} rank(s), K = {train.get('sequence_parallel_size', 1)}; it continues "
+            f"on {dist.world_size()}, K = {cfg.sequence_parallel_size}: global batch {total} kept as "
+            f"{cfg.micro_batch_size} x {cfg.grad_accum} accumulation x {dp} data-parallel rank(s)")
 
 
 def continue_as_started(cfg: TrainConfig) -> None:
@@ -60,7 +100,8 @@ def continue_as_started(cfg: TrainConfig) -> None:
 
 def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
     """True when a checkpoint exists and may be continued with `now` (a `saved_run`); refuses, naming each old
-    and new value, a run that cannot: other settings, inputs, ZeRO stage, precision or number of ranks."""
+    and new value, a run that cannot: other settings, inputs, ZeRO stage, precision, offload, or a global batch
+    another number of ranks or K cannot keep (keep_global_batch)."""
     if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         return False
     if cfg.resume == "never":
@@ -77,7 +118,11 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
                         f"checkpoints cannot be checked against these settings; use a new --output_dir") from None
     old = to_dict(TrainConfig(**{k: v for k, v in old.items() if k in to_dict(cfg)}))
     changed = []
+    moved = saved.get("world_size", now["world_size"]) != now["world_size"] or \
+        old.get("sequence_parallel_size", 1) != cfg.sequence_parallel_size  # keep_global_batch derived accumulation
     for key in resume_keys(TrainConfig):
+        if moved and key in ("micro_batch_size", "grad_accum"):
+            continue
         was, new = old.get(key), getattr(cfg, key)
         if key in BY_CONTENT:
             if "reference" in saved:
@@ -92,8 +137,10 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
         was, new = get(saved["deepspeed"]), get(now["deepspeed"])
         if was != new:
             changed.append(f"{name} {was} -> {new} (--deepspeed)")
-    if saved.get("world_size", now["world_size"]) != now["world_size"]:
-        changed.append(f"ranks {saved['world_size']} -> {now['world_size']}")
+    was = global_batch(old, saved.get("world_size", now["world_size"]))
+    new = global_batch(to_dict(cfg), now["world_size"])
+    if moved and was != new:
+        changed.append(f"global batch {was} -> {new}")
     if changed:
         raise UserError(f"{cfg.output_dir} holds a run that cannot continue with these settings: "
                         f"{'; '.join(changed)}. Rerun with the run's own settings (--deepspeed auto, the default, "
@@ -184,9 +231,10 @@ def save(policy, ckpt_dir: str, state: RunState, keep: int = 2) -> None:
     torch.save(rng, rng_path(ckpt_dir, tag))  # before DeepSpeed writes `latest`, which marks it complete
     policy.save_checkpoint(ckpt_dir, tag=tag, client_state=state.client_state())
     if dist.is_main():
-        tags = sorted(t for t in os.listdir(ckpt_dir) if t.startswith("step-"))
-        for old in tags[:-keep]:
-            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+        tags = sorted(t for t in os.listdir(ckpt_dir) if re.fullmatch(r"step-\d{7}", t))
+        for old in tags[:-keep]:  # with its universal conversion, if a resume on other ranks made one
+            for name in (old, f"{old}_universal"):
+                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
     dist.barrier()
 
 

@@ -40,6 +40,7 @@ from dpo_ds.resume import (
     Window,
     check_resumable,
     continue_as_started,
+    keep_global_batch,
     restore,
     save,
     saved_config,
@@ -157,12 +158,13 @@ def set_up(cfg: TrainConfig) -> Job:
     launched = psutil.Process().create_time()
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # checkpoints are written by every rank, read by all
     tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
-    saved = saved_config(cfg)
+    saved, moved = saved_config(cfg), keep_global_batch(cfg)  # another rank count: --grad_accum derived again
     train_ds, train_reference, eval_ds, eval_reference, reference = load_data(
         cfg, engine.planned_dtype(cfg.deepspeed, saved))
     ds_config, said = engine.engine_config(cfg, saved, lambda: longest_row(train_ds))
-    if said:
-        dist.print0(said)
+    for line in (said, moved):
+        if line:
+            dist.print0(line)
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.dp_size()
     if len(train_ds) < global_size:
         raise UserError(f"the train split has {len(train_ds)} pairs, fewer than one global batch "
@@ -176,6 +178,9 @@ def set_up(cfg: TrainConfig) -> Job:
     resuming = dist.on_main(lambda: check_resumable(cfg, ckpt_dir, run))  # before anything is rewritten
     if dist.is_main():
         atomic_json(os.path.join(cfg.output_dir, "config.json"), run)
+    if resuming and moved and engine.zero_stage(ds_config):  # ZeRO's shards are per rank: re-shard them
+        dist.print0(f"train: converted {dist.on_main(lambda: engine.to_universal(ckpt_dir))} for the new ranks")
+        ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
     policy = engine.training_engine(engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_config)
     state = restore(policy, ckpt_dir) if resuming else RunState()
     start = state.step

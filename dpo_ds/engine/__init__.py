@@ -18,7 +18,7 @@ from dpo_ds.engine.build import (
                                      lr_lambda,
                                      training_engine,
 )
-from dpo_ds.engine.checkpoint import load_checkpoint, safe_load
+from dpo_ds.engine.checkpoint import load_checkpoint, safe_load, to_universal
 from dpo_ds.engine.choice import AUTO, engine_config, planned_dtype
 from dpo_ds.engine.ds_config import (
                                      collective_forwards,
@@ -51,5 +51,5 @@ __all__ = ["AUTO", "ModelSpec", "TrainingSpec", "attn_implementation", "check_mo
            "collective_forwards", "disable_dropout", "ds_dtype", "dtype_name", "enable_gradient_checkpointing",
            "engine_config", "export_hf", "gradient_scale", "inference_ds_config", "inference_engine",
            "load_checkpoint", "load_model", "lr_lambda", "open_model_dir", "partitions_nothing", "planned_dtype",
-           "read_ds_config", "register_ulysses", "resolve_dtype", "safe_load", "tile_mlp", "train_ds_config",
-           "training_engine", "zero_stage"]
+           "read_ds_config", "register_ulysses", "resolve_dtype", "safe_load", "tile_mlp", "to_universal",
+           "train_ds_config", "training_engine", "zero_stage"]

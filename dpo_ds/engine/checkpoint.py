@@ -1,8 +1,11 @@
 """DeepSpeed checkpoints read back safely: every file unpickled with weights_only=True."""
 from __future__ import annotations
 
+import argparse
+import glob
 import os
 import re
+import shutil
 
 import torch
 
@@ -41,3 +44,30 @@ def safe_load(path: str, map_location=None):
             raise UserError(f"{path}: refused to load: it holds {found!r}, which no dpo_ds checkpoint holds (it was "
                             f"changed by someone or something else): nothing was loaded. Restore the checkpoint "
                             f"from a trusted copy, or start over in a new --output_dir") from None
+
+
+def to_universal(ckpt_dir: str) -> str:
+    """The newest checkpoint in DeepSpeed's universal format (fp32 weights and optimizer moments per parameter,
+    loadable by another number of ranks or another ZeRO partitioning): converted once (rank 0 alone) into
+    TAG_universal beside it, atomically (a crash leaves the original usable and the next start converts again),
+    then named by `latest_universal`, which DeepSpeed reads with "load_universal". -> the universal tag. Every
+    file is first unpickled with weights_only=True (DeepSpeed's converter unpickles anything)."""
+    with open(os.path.join(ckpt_dir, "latest")) as f:
+        tag = f.read().strip()
+    out = os.path.join(ckpt_dir, f"{tag}_universal")
+    if not os.path.isdir(out):
+        from deepspeed.checkpoint.ds_to_universal import main as convert
+
+        for path in sorted(glob.glob(os.path.join(ckpt_dir, tag, "*.pt"))):
+            safe_load(path, map_location="cpu")
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        convert(argparse.Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp,
+                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                   inject_missing_state=False))
+        os.replace(tmp, out)
+    latest = os.path.join(ckpt_dir, "latest_universal")
+    with open(latest + ".tmp", "w") as f:
+        f.write(f"{tag}_universal")
+    os.replace(latest + ".tmp", latest)
+    return f"{tag}_universal"
