@@ -98,3 +98,21 @@ def test_a_global_batch_the_new_ranks_cannot_keep_is_refused_with_sizes_that_wor
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "global batch of 6 pairs cannot be kept on 1 data-parallel rank(s) with --micro_batch_size 4" in err
     assert err.endswith("use --micro_batch_size 1 or 2 or 3 or 6")
+
+
+def test_a_failed_conversion_leaves_the_checkpoint_as_it_was_and_says_so(tmp_path):
+    """The converter fails (here: a checkpoint without ZeRO's optimizer files): one UserError naming the
+    checkpoint, nothing half-written beside it, the original untouched, so the next start converts again."""
+    from dpo_ds.engine.checkpoint import to_universal
+    from dpo_ds.errors import UserError
+
+    step = tmp_path / "step-0000004"
+    step.mkdir()
+    torch.save({"module": {"w": torch.ones(2)}}, step / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    (tmp_path / "latest").write_text("step-0000004")
+    before = (step / "zero_pp_rank_0_mp_rank_00_model_states.pt").read_bytes()
+    with pytest.raises(UserError, match="converting it for another number of ranks failed .* the checkpoint is "
+                                        "intact: resume on the run's own number of ranks"):
+        to_universal(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["latest", "step-0000004"]
+    assert (step / "zero_pp_rank_0_mp_rank_00_model_states.pt").read_bytes() == before

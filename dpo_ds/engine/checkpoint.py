@@ -62,9 +62,15 @@ def to_universal(ckpt_dir: str) -> str:
             safe_load(path, map_location="cpu")
         tmp = out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        convert(argparse.Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp,
-                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                   inject_missing_state=False))
+        try:
+            convert(argparse.Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp,
+                                       num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                       strict=True, inject_missing_state=False))
+        except Exception as e:  # noqa: BLE001 - DeepSpeed's converter raises what it likes
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{os.path.join(ckpt_dir, tag)}: converting it for another number of ranks failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the checkpoint is "
+                            f"intact: resume on the run's own number of ranks") from None
         os.replace(tmp, out)
     latest = os.path.join(ckpt_dir, "latest_universal")
     with open(latest + ".tmp", "w") as f:
