@@ -58,7 +58,7 @@ def test_first_step_is_ln2_and_export_matches_engine(tiny, prepared, cache, tmp_
     peak = max(r["memory/peak_rss_bytes"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train")
     plan = json.loads(run_module("dpo_ds.plan", "--check", out, "--json").stdout.strip().splitlines()[-1])
     assert plan["measured"]["train"] == peak and plan["measured"]["figure"] == "memory/peak_rss_bytes"
-    assert 0.5 < plan["phases"]["train"]["predicted_peak_bytes"] / peak < 1.5  # measured: 0.6-0.8 (README)
+    assert 0.5 < plan["phases"]["train"]["predicted_peak_bytes"] / peak < 1.5  # measured: 0.84 (README)
     assert os.path.isfile(out / "report.png") and os.listdir(out / "tensorboard")
     p = run_module("dpo_ds.evaluate", "--model", out / "final", "--data", prepared, "--ref_cache", cache,
                    "--output", out / "eval.json")
