@@ -60,17 +60,13 @@ def global_batch(train: dict, world: int) -> int:
 def keep_global_batch(cfg: TrainConfig) -> str | None:
     """A run resumed on another number of ranks keeps the global batch it started with: --grad_accum is derived
     again (global = micro x accumulation x ranks / K; --micro_batch_size may change too) -> the line that says
-    so, None when nothing changed; refused, naming the micro-batch sizes that work, when impossible. Another K
-    is refused."""
+    so, None when nothing changed; refused, naming the micro-batch sizes that work, when impossible. K may
+    change too."""
     saved = saved_record(cfg)
     if saved is None:
         return None
     train, world = saved["train"], saved.get("world_size", dist.world_size())
-    if train.get("sequence_parallel_size", 1) != cfg.sequence_parallel_size:
-        raise UserError(f"{cfg.output_dir} holds a run of --sequence_parallel_size "
-                        f"{train.get('sequence_parallel_size', 1)}: a resume keeps it (another K on resume is not "
-                        f"supported yet); rerun with it, or use a new --output_dir")
-    if world == dist.world_size():
+    if world == dist.world_size() and train.get("sequence_parallel_size", 1) == cfg.sequence_parallel_size:
         return None
     total, dp = global_batch(train, world), dist.dp_size()
     if total % (cfg.micro_batch_size * dp):
@@ -121,7 +117,7 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
     moved = saved.get("world_size", now["world_size"]) != now["world_size"] or \
         old.get("sequence_parallel_size", 1) != cfg.sequence_parallel_size  # keep_global_batch derived accumulation
     for key in resume_keys(TrainConfig):
-        if moved and key in ("micro_batch_size", "grad_accum"):
+        if moved and key in ("micro_batch_size", "grad_accum", "sequence_parallel_size"):
             continue
         was, new = old.get(key), getattr(cfg, key)
         if key in BY_CONTENT:

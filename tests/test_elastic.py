@@ -74,6 +74,22 @@ def test_a_zero3_run_continues_on_another_number_of_ranks(tiny, prepared, cache,
     same_trajectory(whole, two, 11)
 
 
+def test_a_run_continues_with_another_sequence_parallel_size(tiny, prepared, cache, tmp_path):
+    """K = 2 on 2 ranks (one data-parallel group, accumulation 2), back at step 8 and continued with K = 1 on the
+    same 2 ranks (two data-parallel groups, accumulation 1): the same global batch, the same trajectory."""
+    plain = {"share_prompt": False, "packing": False}
+    whole = tmp_path / "whole"
+    p = run_module("dpo_ds.train", *args(tiny, prepared, cache, whole, sequence_parallel_size=2, grad_accum=2),
+                   *[f"--no-{k}" for k in plain], launcher=2)
+    assert "2 ranks = 1 data-parallel x 2 sequence-parallel" in p.stdout
+    one = tmp_path / "k1"
+    back_to(whole, one, 8)
+    p = run_module("dpo_ds.train", *args(tiny, prepared, cache, one, grad_accum=2), *[f"--no-{k}" for k in plain],
+                   launcher=2)
+    assert "K = 2; it continues on 2, K = 1: global batch 4 kept as 2 x 1 accumulation x 2" in p.stdout
+    same_trajectory(whole, one, 9)
+
+
 def test_a_stage_0_run_continues_on_another_number_of_ranks(tiny, prepared, cache, tmp_path):
     """--deepspeed auto (stage 0 on this CPU) on 2 ranks, back at step 8 and continued on 1 rank: a stage-0
     checkpoint holds the whole model and optimizer, so nothing is converted."""
