@@ -46,9 +46,9 @@ def saved_record(cfg: TrainConfig) -> dict | None:
     return saved if isinstance(saved, dict) and isinstance(saved.get("train"), dict) else None
 
 
-def saved_config(cfg: TrainConfig) -> dict | None:
-    """The DeepSpeed configuration of the run OUT holds when it has a checkpoint to continue (saved_record)."""
-    saved = (saved_record(cfg) or {}).get("deepspeed")
+def saved_config(record: dict | None) -> dict | None:
+    """The DeepSpeed configuration in a saved_record (None for none)."""
+    saved = (record or {}).get("deepspeed")
     return saved if isinstance(saved, dict) else None
 
 
@@ -57,12 +57,11 @@ def global_batch(train: dict, world: int) -> int:
     return train["micro_batch_size"] * train["grad_accum"] * (world // train.get("sequence_parallel_size", 1))
 
 
-def keep_global_batch(cfg: TrainConfig) -> str | None:
+def keep_global_batch(cfg: TrainConfig, saved: dict | None) -> str | None:
     """A run resumed on another number of ranks keeps the global batch it started with: --grad_accum is derived
     again (global = micro x accumulation x ranks / K; --micro_batch_size may change too) -> the line that says
     so, None when nothing changed; refused, naming the micro-batch sizes that work, when impossible. K may
-    change too."""
-    saved = saved_record(cfg)
+    change too. `saved`: the saved_record of the run OUT holds."""
     if saved is None:
         return None
     train, world = saved["train"], saved.get("world_size", dist.world_size())
@@ -147,10 +146,7 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
 def offloads(ds: dict) -> str:
     """What a DeepSpeed config offloads to the host (an offloaded optimizer is DeepSpeed's CPU-Adam, whose states
     torch's AdamW does not read)."""
-    zero = ds.get("zero_optimization", {})
-    where = [k for k in ("optimizer", "param") if (zero.get(f"offload_{k}") or {}).get("device", "none")
-             not in ("none", None)]
-    return ", ".join(where) or "none"
+    return ", ".join(engine.offloaded(ds)) or "none"
 
 
 def rng_path(ckpt_dir: str, tag: str) -> str:

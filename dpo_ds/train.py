@@ -44,6 +44,7 @@ from dpo_ds.resume import (
     restore,
     save,
     saved_config,
+    saved_record,
     saved_run,
 )
 from dpo_ds.storage import owner
@@ -158,7 +159,8 @@ def set_up(cfg: TrainConfig) -> Job:
     launched = psutil.Process().create_time()
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # checkpoints are written by every rank, read by all
     tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
-    saved, moved = saved_config(cfg), keep_global_batch(cfg)  # another rank count: --grad_accum derived again
+    record = saved_record(cfg)  # the run OUT holds, if it is to be continued
+    saved, moved = saved_config(record), keep_global_batch(cfg, record)  # other ranks: --grad_accum derived again
     train_ds, train_reference, eval_ds, eval_reference, reference = load_data(
         cfg, engine.planned_dtype(cfg.deepspeed, saved))
     ds_config, said = engine.engine_config(cfg, saved, lambda: longest_row(train_ds))

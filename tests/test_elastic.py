@@ -8,19 +8,16 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, run_module
+from conftest import run_module
 from safetensors.torch import load_file
+from test_train import train_args
 
 from dpo_ds.report.log import read_metrics
 
-ZERO3 = os.path.join(ROOT, "ds_configs", "zero3_cpu.json")
-
 
 def args(tiny, prepared, cache, out, **kw):
-    a = {"deepspeed": ZERO3, "model": tiny[0], "data": prepared, "ref_cache": cache, "output_dir": out,
-         "learning_rate": 2e-3, "warmup_steps": 2, "micro_batch_size": 2, "grad_accum": 1, "max_steps": 12,
-         "save_every": 4, "log_every": 1, "eval_every": 0, "report_to": "none", **kw}
-    return [x for k, v in a.items() for x in (f"--{k}", str(v))]
+    """test_train's flags for a 12-step run with a checkpoint every 4 steps."""
+    return train_args(tiny, prepared, cache, out, **{"grad_accum": 1, "max_steps": 12, "save_every": 4, **kw})
 
 
 def back_to(src, dst, step: int) -> None:

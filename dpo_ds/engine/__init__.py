@@ -24,6 +24,7 @@ from dpo_ds.engine.ds_config import (
                                      collective_forwards,
                                      ds_dtype,
                                      inference_ds_config,
+                                     offloaded,
                                      partitions_nothing,
                                      read_ds_config,
                                      train_ds_config,
@@ -50,6 +51,6 @@ from dpo_ds.engine.models import (
 __all__ = ["AUTO", "ModelSpec", "TrainingSpec", "attn_implementation", "check_model_dir", "check_sequence_parallel",
            "collective_forwards", "disable_dropout", "ds_dtype", "dtype_name", "enable_gradient_checkpointing",
            "engine_config", "export_hf", "gradient_scale", "inference_ds_config", "inference_engine",
-           "load_checkpoint", "load_model", "lr_lambda", "open_model_dir", "partitions_nothing", "planned_dtype",
-           "read_ds_config", "register_ulysses", "resolve_dtype", "safe_load", "tile_mlp", "to_universal",
-           "train_ds_config", "training_engine", "zero_stage"]
+           "load_checkpoint", "load_model", "lr_lambda", "offloaded", "open_model_dir", "partitions_nothing",
+           "planned_dtype", "read_ds_config", "register_ulysses", "resolve_dtype", "safe_load", "tile_mlp",
+           "to_universal", "train_ds_config", "training_engine", "zero_stage"]

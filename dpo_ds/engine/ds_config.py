@@ -80,10 +80,14 @@ def partitions_nothing(ds: dict, world: int | None = None) -> bool:
     """ZeRO-3 on one rank (of `world`, default this job's) without offload: every shard is the whole model, so it
     saves no memory over stage 0 (fp32; stage 2 under bf16/fp16) and costs its hooks, gathers and partition
     copies (1.2-2x the step time on the bench: README)."""
+    return (dist.world_size() if world is None else world) == 1 and zero_stage(ds) == 3 and not offloaded(ds)
+
+
+def offloaded(ds: dict) -> list[str]:
+    """What a DeepSpeed config offloads to the host: "optimizer", "param", both or neither."""
     zero = ds.get("zero_optimization", {})
-    offload = any((zero.get(k) or {}).get("device", "none") not in ("none", None)
-                  for k in ("offload_param", "offload_optimizer"))
-    return (dist.world_size() if world is None else world) == 1 and zero_stage(ds) == 3 and not offload
+    return [k for k in ("optimizer", "param") if (zero.get(f"offload_{k}") or {}).get("device", "none")
+            not in ("none", None)]
 
 
 def ds_dtype(ds: dict) -> torch.dtype:

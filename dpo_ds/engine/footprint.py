@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo_ds.engine.ds_config import read_ds_config
+from dpo_ds.engine.ds_config import offloaded, read_ds_config
 
 GiB = 2 ** 30
 ADAM_STATE = 8          # m and v, fp32
@@ -127,7 +127,7 @@ class Job:
         return 2 if self.ds.get("bf16", {}).get("enabled") or self.ds.get("fp16", {}).get("enabled") else FP32
 
     def offloads(self, what: str) -> bool:
-        return (self.zero(f"offload_{what}") or {}).get("device", "none") not in ("none", None)
+        return what in offloaded(self.ds)
 
     @property
     def tokens(self) -> int:
