@@ -2,8 +2,8 @@
 save and restore, and whether a saved run may continue with the settings given now.
 
 A checkpoint is OUT/checkpoints/step-NNNNNNN: DeepSpeed's files (weights, optimizer, lr schedule) with the
-RunState as their client state, and each rank's RNG state beside them; DeepSpeed writes `latest` last, which
-marks it complete. The data order needs no state: it is a function of (seed, step).
+RunState as their client state, each rank's RNG state and the run's settings (run.json) beside them; DeepSpeed
+writes `latest` last, which marks it complete. The data order needs no state: it is a function of (seed, step).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from dpo_ds.storage.files import read_json
 # inputs named by path: a resumed run compares what they hold (the reference cache's fingerprint covers the
 # model's weights, the tokenizer, the prepared data and the dtype), not how they are spelt
 BY_CONTENT = ("model", "data", "ref_cache")
+RECORD = "run.json"  # OUT/config.json as it was when a checkpoint was saved, inside it
 
 
 def saved_run(cfg: TrainConfig, ds_config: dict, reference: dict) -> dict:
@@ -32,10 +33,23 @@ def saved_run(cfg: TrainConfig, ds_config: dict, reference: dict) -> dict:
     return {"train": to_dict(cfg), "deepspeed": ds_config, "world_size": dist.world_size(), "reference": reference}
 
 
+def record_path(output_dir: str) -> str:
+    """Where the settings the newest checkpoint was saved with are: the copy of OUT/config.json inside it (save),
+    or, for a checkpoint older than such copies, OUT/config.json itself. Not OUT/config.json first: a resume under
+    other ranks or another ZeRO stage rewrites it before its own first checkpoint exists."""
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    try:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            inside = os.path.join(ckpt_dir, f.read().strip(), RECORD)
+    except OSError:
+        inside = ""
+    return inside if os.path.isfile(inside) else os.path.join(output_dir, "config.json")
+
+
 def saved_record(cfg: TrainConfig) -> dict | None:
-    """OUT/config.json of the run OUT holds when it has a checkpoint to continue (None otherwise, or when it
-    cannot be read: check_resumable then says what is wrong with it)."""
-    path = os.path.join(cfg.output_dir, "config.json")
+    """The record (OUT/config.json as saved with it) of the run OUT holds when it has a checkpoint to continue
+    (None otherwise, or when it cannot be read: check_resumable then says what is wrong with it)."""
+    path = record_path(cfg.output_dir)
     if cfg.resume == "never" or not (os.path.isfile(os.path.join(cfg.output_dir, "checkpoints", "latest")) and
                                      os.path.isfile(path)):
         return None  # (--resume never: check_resumable refuses the run)
@@ -83,7 +97,7 @@ def keep_global_batch(cfg: TrainConfig, saved: dict | None) -> str | None:
 def continue_as_started(cfg: TrainConfig) -> None:
     """A run saved before --disable_dropout existed trained with the model's dropout: resumed, it keeps it
     (on every rank: each reads the shared OUT/config.json)."""
-    path = os.path.join(cfg.output_dir, "config.json")
+    path = record_path(cfg.output_dir)
     if os.path.isfile(os.path.join(cfg.output_dir, "checkpoints", "latest")) and os.path.isfile(path):
         try:
             saved = read_json(path).get("train", {})
@@ -95,14 +109,15 @@ def continue_as_started(cfg: TrainConfig) -> None:
 
 def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
     """True when a checkpoint exists and may be continued with `now` (a `saved_run`); refuses, naming each old
-    and new value, a run that cannot: other settings, inputs, ZeRO stage, precision, offload, or a global batch
-    another number of ranks or K cannot keep (keep_global_batch)."""
+    and new value, a run that cannot: other settings, inputs, precision, or a global batch another number of
+    ranks or K cannot keep (keep_global_batch). Another ZeRO stage or offload continues through the universal
+    format (engine.universal), from or to stage 0 in fp32 only."""
     if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         return False
     if cfg.resume == "never":
         raise UserError(f"{cfg.output_dir} already holds a run with checkpoints (--resume never); "
                         f"use a new --output_dir or --resume auto")
-    saved_path = os.path.join(cfg.output_dir, "config.json")
+    saved_path = record_path(cfg.output_dir)
     if not os.path.isfile(saved_path):
         return True
     try:
@@ -128,10 +143,12 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
     if saved.get("reference", now["reference"]) != now["reference"]:
         what = describe_difference(now["reference"], saved["reference"])
         changed.append(f"the reference cache's inputs ({what}) differ from the run's")
-    for name, get in (("ZeRO stage", engine.zero_stage), ("precision", engine.ds_dtype), ("offload", offloads)):
-        was, new = get(saved["deepspeed"]), get(now["deepspeed"])
-        if was != new:
-            changed.append(f"{name} {was} -> {new} (--deepspeed)")
+    was, new = engine.ds_dtype(saved["deepspeed"]), engine.ds_dtype(now["deepspeed"])
+    if was != new:  # the moments and master weights are kept, not re-derived from another precision
+        changed.append(f"precision {was} -> {new} (--deepspeed)")
+    stages = engine.zero_stage(saved["deepspeed"]), engine.zero_stage(now["deepspeed"])
+    if stages[0] != stages[1] and 0 in stages and was == new != torch.float32:
+        changed.append(f"ZeRO stage {stages[0]} -> {stages[1]} under {new} (stage 0 converts in fp32 only)")
     was = global_batch(old, saved.get("world_size", now["world_size"]))
     new = global_batch(to_dict(cfg), now["world_size"])
     if moved and was != new:
@@ -147,6 +164,20 @@ def offloads(ds: dict) -> str:
     """What a DeepSpeed config offloads to the host (an offloaded optimizer is DeepSpeed's CPU-Adam, whose states
     torch's AdamW does not read)."""
     return ", ".join(engine.offloaded(ds)) or "none"
+
+
+def universal_config(ckpt_dir: str, record: dict | None, ds_config: dict, moved: bool) -> dict:
+    """The DeepSpeed config that continues the run `record` describes: when its ZeRO shards must be cut for
+    other ranks or K (`moved`), or its stage or offload changed, the newest checkpoint is converted to the
+    universal format (once, rank 0) and the config reads it; said in one line."""
+    saved = saved_config(record)
+    if not engine.needs_universal(saved, ds_config, moved):
+        return ds_config
+    tag = dist.on_main(lambda: engine.to_universal(ckpt_dir, engine.zero_stage(saved)))
+    dist.print0(f"train: converted {tag} to continue ZeRO stage {engine.zero_stage(saved)} (offload: "
+                f"{offloads(saved)}) on {record.get('world_size', '?')} rank(s) as stage {engine.zero_stage(ds_config)}"
+                f" (offload: {offloads(ds_config)}) on {dist.world_size()}")
+    return {**ds_config, "checkpoint": {"load_universal": True}}
 
 
 def rng_path(ckpt_dir: str, tag: str) -> str:
@@ -221,6 +252,8 @@ def save(policy, ckpt_dir: str, state: RunState, keep: int = 2) -> None:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, rng_path(ckpt_dir, tag))  # before DeepSpeed writes `latest`, which marks it complete
+    if dist.is_main():  # the settings it is saved with: a resume reads them (record_path)
+        shutil.copyfile(os.path.join(os.path.dirname(ckpt_dir), "config.json"), os.path.join(ckpt_dir, tag, RECORD))
     policy.save_checkpoint(ckpt_dir, tag=tag, client_state=state.client_state())
     if dist.is_main():
         tags = sorted(t for t in os.listdir(ckpt_dir) if re.fullmatch(r"step-\d{7}", t))

@@ -46,6 +46,7 @@ from dpo_ds.resume import (
     saved_config,
     saved_record,
     saved_run,
+    universal_config,
 )
 from dpo_ds.storage import owner
 from dpo_ds.storage.files import atomic_json, read_json
@@ -180,9 +181,8 @@ def set_up(cfg: TrainConfig) -> Job:
     resuming = dist.on_main(lambda: check_resumable(cfg, ckpt_dir, run))  # before anything is rewritten
     if dist.is_main():
         atomic_json(os.path.join(cfg.output_dir, "config.json"), run)
-    if resuming and moved and engine.zero_stage(ds_config):  # ZeRO's shards are per rank: re-shard them
-        dist.print0(f"train: converted {dist.on_main(lambda: engine.to_universal(ckpt_dir))} for the new ranks")
-        ds_config = {**ds_config, "checkpoint": {"load_universal": True}}
+    if resuming:  # other ranks, K, ZeRO stage or offload: through the universal format
+        ds_config = universal_config(ckpt_dir, record, ds_config, bool(moved))
     policy = engine.training_engine(engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_config)
     state = restore(policy, ckpt_dir) if resuming else RunState()
     start = state.step

@@ -3,10 +3,12 @@ ZeRO-3 shards re-sharded through DeepSpeed's universal checkpoint format, conver
 original.
     scripts/test.sh tests/test_elastic.py
 """
+import json
 import os
 import shutil
 
 import pytest
+import test_train
 import torch
 from conftest import run_module
 from safetensors.torch import load_file
@@ -34,13 +36,23 @@ def back_to(src, dst, step: int) -> None:
         shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
 
 
-def same_trajectory(a, b, first: int) -> None:
+def same_trajectory(a, b, first: int, stages: bool = False) -> None:
+    """Run b's train steps from `first` on are run a's (1e-5), and its exported weights too (1e-4). `stages`: one
+    of the two ran as stage 0, the other under ZeRO, which sum gradients and their norm in other fp32 orders:
+    uninterrupted runs of each differ (measured, this tiny model) by up to 1.2e-5 in grad_norm, so its bound is
+    1e-4 there, and rewards, differences of log-probs (β·Δlog π, |log π| ~ 40 here), by up to 4e-7 absolute, which
+    is 1.4e-5 of a margin near 0: they are bounded by 1e-5 of the β·log π they come from, as DPO's loss sees them."""
     ra = {r["step"]: r for r in read_metrics(a / "metrics.jsonl") if r["split"] == "train"}
     rb = {r["step"]: r for r in read_metrics(b / "metrics.jsonl") if r["split"] == "train"}
     assert sorted(ra) == sorted(rb) == list(range(1, 13))
     for step in range(first, 13):
         for k in ("loss", "grad_norm", "rewards/margins", "rewards/chosen", "lr", "num_tokens"):
-            assert rb[step][k] == pytest.approx(ra[step][k], rel=1e-5, abs=1e-7), (step, k)
+            rel, near = 1e-5, 1e-7
+            if stages and k == "grad_norm":
+                rel = 1e-4
+            elif stages and k.startswith("rewards/"):
+                near = 1e-5 * 0.1 * abs(ra[step]["logps/chosen"])  # β = 0.1, the default
+            assert rb[step][k] == pytest.approx(ra[step][k], rel=rel, abs=near), (step, k)
     wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
     diff = torch.cat([(wb[n] - wa[n]).flatten() for n in wa]).norm()
     assert float(diff / torch.cat([wa[n].flatten() for n in wa]).norm()) < 1e-4
@@ -100,6 +112,55 @@ def test_a_stage_0_run_continues_on_another_number_of_ranks(tiny, prepared, cach
     same_trajectory(whole, one, 9)
 
 
+def fp32_config(tmp_path, stage: int, **zero) -> str:
+    """A shipped CPU config at another ZeRO stage."""
+    with open(test_train.ZERO3) as f:
+        ds = json.load(f)
+    ds["zero_optimization"] = {"stage": stage, **zero} if stage != 3 else {**ds["zero_optimization"], **zero}
+    if zero:  # an offloaded optimizer is DeepSpeed's CPU-Adam, named in the config as zero3_offload.json does
+        ds["optimizer"] = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8}}
+    path = tmp_path / f"zero{stage}{'_offload' if zero else ''}.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+def test_a_zero3_run_continues_as_stage_2_as_stage_0_and_offloaded(tiny, prepared, cache, tmp_path):
+    """ZeRO-3 on 2 ranks, back at step 8: continued as ZeRO-2 on 2 ranks (DeepSpeed's universal loader, after the
+    conversion completed the ZeRO-3 layout for it), as stage 0 on 1 rank (dpo_ds's loader: DeepSpeed reads
+    universal checkpoints under ZeRO only), and as ZeRO-3 with the optimizer offloaded (CPU-Adam) on 1 rank: each
+    the uninterrupted run's steps 9-12. One conversion serves all three."""
+    whole = tmp_path / "whole"
+    run_module("dpo_ds.train", *args(tiny, prepared, cache, whole), launcher=2)
+    two = tmp_path / "stage2"
+    back_to(whole, two, 8)
+    p = run_module("dpo_ds.train", *args(tiny, prepared, cache, two, deepspeed=fp32_config(tmp_path, 2)), launcher=2)
+    assert "converted step-0000008_universal to continue ZeRO stage 3 (offload: none) on 2 rank(s) as stage 2 " \
+        "(offload: none) on 2" in p.stdout and "ZeRO stage 2" in p.stdout
+    same_trajectory(whole, two, 9)
+    for name, ds, said in (("stage0", test_train.ZERO0, "as stage 0 (offload: none) on 1"),
+                           ("offload", fp32_config(tmp_path, 3, offload_optimizer={"device": "cpu"}),
+                            "as stage 3 (offload: optimizer) on 1")):
+        # the stage-2 run's directory at step 8: its config.json says stage 2, but the step-8 checkpoint was saved
+        # under ZeRO-3 on 2 ranks, as the settings saved inside it say; the stage-2 resume's conversion is reused
+        back_to(two, tmp_path / name, 8)
+        p = run_module("dpo_ds.train", *args(tiny, prepared, cache, tmp_path / name, deepspeed=ds, grad_accum=2))
+        assert f"converted step-0000008_universal to continue ZeRO stage 3 (offload: none) on 2 rank(s) {said}" \
+            in p.stdout and "resuming at step 8" in p.stdout
+        same_trajectory(whole, tmp_path / name, 9, stages=True)  # (CPU-Adam's own arithmetic too)
+
+
+def test_a_stage_0_run_continues_as_zero3(tiny, prepared, cache, tmp_path):
+    """Stage 0 on 2 ranks (one file: module and AdamW state), back at step 8 and continued as ZeRO-3 on 2 ranks:
+    converted here (DeepSpeed's converter reads ZeRO checkpoints only), the same trajectory (1e-5)."""
+    whole = tmp_path / "whole"
+    run_module("dpo_ds.train", *args(tiny, prepared, cache, whole, deepspeed=test_train.ZERO0), launcher=2)
+    three = tmp_path / "stage3"
+    back_to(whole, three, 8)
+    p = run_module("dpo_ds.train", *args(tiny, prepared, cache, three), launcher=2)
+    assert "to continue ZeRO stage 0 (offload: none) on 2 rank(s) as stage 3" in p.stdout
+    same_trajectory(whole, three, 9, stages=True)
+
+
 def test_a_global_batch_the_new_ranks_cannot_keep_is_refused_with_sizes_that_work(tiny, prepared, cache, tmp_path):
     whole = tmp_path / "whole"
     run_module("dpo_ds.train", *args(tiny, prepared, cache, whole, max_steps=2, save_every=2, micro_batch_size=3,
@@ -116,7 +177,7 @@ def test_a_global_batch_the_new_ranks_cannot_keep_is_refused_with_sizes_that_wor
 def test_a_failed_conversion_leaves_the_checkpoint_as_it_was_and_says_so(tmp_path):
     """The converter fails (here: a checkpoint without ZeRO's optimizer files): one UserError naming the
     checkpoint, nothing half-written beside it, the original untouched, so the next start converts again."""
-    from dpo_ds.engine.checkpoint import to_universal
+    from dpo_ds.engine.universal import to_universal
     from dpo_ds.errors import UserError
 
     step = tmp_path / "step-0000004"
@@ -124,8 +185,8 @@ def test_a_failed_conversion_leaves_the_checkpoint_as_it_was_and_says_so(tmp_pat
     torch.save({"module": {"w": torch.ones(2)}}, step / "zero_pp_rank_0_mp_rank_00_model_states.pt")
     (tmp_path / "latest").write_text("step-0000004")
     before = (step / "zero_pp_rank_0_mp_rank_00_model_states.pt").read_bytes()
-    with pytest.raises(UserError, match="converting it for another number of ranks failed .* the checkpoint is "
-                                        "intact: resume on the run's own number of ranks"):
-        to_universal(str(tmp_path))
+    with pytest.raises(UserError, match="converting it for another cluster or ZeRO stage failed .* the checkpoint "
+                                        "is intact: resume with the run's own ranks and --deepspeed configuration"):
+        to_universal(str(tmp_path), 3)
     assert sorted(os.listdir(tmp_path)) == ["latest", "step-0000004"]
     assert (step / "zero_pp_rank_0_mp_rank_00_model_states.pt").read_bytes() == before

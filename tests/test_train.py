@@ -23,6 +23,7 @@ from dpo_ds.model.pair import HeadStats, Logps, Pair
 from dpo_ds.report.log import read_metrics
 
 ZERO3 = os.path.join(ROOT, "ds_configs", "zero3_cpu.json")
+ZERO0 = os.path.join(ROOT, "ds_configs", "zero0_cpu.json")
 
 
 def train_args(tiny, prepared, cache, out, **kw):

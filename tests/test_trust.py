@@ -151,13 +151,12 @@ def test_resume_compares_content_not_paths_and_refuses_in_one_line(tiny, prepare
     from safetensors.torch import load_file, save_file
     w = load_file(other / "model.safetensors")
     save_file({k: v + 1e-3 for k, v in w.items()}, other / "model.safetensors", metadata={"format": "pt"})
-    zero2 = tmp_path / "zero2.json"  # (ZeRO-3 on this one rank would run as stage 0: no change to refuse)
-    json.dump({k: v for k, v in json.load(open(os.path.join(ROOT, "ds_configs", "zero2.json"))).items() if k != "bf16"},
-              open(zero2, "w"))
+    zero2 = os.path.join(ROOT, "ds_configs", "zero2.json")  # bf16: another precision (another stage may change)
     p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=zero2, beta=0.2), check=False)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert err[-1].startswith("error: ") and "--beta 0.1 -> 0.2" in err[-1] and "ZeRO stage 0 -> 2" in err[-1]
+    assert err[-1].startswith("error: ") and "--beta 0.1 -> 0.2" in err[-1], err[-1]
+    assert "precision torch.float32 -> torch.bfloat16" in err[-1] and "ZeRO stage" not in err[-1], err[-1]
     assert (out / "config.json").read_bytes() == saved
     with pytest.raises(UserError, match="another reference model"):  # the cache itself refuses other weights
         train.run(C.TrainConfig(deepspeed=ZERO0, model=str(other), data=prepared, ref_cache=cache, output_dir=str(out),
@@ -184,6 +183,22 @@ def test_planted_pickle_in_a_checkpoint_is_refused(tiny, prepared, cache, tmp_pa
     states.write_bytes(clean)  # the genuine checkpoint loads (ZeRO-3's own types: the 2-rank resumes in test_train)
     p = run_module("dpo_ds.train", *train_cmd(tiny, prepared, cache, out, deepspeed=ZERO3))
     assert "train: already complete" in p.stdout
+
+
+def test_universal_checkpoint_files_are_read_with_weights_only(tmp_path):
+    """DeepSpeed's universal-checkpoint readers (a resume on other ranks or another ZeRO stage) call
+    torch.load(..., weights_only=False) themselves: while dpo_ds loads a checkpoint, torch.load refuses a payload."""
+    from dpo_ds.engine.checkpoint import only_weights
+
+    marker, path = tmp_path / "pwned", tmp_path / "fp32.pt"
+    torch.save({"param": torch.ones(2), "extra": Payload(str(marker))}, path)
+    with only_weights(), pytest.raises(UserError, match="refused to load: it holds 'posix.system'"):
+        torch.load(path, weights_only=False)
+    assert not marker.exists()
+    torch.save({"param": torch.ones(2), "cat_dim": 0}, path)
+    with only_weights():
+        assert torch.load(path, weights_only=False)["cat_dim"] == 0
+    assert torch.load is not None and "only_weights" not in repr(torch.load)
 
 
 def check_export(out, p):

@@ -6,6 +6,7 @@
     long_context  Ulysses sequence parallelism and TiledMLP
     build         the training engine (policy, AdamW, lr schedule) and the inference engine
     checkpoint    DeepSpeed checkpoints read back safely
+    universal     a checkpoint continued on other ranks or another ZeRO stage (DeepSpeed's universal format)
     export        the policy out as an HF checkpoint, gathered from ZeRO-3 shards
     footprint     each phase's memory per rank, term by term, from the configs alone (dpo_ds.plan)
     calibrate     the CPU's measured terms for dpo_ds.plan: runtime and per-layer excess, from probes
@@ -18,7 +19,7 @@ from dpo_ds.engine.build import (
                                      lr_lambda,
                                      training_engine,
 )
-from dpo_ds.engine.checkpoint import load_checkpoint, safe_load, to_universal
+from dpo_ds.engine.checkpoint import load_checkpoint, safe_load
 from dpo_ds.engine.choice import AUTO, engine_config, planned_dtype
 from dpo_ds.engine.ds_config import (
                                      collective_forwards,
@@ -47,10 +48,11 @@ from dpo_ds.engine.models import (
                                      open_model_dir,
                                      resolve_dtype,
 )
+from dpo_ds.engine.universal import needs_universal, to_universal
 
 __all__ = ["AUTO", "ModelSpec", "TrainingSpec", "attn_implementation", "check_model_dir", "check_sequence_parallel",
            "collective_forwards", "disable_dropout", "ds_dtype", "dtype_name", "enable_gradient_checkpointing",
            "engine_config", "export_hf", "gradient_scale", "inference_ds_config", "inference_engine",
-           "load_checkpoint", "load_model", "lr_lambda", "offloaded", "open_model_dir", "partitions_nothing",
-           "planned_dtype", "read_ds_config", "register_ulysses", "resolve_dtype", "safe_load", "tile_mlp",
-           "to_universal", "train_ds_config", "training_engine", "zero_stage"]
+           "load_checkpoint", "load_model", "lr_lambda", "needs_universal", "offloaded", "open_model_dir",
+           "partitions_nothing", "planned_dtype", "read_ds_config", "register_ulysses", "resolve_dtype", "safe_load",
+           "tile_mlp", "to_universal", "train_ds_config", "training_engine", "zero_stage"]
