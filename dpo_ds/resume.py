@@ -245,7 +245,7 @@ class RunState:
 
 def save(policy, ckpt_dir: str, state: RunState, keep: int = 2) -> None:
     """A DeepSpeed checkpoint of the engine `policy` with `state`, plus each rank's RNG state (dropout, if the
-    model has any, continues exactly); the newest `keep` are kept."""
+    model has any, continues exactly); the newest `keep` are kept (0: all)."""
     tag = f"step-{state.step:07d}"
     os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
     rng = {"torch": torch.get_rng_state()}
@@ -257,7 +257,7 @@ def save(policy, ckpt_dir: str, state: RunState, keep: int = 2) -> None:
     policy.save_checkpoint(ckpt_dir, tag=tag, client_state=state.client_state())
     if dist.is_main():
         tags = sorted(t for t in os.listdir(ckpt_dir) if re.fullmatch(r"step-\d{7}", t))
-        for old in tags[:-keep]:  # with its universal conversion, if a resume on other ranks made one
+        for old in tags[:-keep] if keep else []:  # with its universal conversion, if a resume on other ranks made one
             for name in (old, f"{old}_universal"):
                 shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
     dist.barrier()

@@ -224,7 +224,7 @@ def train_loop(job: Job) -> None:
         if done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0):
             job.evaluate(done)
         if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
-            save(policy, job.ckpt_dir, state)
+            save(policy, job.ckpt_dir, state, cfg.save_total_limit)
     bar.close()
 
 

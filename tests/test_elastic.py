@@ -59,28 +59,30 @@ def same_trajectory(a, b, first: int, stages: bool = False) -> None:
 
 
 def test_a_zero3_run_continues_on_another_number_of_ranks(tiny, prepared, cache, tmp_path):
-    """2 ranks, 12 steps, a checkpoint every 4: back at step 8 and continued on 1 rank (accumulation 1 -> 2, the
-    same global batch of 4), the steps after it are the uninterrupted run's (1e-5); back at that run's step 10
+    """2 ranks, 12 steps, a checkpoint every 3: back at step 6 and continued on 1 rank (accumulation 1 -> 2, the
+    same global batch of 4), the steps after it are the uninterrupted run's (1e-5); back at that run's step 9
     and continued on 2 ranks again, too. The conversion is kept beside the checkpoint, and pruned with it."""
     whole = tmp_path / "whole"
-    run_module("dpo_ds.train", *args(tiny, prepared, cache, whole), launcher=2)
+    run_module("dpo_ds.train", *args(tiny, prepared, cache, whole, save_every=3, save_total_limit=0), launcher=2)
+    assert sorted(n for n in os.listdir(whole / "checkpoints") if n.startswith("step-")) == \
+        [f"step-{s:07d}" for s in (3, 6, 9, 12)]  # --save_total_limit 0 keeps them all: one to be killed after
 
     one = tmp_path / "one"
-    back_to(whole, one, 8)
-    p = run_module("dpo_ds.train", *args(tiny, prepared, cache, one, save_every=2))
+    back_to(whole, one, 6)
+    p = run_module("dpo_ds.train", *args(tiny, prepared, cache, one, save_every=3))
     assert "it continues on 1, K = 1: global batch 4 kept as 2 x 2 accumulation x 1 data-parallel rank(s)" in p.stdout
-    assert "converted step-0000008_universal" in p.stdout and "resuming at step 8" in p.stdout
+    assert "converted step-0000006_universal" in p.stdout and "resuming at step 6" in p.stdout
     assert "ZeRO stage 3" in p.stdout  # a run that started as ZeRO-3 stays ZeRO-3 on one rank
-    same_trajectory(whole, one, 9)
+    same_trajectory(whole, one, 7)
     assert sorted(n for n in os.listdir(one / "checkpoints") if n.startswith("step-")) == \
-        ["step-0000010", "step-0000012"]
+        ["step-0000009", "step-0000012"]
 
     two = tmp_path / "two"
-    back_to(one, two, 10)
-    p = run_module("dpo_ds.train", *args(tiny, prepared, cache, two, grad_accum=2, save_every=2), launcher=2)
+    back_to(one, two, 9)
+    p = run_module("dpo_ds.train", *args(tiny, prepared, cache, two, grad_accum=2, save_every=3), launcher=2)
     assert "global batch 4 kept as 2 x 1 accumulation x 2 data-parallel rank(s)" in p.stdout
-    assert "converted step-0000010_universal" in p.stdout
-    same_trajectory(whole, two, 11)
+    assert "converted step-0000009_universal" in p.stdout
+    same_trajectory(whole, two, 10)
 
 
 def test_a_run_continues_with_another_sequence_parallel_size(tiny, prepared, cache, tmp_path):
@@ -190,3 +192,37 @@ def test_a_failed_conversion_leaves_the_checkpoint_as_it_was_and_says_so(tmp_pat
         to_universal(str(tmp_path), 3)
     assert sorted(os.listdir(tmp_path)) == ["latest", "step-0000004"]
     assert (step / "zero_pp_rank_0_mp_rank_00_model_states.pt").read_bytes() == before
+
+
+def test_a_conversion_killed_half_way_is_done_again_and_a_stage_0_checkpoint_converts_exactly(tmp_path):
+    """A start killed while converting leaves TAG_universal.tmp (never TAG_universal): the next start removes it
+    and converts again. A stage-0 checkpoint (module + torch's AdamW state by index) becomes one folder per
+    parameter, the tied weight's second name dropped, every value the checkpoint's, readable by ZeRO-1/2 and 3."""
+    from dpo_ds.engine.checkpoint import safe_load
+    from dpo_ds.engine.universal import to_universal
+
+    tag = tmp_path / "step-0000004"
+    tag.mkdir()
+    emb, norm = torch.randn(6, 4), torch.randn(4)
+    state = {0: {"step": torch.tensor(4.0), "exp_avg": torch.randn(6, 4), "exp_avg_sq": torch.rand(6, 4)},
+             1: {"step": torch.tensor(4.0), "exp_avg": torch.randn(4), "exp_avg_sq": torch.rand(4)}}
+    torch.save({"module": {"embed.weight": emb, "norm.weight": norm, "head.weight": emb}, "buffer_names": [],
+                "optimizer": {"state": state, "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 1]}]},
+                "lr_scheduler": {"last_epoch": 4}, "global_steps": 4, "global_samples": 16, "ds_version": "0.19.8",
+                "step": 4}, tag / "mp_rank_00_model_states.pt")
+    (tmp_path / "latest").write_text("step-0000004")
+    stale = tmp_path / "step-0000004_universal.tmp"
+    (stale / "zero" / "half").mkdir(parents=True)  # what a kill in the middle leaves
+    assert to_universal(str(tmp_path), 0) == "step-0000004_universal"
+    out = tmp_path / "step-0000004_universal"
+    assert not stale.exists() and (tmp_path / "latest_universal").read_text() == "step-0000004_universal"
+    assert sorted(os.listdir(out / "zero")) == ["embed.weight", "norm.weight", "optimizer_state.pt"]
+    for name, weight, index in (("embed.weight", emb, 0), ("norm.weight", norm, 1)):
+        got = {k: safe_load(out / "zero" / name / f"{k}.pt") for k in ("fp32", "exp_avg", "exp_avg_sq", "step")}
+        assert torch.equal(got["fp32"]["param"], weight) and float(got["step"]) == 4.0
+        assert all(torch.equal(got[k]["param"], state[index][k]) for k in ("exp_avg", "exp_avg_sq"))
+    optim = safe_load(out / "zero" / "optimizer_state.pt")
+    assert float(optim["optimizer_state_dict"]["state"][0]["step"]) == 4.0 and optim["ds_version"] == "0.19.8"
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        common = safe_load(out / name)
+        assert common["global_steps"] == 4 and common["step"] == 4 and common["module"] == {}
