@@ -254,7 +254,8 @@ def save(policy, ckpt_dir: str, state: RunState, keep: int = 2) -> None:
     torch.save(rng, rng_path(ckpt_dir, tag))  # before DeepSpeed writes `latest`, which marks it complete
     if dist.is_main():  # the settings it is saved with: a resume reads them (record_path)
         shutil.copyfile(os.path.join(os.path.dirname(ckpt_dir), "config.json"), os.path.join(ckpt_dir, tag, RECORD))
-    policy.save_checkpoint(ckpt_dir, tag=tag, client_state=state.client_state())
+    frozen = not all(p.requires_grad for p in policy.module.parameters())  # adapters: the SFT weights stay out
+    policy.save_checkpoint(ckpt_dir, tag=tag, client_state=state.client_state(), exclude_frozen_parameters=frozen)
     if dist.is_main():
         tags = sorted(t for t in os.listdir(ckpt_dir) if re.fullmatch(r"step-\d{7}", t))
         for old in tags[:-keep] if keep else []:  # with its universal conversion, if a resume on other ranks made one

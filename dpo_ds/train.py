@@ -183,7 +183,8 @@ def set_up(cfg: TrainConfig) -> Job:
         atomic_json(os.path.join(cfg.output_dir, "config.json"), run)
     if resuming:  # other ranks, K, ZeRO stage or offload: through the universal format
         ds_config = universal_config(ckpt_dir, record, ds_config, bool(moved))
-    policy = engine.training_engine(engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_config)
+    policy = engine.training_engine(engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_config,
+                                    engine.AdapterSpec.of(cfg))
     state = restore(policy, ckpt_dir) if resuming else RunState()
     start = state.step
     log = open_log(cfg, start)
@@ -252,7 +253,7 @@ def finish(job: Job) -> dict:
     exported = dist.on_main(lambda: os.path.isdir(final_dir))  # one answer: export is collective
     if not (finished_before and exported):
         run = read_json(os.path.join(cfg.output_dir, "config.json")) if dist.is_main() else None
-        engine.export_hf(job.policy.module.lm, cfg.model, final_dir, card=lambda: model_card.render(cfg, run))
+        engine.export(job.policy.module, cfg.model, final_dir, lambda: model_card.render(cfg, run), cfg.merge_adapter)
     dist.barrier()  # rank 0's MetricsLog has rewritten metrics.jsonl (a finished run's rerun exports nothing)
     final = dist.on_main(lambda: final_eval(cfg))
     peaks = memory.per_rank()

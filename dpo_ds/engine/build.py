@@ -9,6 +9,7 @@ import torch
 
 from dpo_ds import dist
 from dpo_ds.config import LOGP_CHUNK_SIZE
+from dpo_ds.engine.adapters import AdapterSpec, quantization_config, wrap
 from dpo_ds.engine.ds_config import collective_forwards, ds_dtype, inference_ds_config
 from dpo_ds.engine.long_context import gradient_scale, register_ulysses, tile_mlp
 from dpo_ds.engine.models import disable_dropout, enable_gradient_checkpointing, load_model, resolve_dtype
@@ -65,20 +66,24 @@ def _load(spec: ModelSpec, dtype: torch.dtype, ds_config: dict | None = None):
     return load_model(spec.path, dtype, spec.attn_implementation, spec.trust_remote_code, ds_config)
 
 
-def training_engine(spec: ModelSpec, training: TrainingSpec, ds_config: dict):
+def training_engine(spec: ModelSpec, training: TrainingSpec, ds_config: dict, adapter: AdapterSpec | None = None):
     """The policy under DeepSpeed (built under zero.Init for ZeRO-3), gradient checkpointing as asked, AdamW
-    and the lr schedule: called like SequenceLogps, trained with backward() and step()."""
+    and the lr schedule: called like SequenceLogps, trained with backward() and step(). With `adapter`: LoRA
+    on the frozen model, the PeftModel kept as `engine.module.peft_model` (not a submodule) for the export."""
     torch.manual_seed(training.seed)
     k = spec.sequence_parallel_size
     scale = gradient_scale(ds_config, k) if k > 1 else 1  # refuses a config it cannot scale, before the load
-    model = _load(spec, ds_dtype(ds_config), ds_config)
-    if training.disable_dropout:
+    model = load_model(spec.path, ds_dtype(ds_config), spec.attn_implementation, spec.trust_remote_code, ds_config,
+                       quantization_config(adapter))
+    peft_model = wrap(model, adapter, training.seed) if adapter else None
+    if training.disable_dropout:  # (the adapters' dropout too, as TRL)
         disable_dropout(model)
     if training.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if training.tiled_mlp:
         tile_mlp(model, collective=collective_forwards(ds_config))
     logps, mpu = _sequence_logps(spec, model, collective_forwards(ds_config), True, scale)
+    object.__setattr__(logps, "peft_model", peft_model)  # outside the module tree: ZeRO-3 hooks each module once
     return _deepspeed_training(logps, ds_config, training, mpu)
 
 

@@ -21,8 +21,9 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
 
         return load_into_stage0(engine, ckpt_dir)  # DeepSpeed reads universal checkpoints under ZeRO only
     engine.checkpoint_engine.load = safe_load  # the engine reads its own checkpoint files through this
+    whole = all(p.requires_grad for p in engine.module.parameters())  # adapters: frozen weights are not saved
     with only_weights():  # ... and universal ones with torch.load itself
-        _, client_state = engine.load_checkpoint(ckpt_dir, load_lr_scheduler_states=True)
+        _, client_state = engine.load_checkpoint(ckpt_dir, load_lr_scheduler_states=True, load_module_strict=whole)
     return client_state
 
 

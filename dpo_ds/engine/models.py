@@ -4,6 +4,7 @@ DeepSpeed's communication layer started on the process group dpo_ds.dist made.""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import importlib.util
 import os
@@ -94,7 +95,8 @@ def check_model_dir(path: str) -> None:
     """The start-up check of --model, run once by each phase before anything is loaded."""
     if not os.path.isdir(path):
         raise UserError(f"--model {path}: no such directory (expected an HF checkpoint)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isfile(os.path.join(path, "config.json")) and \
+            not os.path.isfile(os.path.join(path, "adapter_config.json")):  # an adapter: PEFT's format
         raise UserError(f"--model {path}: no config.json; is it an HF checkpoint (save_pretrained)?")
     if not glob.glob(os.path.join(path, "*.safetensors")):
         raise UserError(f"--model {path}: no *.safetensors weights (pickle checkpoints are not loaded; "
@@ -102,18 +104,41 @@ def check_model_dir(path: str) -> None:
 
 
 def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
-               ds_config: dict | None = None):
+               ds_config: dict | None = None, quantization_config=None):
     """An HF causal LM from safetensors. With a ZeRO-3 `ds_config` it is built under `zero.Init`
-    (transformers' HfDeepSpeedConfig route), so no rank ever holds the whole model."""
+    (transformers' HfDeepSpeedConfig route), so no rank ever holds the whole model. An adapter directory (PEFT's
+    format) is its base model with the adapter merged (not under ZeRO-3: merge it at export, --merge_adapter)."""
     global _HF_DS_CONFIG
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
+    from dpo_ds.engine.adapters import is_adapter_dir, load_merged
+
     if ds_config:
         _init_deepspeed()
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config and zero_stage(ds_config) == 3 else None
+    if is_adapter_dir(path):
+        if _HF_DS_CONFIG is not None:
+            raise UserError(f"--model {path} is an adapter: its merge needs whole weights, which ZeRO-3 shards; "
+                            f"score it without --deepspeed, or its merged checkpoint (train --merge_adapter)")
+        return load_merged(path, lambda base: load_model(base, dtype, attn, trust_remote_code))
+    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(attn, dtype),
-                                                use_safetensors=True, trust_remote_code=trust_remote_code)
+                                                use_safetensors=True, trust_remote_code=trust_remote_code, **extra)
+
+
+@contextlib.contextmanager
+def whole_loads():
+    """Within: transformers loads whole models even after a ZeRO-3 engine was built in this process (rank 0's
+    merge at export: zero.Init there would wait for collectives no other rank makes)."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if _HF_DS_CONFIG is not None:
+            set_hf_deepspeed_config(_HF_DS_CONFIG)
 
 
 def disable_dropout(model) -> None:

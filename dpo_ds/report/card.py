@@ -38,8 +38,13 @@ def render(cfg, run: dict) -> str:
     after = next((r for r in reversed(evals) if r["step"] == cfg.max_steps), None)
     losses = " + ".join(f"{w:g}·{t}" for t, w in zip(cfg.loss_type, cfg.weights()))
     datasets = ["datasets:", f"  - {source.hub_id}"] if source else []
-    front = ["---", f"base_model: {base_model(cfg.model)}", "library_name: transformers",
-             "tags: [dpo, dpo_ds, deepspeed]", *datasets, "---"]
+    library, adapter = ("peft", [f"| adapter | LoRA r {cfg.lora_r}, α {cfg.lora_alpha}, dropout {cfg.lora_dropout} on "
+                                 f"{' '.join(cfg.lora_target_modules or ['the decoder layers’ projections'])}; "
+                                 f"load with `PeftModel.from_pretrained`"
+                                 f"{', merged model in merged/' if cfg.merge_adapter else ''} |"]) \
+        if cfg.use_peft else ("transformers", [])
+    front = ["---", f"base_model: {base_model(cfg.model)}", f"library_name: {library}",
+             f"tags: [dpo, dpo_ds, deepspeed{', lora' if cfg.use_peft else ''}]", *datasets, "---"]
     lines = front + [
         "", f"# {os.path.basename(os.path.abspath(cfg.output_dir))}", "",
         f"`{base_model(cfg.model)}` trained with Direct Preference Optimization by dpo_ds, against a "
@@ -56,7 +61,7 @@ def render(cfg, run: dict) -> str:
         f"| data | {report.get('source')}: {report['counts'].get('train', 0)} train / "
         f"{report['counts'].get('eval', 0)} held-out pairs, max length {report['settings']['max_length']} |",
         f"| reference cache | sha256 of the SFT weights {run['reference']['model']['weights'][:16]}…, of the "
-        f"prepared data {run['reference']['data'][:16]}…; {run['reference']['dtype']} log-probs |", "",
+        f"prepared data {run['reference']['data'][:16]}…; {run['reference']['dtype']} log-probs |", *adapter, "",
     ]
     if after:  # the SFT model's column when step 0 was evaluated (--eval_every > 0)
         cols = [("before (SFT)", before)] * bool(before) + [(f"after {cfg.max_steps} steps", after)]

@@ -1,0 +1,165 @@
+"""LoRA adapters on the policy (PEFT): injected before DeepSpeed so that only their parameters get gradients and
+optimizer state; out as PEFT's adapter directory and, merged, as a plain HF checkpoint; an adapter directory
+read back as its base model with the adapter merged (evaluate).
+
+The reference needs no adapter-disabled forward (TRL's way): it is the cache, computed from the SFT model the
+adapters sit on, and an adapter initialised as PEFT does (B = 0) starts at that model exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dpo_ds import dist
+from dpo_ds.errors import ConfigError, UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """LoRA as train's flags give it (TRL's and PEFT's names)."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple | None = None       # None: the decoder layers' linear projections
+    modules_to_save: tuple | None = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "AdapterSpec | None":
+        """From a dpo_ds.config.TrainConfig; None without --use_peft."""
+        if not cfg.use_peft:
+            return None
+        return cls(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_target_modules or ()) or None,
+                   tuple(cfg.lora_modules_to_save or ()) or None, cfg.load_in_4bit, cfg.load_in_8bit)
+
+
+def default_targets(model) -> list[str]:
+    """The attention and MLP projections the architecture has: the names of the linear layers inside its
+    decoder layers (the embeddings and lm_head stay as they are unless asked for)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and ".layers." in name}
+    if not names:
+        raise UserError(f"{type(model).__name__}: no linear layers inside .layers.: name them with "
+                        f"--lora_target_modules")
+    return sorted(names)
+
+
+def quantization_config(spec: AdapterSpec | None):
+    """transformers' BitsAndBytesConfig for QLoRA's frozen base (None without --load_in_4bit/8bit), or one line
+    saying why it cannot run here."""
+    if spec is None or not (spec.load_in_4bit or spec.load_in_8bit):
+        return None
+    import importlib.util
+
+    flag = "--load_in_4bit" if spec.load_in_4bit else "--load_in_8bit"
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{flag}: bitsandbytes' quantized layers need a CUDA GPU and the bitsandbytes package "
+                          f"(this machine lacks {'a CUDA GPU' if not torch.cuda.is_available() else 'bitsandbytes'});"
+                          f" train LoRA on the unquantized base instead (drop {flag})")
+    from transformers import BitsAndBytesConfig
+
+    if spec.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+
+
+def wrap(model, spec: AdapterSpec, seed: int):
+    """Inject LoRA into `model` in place (PEFT) -> the PeftModel around it. Every base weight is frozen; each
+    lora_A is drawn as PEFT draws it (Kaiming-uniform, a = √5) from its own generator seeded by `seed` and its
+    name, so the start does not depend on the ranks, the ZeRO stage or what consumed random numbers before;
+    each lora_B is 0, so the policy starts as the SFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(spec.target_modules or default_targets(model))
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=targets[0] if targets == ["all-linear"] else targets,
+                        modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
+                        task_type="CAUSAL_LM")
+    config.base_model_name_or_path = os.path.abspath(model.config._name_or_path)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + _stable_hash(name))
+                bound = 1 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)) on a [r, in] matrix
+                param.copy_(torch.rand(param.shape, generator=generator, dtype=torch.float64)
+                            .mul_(2 * bound).sub_(bound).to(param.dtype))
+    return peft_model
+
+
+def _stable_hash(name: str) -> int:
+    import zlib
+
+    return zlib.crc32(name.encode())
+
+
+def trains_everything(module) -> bool:
+    """False when some parameters are frozen (adapters): checkpoints then hold the trainable ones only."""
+    return all(p.requires_grad for p in module.parameters())
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def load_merged(path: str, load_base):
+    """An adapter directory (PEFT's format) as one HF model: its base (`load_base(base_path)`) with the adapter
+    merged in."""
+    from peft import PeftModel
+
+    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise UserError(f"--model {path}: an adapter whose base model {base!r} ({ADAPTER_CONFIG}: "
+                        f"base_model_name_or_path) is not a directory here; give its path there")
+    return PeftModel.from_pretrained(load_base(base), path).merge_and_unload()
+
+
+def export_adapter(peft_model, source_dir: str, out_dir: str, publish, card=None, merge: bool = False) -> None:
+    """Write the trained adapter as PEFT's directory (adapter_config.json + adapter_model.safetensors, which
+    `PeftModel.from_pretrained(base, out_dir)` loads) with the tokenizer and model card, and with `merge` the
+    base + adapter merged into out_dir/merged (a plain HF checkpoint). Collective: under ZeRO-3 the adapter's
+    parameters are gathered (only they: the base is the SFT model on disk). `publish(out_dir, write)`: the
+    atomic export of engine.export."""
+    import deepspeed
+    from peft.utils import get_peft_model_state_dict
+
+    model, state = peft_model.base_model.model, {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param]):
+                if dist.is_main():
+                    state[f"base_model.model.{name}"] = param.detach().to("cpu", copy=True)
+
+    def write(tmp: str) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(tmp)
+        adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict=state).items()}
+        save_file(adapter, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        peft_model.peft_config["default"].save_pretrained(tmp)
+        if merge:
+            from transformers import AutoModelForCausalLM
+
+            from dpo_ds.engine.models import whole_loads
+
+            def base(path):
+                return AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype, use_safetensors=True)
+
+            with whole_loads():
+                merged = load_merged(tmp, base)
+            merged.config.use_cache = True
+            merged.save_pretrained(os.path.join(tmp, "merged"), safe_serialization=True)
+        if card is not None:
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(card())
+
+    dist.on_main(lambda: publish(out_dir, write, source_dir, also=("merged",) if merge else ()))
