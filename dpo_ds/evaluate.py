@@ -29,7 +29,7 @@ def run(cfg: EvalConfig) -> dict:
     dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
     if cfg.output:
         dist.on_main(lambda: owner.check_output_file(cfg.output, "--output", OUTPUT_KEYS))
-    tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
+    tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code, adapter=True)  # base + LoRA: merged
     # the evaluated model need not be the reference (a trained policy is not): no model check here
     cache = open_verified(cfg.ref_cache, cfg.data, None, [cfg.split])
     if tokenizer_fingerprint(tokenizer) != cache.report["tokenizer_fingerprint"]:

@@ -54,6 +54,11 @@ class PlanConfig:
     logp_chunk_size: int = opt(LOGP_CHUNK_SIZE, "response tokens per lm_head chunk")
     share_prompt: bool = opt(None, "train's layout (default: as train resolves it); the CPU's probe runs it")
     packing: bool = opt(None, "train's layout (default: as train resolves it); the CPU's probe runs it")
+    use_peft: bool = opt(False, "train LoRA adapters (train's --use_peft): gradients and optimizer state for "
+                                "theirs alone")
+    lora_r: int = opt(16, "LoRA rank (train's --lora_r)")
+    lora_target_modules: list = opt(None, "train's --lora_target_modules (default: the decoder layers' projections)")
+    lora_modules_to_save: list = opt(None, "train's --lora_modules_to_save")
     gpus: int = opt(1, "GPUs (ranks) per node")
     nodes: int = opt(1, "nodes")
     gpu_memory: float = opt(None, "GiB per device: the budget the verdict and --search use")
@@ -160,7 +165,9 @@ def measured_run(asked: PlanConfig, run_dir: str) -> tuple[PlanConfig, dict, dic
                      sequence_parallel_size=t["sequence_parallel_size"], tiled_mlp=t.get("tiled_mlp", False),
                      gradient_checkpointing=t["gradient_checkpointing"], logp_chunk_size=t["logp_chunk_size"],
                      share_prompt=t.get("share_prompt"), packing=t.get("packing"),
-                     gpus=run["world_size"], device="cuda" if cuda else "cpu")
+                     gpus=run["world_size"], device="cuda" if cuda else "cpu",
+                     **{k: t[k] for k in ("use_peft", "lora_r", "lora_target_modules", "lora_modules_to_save")
+                        if k in t})
     return cfg, run["deepspeed"], {"train": max(r[name] for r in rows), "figure": name}
 
 

@@ -20,7 +20,7 @@ from dpo_ds.cache import describe_difference
 from dpo_ds.config import TrainConfig, resume_keys, to_dict
 from dpo_ds.errors import UserError
 from dpo_ds.objective.metrics import MetricSums
-from dpo_ds.storage.files import read_json
+from dpo_ds.storage.files import atomic_json, read_json
 
 # inputs named by path: a resumed run compares what they hold (the reference cache's fingerprint covers the
 # model's weights, the tokenizer, the prepared data and the dtype), not how they are spelt
@@ -44,6 +44,18 @@ def record_path(output_dir: str) -> str:
     except OSError:
         inside = ""
     return inside if os.path.isfile(inside) else os.path.join(output_dir, "config.json")
+
+
+def write_record(output_dir: str, run: dict, resuming: bool) -> None:
+    """OUT/config.json := `run` (a saved_run), rank 0. A checkpoint to resume that is older than the settings
+    copies inside checkpoints first gets the copy of OUT/config.json it was saved with."""
+    path = record_path(output_dir)
+    if resuming and os.path.basename(path) == "config.json" and os.path.isfile(path):
+        with open(os.path.join(output_dir, "checkpoints", "latest")) as f:
+            tag_dir = os.path.join(output_dir, "checkpoints", f.read().strip())
+        if os.path.isdir(tag_dir):
+            shutil.copyfile(path, os.path.join(tag_dir, RECORD))
+    atomic_json(os.path.join(output_dir, "config.json"), run)
 
 
 def saved_record(cfg: TrainConfig) -> dict | None:
@@ -254,8 +266,8 @@ def save(policy, ckpt_dir: str, state: RunState, keep: int = 2) -> None:
     torch.save(rng, rng_path(ckpt_dir, tag))  # before DeepSpeed writes `latest`, which marks it complete
     if dist.is_main():  # the settings it is saved with: a resume reads them (record_path)
         shutil.copyfile(os.path.join(os.path.dirname(ckpt_dir), "config.json"), os.path.join(ckpt_dir, tag, RECORD))
-    frozen = not all(p.requires_grad for p in policy.module.parameters())  # adapters: the SFT weights stay out
-    policy.save_checkpoint(ckpt_dir, tag=tag, client_state=state.client_state(), exclude_frozen_parameters=frozen)
+    policy.save_checkpoint(ckpt_dir, tag=tag, client_state=state.client_state(),  # adapters: not the SFT weights
+                           exclude_frozen_parameters=not engine.trains_everything(policy.module))
     if dist.is_main():
         tags = sorted(t for t in os.listdir(ckpt_dir) if re.fullmatch(r"step-\d{7}", t))
         for old in tags[:-keep] if keep else []:  # with its universal conversion, if a resume on other ranks made one

@@ -47,9 +47,10 @@ from dpo_ds.resume import (
     saved_record,
     saved_run,
     universal_config,
+    write_record,
 )
 from dpo_ds.storage import owner
-from dpo_ds.storage.files import atomic_json, read_json
+from dpo_ds.storage.files import read_json
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -180,7 +181,7 @@ def set_up(cfg: TrainConfig) -> Job:
     run = saved_run(cfg, ds_config, reference)
     resuming = dist.on_main(lambda: check_resumable(cfg, ckpt_dir, run))  # before anything is rewritten
     if dist.is_main():
-        atomic_json(os.path.join(cfg.output_dir, "config.json"), run)
+        write_record(cfg.output_dir, run, resuming)
     if resuming:  # other ranks, K, ZeRO stage or offload: through the universal format
         ds_config = universal_config(ckpt_dir, record, ds_config, bool(moved))
     policy = engine.training_engine(engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_config,

@@ -13,8 +13,9 @@ Benchmarks (not tests): prints a table and writes OUT/bench.json. Same model, da
   5. the trainer users would otherwise run: TRL's DPOTrainer (online reference, and precompute_ref_log_probs),
      same model, token ids, micro-batch, accumulation, steps and precision (fp32), beside dpo_ds with
      ds_configs/zero0_cpu.json and --deepspeed auto (train's default), one process each (step time and peak
-     RSS); then TRL under DeepSpeed (--ds) on the ranks of
-     section 1, beside dpo_ds's cached step there (needs the `bench` extra; skipped without TRL).
+     RSS), and the same with LoRA r 16 (TRL's peft_config: its reference is the adapter-disabled model); then TRL
+     under DeepSpeed (--ds) on the ranks of section 1, beside dpo_ds's cached step there (needs the `bench`
+     extra; skipped without TRL).
                                          target: dpo_ds <= 0.75x TRL online, <= 1.0x TRL precompute
   6. the batch layout (dpo_ds.model.layout) on UltraFeedback-like lengths (prompts 12-590 tokens, responses 8-490,
      log-normal): the defaults (shared prompt + packing) vs --no-share_prompt --no-packing: tokens computed
@@ -151,6 +152,14 @@ def section_trainers(a, out: str, model: str, data: str, cache: str) -> list[dic
             sh([py, WORKERS, "--worker", "trl", "--mode", mode, "--out", f"{out}/trl", *map(str, common)])
         for mode in ("trl_online", "trl_precompute"):
             launch(a, "--worker", "trl", "--mode", mode, "--out", f"{out}/trl", "--ds", a.ds, *common)
+    # LoRA (r 16 on every projection of the decoder layers), one process each: TRL's reference is the same
+    # model with the adapters disabled, run online or precomputed
+    sh([py, WORKERS, "--worker", "train", "--mode", "cached", "--out", f"{out}/run", "--ds", "auto", "--lora_r", "16",
+        *map(str, common)])
+    if importlib.util.find_spec("trl") is not None:
+        for mode in ("trl_online", "trl_precompute"):
+            sh([py, WORKERS, "--worker", "trl", "--mode", mode, "--out", f"{out}/trl", "--lora_r", "16",
+                *map(str, common)])
     return [json.loads(line) for line in open(trainers_file)]
 
 

@@ -58,7 +58,8 @@ def table_rows(a, report: dict) -> list[tuple]:
 
 def trainer_rows(a, report: dict) -> list[tuple]:
     """Section 5's rows: dpo_ds beside TRL, one process and on the ranks of section 1."""
-    cached, trainers, rows = report["train_step"]["cached"], report["trainers"], []
+    cached, rows = report["train_step"]["cached"], []
+    trainers = [t for t in report["trainers"] if not t.get("lora_r")]
     by = {(t["mode"], t.get("ds", ""), t["ranks"]): t["median_step_s"] for t in trainers}
     rss = {(t["mode"], t.get("ds", ""), t["ranks"]): t.get("peak_rss_mb_per_rank") for t in trainers}
     online, pre = by.get(("trl_online", "", 1)), by.get(("trl_precompute", "", 1))
@@ -77,6 +78,19 @@ def trainer_rows(a, report: dict) -> list[tuple]:
         if pre_rss and rss.get(("trl_online", "", 1)):
             rows.append(("1 process: TRL peak RSS MB (online / precompute_ref_log_probs)",
                          f"{rss[('trl_online', '', 1)]:.0f} / {pre_rss:.0f}", "", ""))
+    lora = {t["mode"]: t for t in report["trainers"] if t.get("lora_r")}
+    if "cached" in lora:
+        ours, online_l, pre_l = lora["cached"], lora.get("trl_online"), lora.get("trl_precompute")
+        versus = (f"{ours['median_step_s'] / online_l['median_step_s']:.2f}x / "
+                  f"{ours['median_step_s'] / pre_l['median_step_s']:.2f}x") if online_l and pre_l else ""
+        rows.append((f"1 process, LoRA r {ours['lora_r']}: dpo_ds step s, vs TRL online / precompute",
+                     f"{ours['median_step_s']:.3f}", versus, "<= 0.75x / 1.0x"))
+        if online_l and pre_l:
+            rows.append(("1 process, LoRA: TRL step s (online / precompute_ref_log_probs)",
+                         f"{online_l['median_step_s']:.3f} / {pre_l['median_step_s']:.3f}", "", ""))
+            rows.append(("1 process, LoRA: peak RSS MB, dpo_ds / TRL online / TRL precompute",
+                         f"{ours['peak_rss_mb_per_rank']:.0f} / {online_l['peak_rss_mb_per_rank']:.0f} / "
+                         f"{pre_l['peak_rss_mb_per_rank']:.0f}", "", ""))
     online_n, pre_n = by.get(("trl_online", "", a.ranks)), by.get(("trl_precompute", "", a.ranks))
     if online_n and pre_n:
         rows.append((f"{a.ranks} ranks ZeRO-3: dpo_ds cached step s, vs TRL online / precompute",

@@ -51,6 +51,19 @@ def trl_set_up(a) -> dict:
     return configured
 
 
+def trl_peft(a, model) -> dict:
+    """DPOTrainer's peft_config for --lora_r: dpo_ds's adapters (the same layers, rank, α, and dropout off as
+    dpo_ds's --disable_dropout has it); {} for a full fine-tune."""
+    if not a.lora_r:
+        return {}
+    from peft import LoraConfig
+
+    from dpo_ds.engine.adapters import default_targets
+
+    return {"peft_config": LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
+                                      target_modules=default_targets(model), task_type="CAUSAL_LM")}
+
+
 def worker_trl(a) -> None:
     """TRL's DPOTrainer on the same model, pairs, micro-batch, accumulation and steps; --mode trl_online (a live
     reference model) or trl_precompute (precompute_ref_log_probs). Under the deepspeed launcher with a ZeRO
@@ -91,7 +104,8 @@ def worker_trl(a) -> None:
                      save_strategy="no", logging_steps=10 ** 6, disable_tqdm=True, seed=42, dataloader_num_workers=0,
                      use_cpu=not torch.cuda.is_available() and not a.ds, deepspeed=json.load(open(a.ds)) if a.ds else None, **configured)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()])
+    trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[StepTimer()],
+                         **trl_peft(a, model))
     trainer.train()
     if profiler is not None:
         profiler.__exit__(None, None, None)
@@ -101,4 +115,5 @@ def worker_trl(a) -> None:
         with open(a.result, "a") as f:
             f.write(json.dumps({"mode": a.mode, "beta": a.beta, "ranks": world, "median_step_s":
                                 statistics.median(times[min(3, len(times) - 1):]), "peak_rss_mb_per_rank": peak_rss_mb(),
-                                "wall_s": time.time() - t_start, "trl": __import__("trl").__version__}) + "\n")
+                                "wall_s": time.time() - t_start, "trl": __import__("trl").__version__,
+                                "lora_r": a.lora_r}) + "\n")

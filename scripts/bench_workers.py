@@ -47,6 +47,11 @@ def live_reference(cfg, micro: int):
     return reference
 
 
+def lora(a) -> dict:
+    """--lora_r as train's flags (α = 2r, as TRL's LoRA examples); 0: a full fine-tune."""
+    return {"use_peft": bool(a.lora_r), "lora_r": a.lora_r or 16, "lora_alpha": 2 * (a.lora_r or 16)}
+
+
 def worker_train(a) -> None:
     """One short training run under the launcher; --mode cached or baseline. Rank 0 writes a JSON line."""
     import torch
@@ -69,13 +74,14 @@ def worker_train(a) -> None:
     cfg = TrainConfig(model=a.model, data=a.data, ref_cache=a.cache, output_dir=a.out, deepspeed=a.ds, beta=a.beta,
                       learning_rate=1e-4, lr_schedule="constant", max_steps=a.steps, warmup_steps=0,
                       micro_batch_size=a.micro, grad_accum=a.accum, gradient_checkpointing=bool(a.gradient_checkpointing),
-                      **LAYOUTS[a.layout])
+                      **lora(a), **LAYOUTS[a.layout])
     t_start = time.time()
     ds = load_split(cfg.data, "train")
     ds_cfg, said = engine.engine_config(cfg, None, lambda: longest_row(ds))  # as train chooses (--ds auto too)
     if said:
         dist.print0(said)
-    policy = engine.training_engine(engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_cfg)
+    specs = engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_cfg, engine.AdapterSpec.of(cfg)
+    policy = engine.training_engine(*specs)
     if a.mode == "cached":
         reference = open_verified(cfg.ref_cache, cfg.data, cfg.model, ["train"]).reference("train")
     else:
@@ -83,8 +89,7 @@ def worker_train(a) -> None:
     policy.train()
     lengths, size = layout_lengths(ds, layout_of(policy)), a.micro * a.accum * dist.dp_size()
     pad_id = pad_and_eos(load_tokenizer(a.model))[0]
-    times, losses = [], []
-    profiler = None
+    times, losses, profiler = [], [], None
     for step in range(cfg.max_steps):
         if a.profile and step == cfg.max_steps - a.profile:  # the last --profile steps, after the warm-up
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=False)
@@ -103,7 +108,7 @@ def worker_train(a) -> None:
         warm = times[min(3, len(times) - 1):]
         with open(a.result, "a") as f:
             f.write(json.dumps({"mode": a.mode, "beta": a.beta, "ranks": dist.world_size(), "ds": os.path.basename(a.ds or ""),
-                                "layout": a.layout,
+                                "layout": a.layout, "lora_r": a.lora_r,
                                 "median_step_s": statistics.median(warm),
                                 "peak_rss_mb_per_rank": rss, "wall_s": time.time() - t_start,
                                 "first_loss": losses[0]}) + "\n")
@@ -224,6 +229,7 @@ if __name__ == "__main__":
     w.add_argument("--chunk", type=int, default=ModelConfig.logp_chunk_size)  # the shipped default
     w.add_argument("--gradient_checkpointing", type=int, default=1)
     w.add_argument("--profile", type=int, default=0, help="profile the last N steps of a train worker")
+    w.add_argument("--lora_r", type=int, default=0, help="train and trl workers: LoRA of this rank (0: full)")
     w.add_argument("--trl_bf16", type=int, default=0, help="TRL worker: its default bf16 autocast instead of fp32")
     w.add_argument("--layout", choices=list(LAYOUTS), default="new", help="dpo_ds workers: the batch layout")
     args = w.parse_args()

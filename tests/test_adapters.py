@@ -73,9 +73,9 @@ def flags(args):
 
 def test_lora_zero3_on_two_ranks_equals_one_rank_resumes_and_exports(tiny, prepared, cache, tmp_path):
     """2 ranks ZeRO-3 with LoRA: step 1 at ln 2 (B = 0); equal to 1 rank at stage 0 (1e-5; the stages' own
-    fp32 orders); killed after step 3 and resumed: steps 4-6 again (1e-5); checkpoints hold the adapter and its
-    Adam moments only; final/ loads with peft, final/merged with plain transformers, and both score the
-    held-out split as the engine did (1e-5)."""
+    fp32 orders); killed after step 3 and resumed, on 2 ranks and on 1: steps 4-6 again (1e-5); checkpoints
+    hold the adapter and its Adam moments only; final/ loads with peft, final/merged with plain transformers,
+    and both score the held-out split as the engine did (1e-5)."""
     whole = tmp_path / "whole"
     run_module("dpo_ds.train", *flags(lora_args(tiny, prepared, cache, whole, merge_adapter="",
                                                 save_total_limit=0)), launcher=2)
@@ -95,7 +95,11 @@ def test_lora_zero3_on_two_ranks_equals_one_rank_resumes_and_exports(tiny, prepa
     back_to(whole, again, 3)
     p = run_module("dpo_ds.train", *flags(lora_args(tiny, prepared, cache, again, merge_adapter="")), launcher=2)
     assert "resuming at step 3" in p.stdout
-    for other, first in ((one, 1), (again, 4)):
+    elastic = tmp_path / "elastic"  # the same on 1 rank: the adapter's ZeRO-3 shards converted (universal)
+    back_to(whole, elastic, 3)
+    p = run_module("dpo_ds.train", *flags(lora_args(tiny, prepared, cache, elastic, grad_accum=2)))
+    assert "converted step-0000003_universal" in p.stdout
+    for other, first in ((one, 1), (again, 4), (elastic, 4)):
         got = {r["step"]: r for r in read_metrics(other / "metrics.jsonl") if r["split"] == "train"}
         for s in range(first, 7):
             for k in ("loss", "grad_norm", "rewards/chosen", "lr"):
@@ -128,3 +132,41 @@ def test_quantized_bases_are_refused_where_bitsandbytes_cannot_run(tiny, prepare
     assert err.startswith("error: --load_in_4bit: bitsandbytes' quantized layers need a CUDA GPU"), err
     p = run_module("dpo_ds.train", *train_args(tiny, prepared, cache, tmp_path / "m"), "--merge_adapter", check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].endswith("applies to adapters: add --use_peft")
+
+
+def test_the_planner_counts_the_adapters_parameters(tiny):
+    """dpo_ds.plan and --deepspeed auto: LoRA's parameters counted from the meta-device model are PEFT's
+    trainable ones; only they get gradients and AdamW's state; the weights grow by them."""
+    import dataclasses
+
+    from dpo_ds.engine import footprint as F
+
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+    wrap(model, AdapterSpec(r=8), seed=0)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert F.adapter_params(tiny[0], 8) == F.adapter_params(tiny[0], 8, ["all-linear"]) == trainable
+    shape = F.Shape.of(tiny[0])
+    job = F.Job(ds={"zero_optimization": {"stage": 0}}, world=1, micro_batch=2, max_length=64)
+    full, lora = F.phase(shape, job, "train"), F.phase(shape, dataclasses.replace(job, adapter=trainable), "train")
+    assert lora["gradients"] == 4 * trainable and lora["optimizer states"] == 8 * trainable
+    assert lora["parameters"] == full["parameters"] + 4 * trainable and full["gradients"] == 4 * shape.params
+
+
+def test_adapter_directories_and_unknown_targets_are_refused_in_one_line(tiny, tmp_path):
+    """An adapter directory is a model for evaluate (merged on load) only: precompute and train need the whole
+    model the cache fingerprints. A --lora_target_modules name the model lacks is named, with those it has."""
+    from dpo_ds.engine.footprint import adapter_params
+    from dpo_ds.engine.models import check_model_dir
+    from dpo_ds.errors import UserError
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="is a LoRA adapter .*train --merge_adapter writes final/merged"):
+        check_model_dir(str(tmp_path))
+    check_model_dir(str(tmp_path), adapter=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny[0])
+    with pytest.raises(UserError, match="--lora_target_modules qproj: .*the model's decoder layers have down_proj"):
+        wrap(model, AdapterSpec(r=4, target_modules=("qproj",)), seed=0)
+    with pytest.raises(UserError, match="no linear layer of .* has that name"):
+        adapter_params(tiny[0], 4, ["qproj"])
+    assert adapter_params(tiny[0], 4, ["lm_head"]) == 4 * (128 + 330)  # outside the layers, when named

@@ -129,8 +129,9 @@ def fp32_config(tmp_path, stage: int, **zero) -> str:
 def test_a_zero3_run_continues_as_stage_2_as_stage_0_and_offloaded(tiny, prepared, cache, tmp_path):
     """ZeRO-3 on 2 ranks, back at step 8: continued as ZeRO-2 on 2 ranks (DeepSpeed's universal loader, after the
     conversion completed the ZeRO-3 layout for it), as stage 0 on 1 rank (dpo_ds's loader: DeepSpeed reads
-    universal checkpoints under ZeRO only), and as ZeRO-3 with the optimizer offloaded (CPU-Adam) on 1 rank: each
-    the uninterrupted run's steps 9-12. One conversion serves all three."""
+    universal checkpoints under ZeRO only), and as ZeRO-3 with the optimizer offloaded (CPU-Adam) on 1 rank, and
+    that one back without offload on 2 ranks: each the uninterrupted run's steps. One conversion serves the first
+    three."""
     whole = tmp_path / "whole"
     run_module("dpo_ds.train", *args(tiny, prepared, cache, whole), launcher=2)
     two = tmp_path / "stage2"
@@ -145,10 +146,15 @@ def test_a_zero3_run_continues_as_stage_2_as_stage_0_and_offloaded(tiny, prepare
         # the stage-2 run's directory at step 8: its config.json says stage 2, but the step-8 checkpoint was saved
         # under ZeRO-3 on 2 ranks, as the settings saved inside it say; the stage-2 resume's conversion is reused
         back_to(two, tmp_path / name, 8)
-        p = run_module("dpo_ds.train", *args(tiny, prepared, cache, tmp_path / name, deepspeed=ds, grad_accum=2))
+        p = run_module("dpo_ds.train", *args(tiny, prepared, cache, tmp_path / name, deepspeed=ds, grad_accum=2,
+                                             save_every=2))
         assert f"converted step-0000008_universal to continue ZeRO stage 3 (offload: none) on 2 rank(s) {said}" \
             in p.stdout and "resuming at step 8" in p.stdout
         same_trajectory(whole, tmp_path / name, 9, stages=True)  # (CPU-Adam's own arithmetic too)
+    back_to(tmp_path / "offload", tmp_path / "back", 10)  # and back: CPU-Adam's step (an int) into torch's AdamW
+    p = run_module("dpo_ds.train", *args(tiny, prepared, cache, tmp_path / "back"), launcher=2)
+    assert "to continue ZeRO stage 3 (offload: optimizer) on 1 rank(s) as stage 3 (offload: none) on 2" in p.stdout
+    same_trajectory(whole, tmp_path / "back", 11, stages=True)
 
 
 def test_a_stage_0_run_continues_as_zero3(tiny, prepared, cache, tmp_path):

@@ -163,3 +163,17 @@ def test_two_rank_pipeline_keeps_a_working_model(smol, smol_data, tmp_path):
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     answer = tok.decode(model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1]:])
     assert "Paris" in answer, answer
+
+
+def test_a_lora_run_lowers_the_held_out_loss(smol, smol_data, tmp_path):
+    """LoRA (r 8 on every projection) on the real checkpoint, 1 rank, against the cache of the SFT model: the
+    held-out loss starts at ln 2 (B = 0) and falls; the adapter (2.4 M parameters) is ~10 MB beside 540 MB."""
+    cache, out = tmp_path / "cache", tmp_path / "lora"
+    run_module("dpo_ds.precompute", "--model", smol, "--data", smol_data, "--output_dir", cache, "--batch_size", 8)
+    run_module("dpo_ds.train", "--model", smol, "--data", smol_data, "--ref_cache", cache, "--output_dir", out,
+               "--use_peft", "--lora_r", 8, "--max_steps", 8, "--learning_rate", 1e-3, "--warmup_steps", 1,
+               "--micro_batch_size", 2, "--grad_accum", 2, "--log_every", 1, "--eval_every", 8, "--report_to", "none")
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[0]["loss"] == pytest.approx(0.6931472, abs=1e-4)
+    assert evals[-1]["step"] == 8 and evals[-1]["loss"] < evals[0]["loss"] - 0.01, evals[-1]
+    assert os.path.getsize(out / "final" / "adapter_model.safetensors") < 20e6

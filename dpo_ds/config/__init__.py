@@ -173,6 +173,8 @@ class TrainConfig(AdapterConfig, LossConfig, ModelConfig):
             raise ConfigError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1]")
         self.check_loss()
         self.check_adapter()
+        if self.save_total_limit < 0:
+            raise ConfigError(f"--save_total_limit {self.save_total_limit}: checkpoints kept, 0 for all")
         if self.max_steps is None:  # from --num_train_epochs: checked again by set_epochs
             return
         positive(self, "max_steps")

@@ -13,7 +13,7 @@
     calibrate     the CPU's measured terms for dpo_ds.plan: runtime and per-layer excess, from probes
     probe         one probe: two real steps (or forwards) of the engine on the model cut to a few layers
 """
-from dpo_ds.engine.adapters import AdapterSpec
+from dpo_ds.engine.adapters import AdapterSpec, trains_everything
 from dpo_ds.engine.build import (
                                      ModelSpec,
                                      TrainingSpec,
@@ -58,4 +58,4 @@ __all__ = ["AUTO", "AdapterSpec", "ModelSpec", "TrainingSpec", "attn_implementat
            "engine_config", "export", "export_hf", "gradient_scale", "inference_ds_config", "inference_engine",
            "load_checkpoint", "load_model", "lr_lambda", "needs_universal", "offloaded", "open_model_dir",
            "partitions_nothing", "planned_dtype", "read_ds_config", "register_ulysses", "resolve_dtype", "safe_load",
-           "tile_mlp", "to_universal", "train_ds_config", "training_engine", "zero_stage"]
+           "tile_mlp", "to_universal", "trains_everything", "train_ds_config", "training_engine", "zero_stage"]

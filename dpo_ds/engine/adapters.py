@@ -84,7 +84,11 @@ def wrap(model, spec: AdapterSpec, seed: int):
                         modules_to_save=list(spec.modules_to_save) if spec.modules_to_save else None,
                         task_type="CAUSAL_LM")
     config.base_model_name_or_path = os.path.abspath(model.config._name_or_path)
-    peft_model = get_peft_model(model, config)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:  # PEFT: "Target modules {...} not found in the base model..."
+        raise UserError(f"--lora_target_modules {' '.join(targets)}: {str(e).splitlines()[0]} (the model's decoder "
+                        f"layers have {' '.join(default_targets(model))})") from None
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_A." in name:

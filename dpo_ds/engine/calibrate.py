@@ -113,4 +113,4 @@ def job_of(cfg, ds: dict, training: bool, runtime: int, excess: float = 0.0) -> 
     return F.Job(ds=ds, world=cfg.gpus * cfg.nodes, micro_batch=cfg.micro_batch_size if training else cfg.batch_size,
                  max_length=cfg.max_length, sp=cfg.sequence_parallel_size, tiled_mlp=cfg.tiled_mlp and training,
                  checkpointing=cfg.gradient_checkpointing, chunk=cfg.logp_chunk_size, device=cfg.device,
-                 runtime=runtime, excess=excess)
+                 runtime=runtime, excess=excess, adapter=F.adapter_of(cfg) if training else 0)

@@ -21,10 +21,25 @@ def load_checkpoint(engine, ckpt_dir: str) -> dict | None:
 
         return load_into_stage0(engine, ckpt_dir)  # DeepSpeed reads universal checkpoints under ZeRO only
     engine.checkpoint_engine.load = safe_load  # the engine reads its own checkpoint files through this
-    whole = all(p.requires_grad for p in engine.module.parameters())  # adapters: frozen weights are not saved
+    from dpo_ds.engine.adapters import trains_everything
+
     with only_weights():  # ... and universal ones with torch.load itself
-        _, client_state = engine.load_checkpoint(ckpt_dir, load_lr_scheduler_states=True, load_module_strict=whole)
+        _, client_state = engine.load_checkpoint(ckpt_dir, load_lr_scheduler_states=True,
+                                                 load_module_strict=trains_everything(engine.module))
+    if engine.load_universal_checkpoint():
+        _steps_beside_their_parameters(engine.optimizer)
     return client_state
+
+
+def _steps_beside_their_parameters(optimizer) -> None:
+    """DeepSpeed's universal readers set AdamW's `step` as read (a CPU tensor); torch's fused AdamW wants it a
+    float32 tensor on its parameter's device (CUDA on a GPU)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not type(inner).__module__.startswith("torch.optim"):
+        return  # DeepSpeed's CPU-Adam keeps its own step
+    for param, state in inner.state.items():
+        if "step" in state:
+            state["step"] = torch.as_tensor(float(state["step"]), dtype=torch.float32, device=param.device)
 
 
 @contextlib.contextmanager

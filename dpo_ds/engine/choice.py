@@ -83,10 +83,11 @@ def lightest(cfg, longest: int) -> tuple[str, dict, str]:
     device; `cfg` a TrainConfig, `longest` its longest row in tokens. Rank 0 chooses for every rank (hosts
     may differ)."""
     def choose():
-        device, budget = device_budget()
+        device, budget, adapter = *device_budget(), F.adapter_of(cfg)
         job = lambda ds: F.Job(ds=ds, world=dist.world_size(), micro_batch=cfg.micro_batch_size,  # noqa: E731
                                max_length=longest, sp=cfg.sequence_parallel_size, tiled_mlp=cfg.tiled_mlp,
-                               checkpointing=cfg.gradient_checkpointing, chunk=cfg.logp_chunk_size, device=device)
+                               checkpointing=cfg.gradient_checkpointing, chunk=cfg.logp_chunk_size, device=device,
+                               adapter=adapter)
         shape_of = lambda limit: F.Shape.of(cfg.model, limit, trust_remote_code=cfg.trust_remote_code)  # noqa: E731
         name, ds, need = first_fit(shape_of, job, budget, base_config(auto_dtype()), device)
         if name is None:

@@ -8,6 +8,8 @@ Per rank, N parameters, W ranks (ZeRO partitions over all of them), p bytes per 
     gradients       N·p (stage < 2; + N·4 fp32 accumulation under bf16), N·p/W + the reduce bucket (stage 2, 3)
     optimizer       AdamW: m and v in fp32 (8 B) + an fp32 master copy under bf16 (4 B), per parameter,
                     /W from stage 1; with offload_optimizer on the host (+ the fp32 gradient partition there)
+    adapters        with LoRA (--use_peft) N includes the adapters' parameters, and gradients and optimizer
+                    count theirs alone (their activations, [tokens, r] per targeted layer, are not counted)
     activations     with gradient checkpointing: every layer's input [tokens, H] + one layer recomputed and its
                     backward; without: every layer's. tokens = micro-batch x 2 x max_length / K (chosen and
                     rejected padded to the longest row: the upper bound; shared prompt and packing use less)
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo_ds.engine.ds_config import offloaded, read_ds_config
+from dpo_ds.errors import UserError
 
 GiB = 2 ** 30
 ADAM_STATE = 8          # m and v, fp32
@@ -114,6 +117,8 @@ class Job:
     device: str = "cuda"      # cuda | cpu
     runtime: int = 0          # bytes the process holds before the model (see the module docstring)
     excess: float = 0.0       # CPU: what a layer really costs per modelled byte beyond 1 (dpo_ds.plan measures it)
+    adapter: int = 0          # LoRA's parameters (adapter_params): only they get gradients and optimizer state;
+    #                           0 = every parameter trains
 
     def zero(self, key: str, default=None):
         return self.ds.get("zero_optimization", {}).get(key, default)
@@ -136,17 +141,18 @@ class Job:
 
 
 def parameters(s: Shape, j: Job) -> dict:
-    p = j.param_bytes
+    p, n = j.param_bytes, s.params + j.adapter
     if j.stage < 3:
-        return {"parameters": s.params * p}
-    live = min(s.params, 2 * s.largest_layer + int(float(j.zero("stage3_prefetch_bucket_size", 5e7))))
-    sharded = 0 if j.offloads("param") else math.ceil(s.params / j.world) * p
+        return {"parameters": n * p}
+    live = min(n, 2 * s.largest_layer + int(float(j.zero("stage3_prefetch_bucket_size", 5e7))))
+    sharded = 0 if j.offloads("param") else math.ceil(n / j.world) * p
     return {"parameters": sharded + s.small * p + live * p,
-            "parameters (host, offloaded)": math.ceil(s.params / j.world) * p if j.offloads("param") else 0}
+            "parameters (host, offloaded)": math.ceil(n / j.world) * p if j.offloads("param") else 0}
 
 
 def gradients_and_optimizer(s: Shape, j: Job) -> dict:
-    p, n = j.param_bytes, s.params
+    """Of the trained parameters: every one, or the adapter's (j.adapter)."""
+    p, n = j.param_bytes, j.adapter or s.params
     part = math.ceil(n / j.world)
     bucket = min(n, int(float(j.zero("reduce_bucket_size", 5e8)))) * p
     grads = n * p + (n * FP32 if p < FP32 else 0) if j.stage < 2 else part * p + bucket
@@ -194,9 +200,43 @@ def two_model(s: Shape, j: Job) -> dict:
     what a two-model trainer holds."""
     train = phase(s, j, "train")
     ref = {k: v for k, v in parameters(s, j).items() if j.device == "cpu" or "host" not in k}
+    if j.adapter:  # TRL's reference for adapters is the same model with them disabled: a forward, no weights
+        ref = {}
     forward = activations(s, j, training=False)["activations"]
     return {**train, "reference parameters": sum(ref.values()), "reference forward": forward,
             "total": train["total"] + sum(ref.values()) + forward}
+
+
+def adapter_params(model: str, r: int, targets=None, modules_to_save=None, trust_remote_code: bool = False) -> int:
+    """LoRA's parameters on `model`: r·(in + out) per targeted linear layer (default and all-linear: those
+    inside the decoder layers, as engine.adapters chooses), plus the modules trained in full."""
+    from transformers import AutoModelForCausalLM
+
+    from dpo_ds.engine.adapters import default_targets
+
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config_of(model, None, trust_remote_code),
+                                              trust_remote_code=trust_remote_code)
+    default = not targets or list(targets) == ["all-linear"]
+    names = set(default_targets(lm) if default else targets)
+    total = 0
+    for name, module in lm.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and leaf in names and (".layers." in name or not default):
+            total += r * (module.in_features + module.out_features)
+        if modules_to_save and leaf in modules_to_save:
+            total += sum(p.numel() for p in module.parameters())
+    if not total:
+        raise UserError(f"--lora_target_modules {' '.join(names)}: no linear layer of {model} has that name")
+    return total
+
+
+def adapter_of(cfg) -> int:
+    """adapter_params for a phase's settings (train's or plan's): 0 without --use_peft."""
+    if not getattr(cfg, "use_peft", False):
+        return 0
+    return adapter_params(cfg.model, cfg.lora_r, cfg.lora_target_modules, cfg.lora_modules_to_save,
+                          getattr(cfg, "trust_remote_code", False))
 
 
 def read_ds(path: str | dict | None) -> dict:

@@ -81,22 +81,25 @@ def remove_shm_buffer() -> None:
             pass
 
 
-def open_model_dir(path: str, trust_remote_code: bool = False):
+def open_model_dir(path: str, trust_remote_code: bool = False, adapter: bool = False):
     """--model checked and its tokenizer loaded on every rank; a rank that cannot (e.g. a node without the
-    directory) stops every rank with the reason, instead of leaving them waiting in their next collective."""
+    directory) stops every rank with the reason, instead of leaving them waiting in their next collective.
+    `adapter`: a LoRA adapter directory is accepted (evaluate)."""
     def read():
-        check_model_dir(path)
+        check_model_dir(path, adapter)
         return load_tokenizer(path, trust_remote_code)
 
     return dist.on_every_rank(read)
 
 
-def check_model_dir(path: str) -> None:
+def check_model_dir(path: str, adapter: bool = False) -> None:
     """The start-up check of --model, run once by each phase before anything is loaded."""
     if not os.path.isdir(path):
         raise UserError(f"--model {path}: no such directory (expected an HF checkpoint)")
-    if not os.path.isfile(os.path.join(path, "config.json")) and \
-            not os.path.isfile(os.path.join(path, "adapter_config.json")):  # an adapter: PEFT's format
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not adapter:
+        raise UserError(f"--model {path} is a LoRA adapter (PEFT's format), not a whole model: give the SFT model "
+                        f"here, or the adapter merged into it (train --merge_adapter writes final/merged)")
+    if not os.path.isfile(os.path.join(path, "config.json")) and not adapter:
         raise UserError(f"--model {path}: no config.json; is it an HF checkpoint (save_pretrained)?")
     if not glob.glob(os.path.join(path, "*.safetensors")):
         raise UserError(f"--model {path}: no *.safetensors weights (pickle checkpoints are not loaded; "

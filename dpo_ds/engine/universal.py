@@ -95,9 +95,8 @@ def _from_stage0(src: str, out: str) -> None:
     saved = safe_load(os.path.join(src, MODEL_STATES[0]), map_location="cpu")
     optimizer = saved.get("optimizer") or {}
     if set(optimizer) != {"state", "param_groups"}:
-        raise UserError(f"{src}: a stage-0 checkpoint of a {saved.get('ds_config', {}).get('bf16', {})} run holds "
-                        f"DeepSpeed's mixed-precision optimizer, which dpo_ds cannot convert: resume it with the "
-                        f"run's own --deepspeed configuration")
+        raise UserError(f"{src}: a stage-0 checkpoint holding DeepSpeed's mixed-precision (bf16/fp16) optimizer, "
+                        f"which dpo_ds cannot convert: resume it with the run's own --deepspeed configuration")
     names = _parameter_names(saved["module"], saved.get("buffer_names") or [])
     order = [i for group in optimizer["param_groups"] for i in group["params"]]
     if len(names) != len(order):
@@ -138,10 +137,12 @@ def _readable_by_every_stage(out: str) -> None:
             step = safe_load(os.path.join(folder, "step.pt"))
     if step is None:
         raise ValueError("the checkpoint records no optimizer step")
+    step = torch.tensor(float(step), dtype=torch.float32)  # CPU-Adam keeps an int, torch's fused AdamW a tensor
     for name in sorted(os.listdir(zero)):
         if os.path.isdir(os.path.join(zero, name)):
             torch.save(step, os.path.join(zero, name, "step.pt"))
-    torch.save({"ds_version": optim.get("ds_version") or _version(), "param_groups": groups,
+    scaling = {k: optim[k] for k in ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad") if k in optim}
+    torch.save({**scaling, "ds_version": optim.get("ds_version") or _version(), "param_groups": groups,
                 "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
                os.path.join(zero, "optimizer_state.pt"))  # the step alone: not a rank's flat moments
     states = sorted(glob.glob(os.path.join(out, "*model_states.pt")))
@@ -176,6 +177,8 @@ def load_into_stage0(engine, ckpt_dir: str) -> dict:
     for group, was in zip(optimizer.param_groups, saved["param_groups"]):
         group.update({k: v for k, v in was.items() if k != "params"})
         for p in group["params"]:
+            if not p.requires_grad:  # adapters under a config's own optimizer: the SFT weights are not saved
+                continue
             with torch.no_grad():
                 p.copy_(read(names[p], "fp32", p))
             step = safe_load(os.path.join(folder, "zero", names[p], "step.pt"))
