@@ -6,7 +6,7 @@ import os
 import statistics
 import time
 
-from bench_workers import peak_rss_mb, print_profile
+from bench_workers import peak_cuda_mb, peak_rss_mb, print_profile
 
 
 def trl_rows(model_dir: str, data_dir: str) -> list[dict]:
@@ -116,4 +116,5 @@ def worker_trl(a) -> None:
             f.write(json.dumps({"mode": a.mode, "beta": a.beta, "ranks": world, "median_step_s":
                                 statistics.median(times[min(3, len(times) - 1):]), "peak_rss_mb_per_rank": peak_rss_mb(),
                                 "wall_s": time.time() - t_start, "trl": __import__("trl").__version__,
+                                "peak_cuda_mb": peak_cuda_mb(),
                                 "lora_r": a.lora_r}) + "\n")

@@ -24,6 +24,13 @@ sys.path.insert(0, ROOT)
 from dpo_ds.config import ModelConfig  # noqa: E402  (no torch import)
 
 
+def peak_cuda_mb() -> float | None:
+    """torch.cuda.max_memory_allocated in MB (None off CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+
+
 def peak_rss_mb() -> float:
     from dpo_ds.report.memory import peak_rss_bytes  # the phases' own measure (VmHWM), for the same figure
 
@@ -109,7 +116,7 @@ def worker_train(a) -> None:
         with open(a.result, "a") as f:
             f.write(json.dumps({"mode": a.mode, "beta": a.beta, "ranks": dist.world_size(), "ds": os.path.basename(a.ds or ""),
                                 "layout": a.layout, "lora_r": a.lora_r,
-                                "median_step_s": statistics.median(warm),
+                                "median_step_s": statistics.median(warm), "peak_cuda_mb": peak_cuda_mb(),
                                 "peak_rss_mb_per_rank": rss, "wall_s": time.time() - t_start,
                                 "first_loss": losses[0]}) + "\n")
 

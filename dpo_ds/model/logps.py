@@ -78,7 +78,9 @@ def scored_logps(model, input_ids, attention_mask, position_ids, positions, targ
     must call this with the same batch.
     """
     head = head or output_head(model)
-    tokens = torch.bincount(sequence, minlength=num_sequences)
+    # scored tokens per sequence; index_add_, not bincount, whose output size waits for the device's max value
+    tokens = torch.zeros(num_sequences, dtype=torch.long, device=sequence.device).index_add_(
+        0, sequence, torch.ones_like(sequence, dtype=torch.long))
     if sp_group is not None:  # Ulysses drops attention masks: the layouts it is given are causal along the row
         part = local_slice(input_ids, position_ids, positions, dist.sp_size(), dist.sp_rank())
         input_ids, position_ids, positions, attention_mask = part.input_ids, part.position_ids, part.positions, None
