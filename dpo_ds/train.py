@@ -251,7 +251,8 @@ def finish(job: Job) -> dict:
     cfg = job.cfg
     final_dir = os.path.join(cfg.output_dir, "final")
     finished_before = job.start == cfg.max_steps
-    exported = dist.on_main(lambda: os.path.isdir(final_dir))  # one answer: export is collective
+    exported = dist.on_main(lambda: os.path.isdir(final_dir) and (  # one answer: export is collective
+        not cfg.merge_adapter or os.path.isdir(os.path.join(final_dir, "merged"))))  # (asked for since: made now)
     if not (finished_before and exported):
         run = read_json(os.path.join(cfg.output_dir, "config.json")) if dist.is_main() else None
         engine.export(job.policy.module, cfg.model, final_dir, lambda: model_card.render(cfg, run), cfg.merge_adapter)

@@ -75,7 +75,7 @@ def device_facts() -> dict:
     import torch
 
     facts = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.cuda.is_available()}
-    for name in ("transformers", "deepspeed", "datasets", "peft", "trl"):
+    for name in ("transformers", "deepspeed", "datasets", "peft", "trl", "accelerate", "pyarrow", "huggingface_hub"):
         try:
             facts[name] = __import__(name).__version__
         except Exception as e:  # noqa: BLE001 - a missing package is a fact too

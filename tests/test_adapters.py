@@ -91,6 +91,10 @@ def test_lora_zero3_on_two_ranks_equals_one_rank_resumes_and_exports(tiny, prepa
 
     one = tmp_path / "one"
     run_module("dpo_ds.train", *flags(lora_args(tiny, prepared, cache, one, deepspeed=ZERO0, grad_accum=2)))
+    assert not (one / "final" / "merged").exists()  # asked for once the run is done: made from its checkpoint
+    p = run_module("dpo_ds.train", *flags(lora_args(tiny, prepared, cache, one, deepspeed=ZERO0, grad_accum=2,
+                                                    merge_adapter="")))
+    assert "already complete" in p.stdout and (one / "final" / "merged" / "model.safetensors").is_file()
     again = tmp_path / "again"
     back_to(whole, again, 3)
     p = run_module("dpo_ds.train", *flags(lora_args(tiny, prepared, cache, again, merge_adapter="")), launcher=2)
