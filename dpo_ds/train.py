@@ -225,7 +225,7 @@ def train_loop(job: Job) -> None:
             log_train(job, lr, bar)
         if done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0):
             job.evaluate(done)
-        if done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0):
+        if cfg.save_every >= 0 and (done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0)):
             save(policy, job.ckpt_dir, state, cfg.save_total_limit)
     bar.close()
 

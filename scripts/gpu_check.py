@@ -26,14 +26,12 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "scripts"), os.path.join(ROOT, "tests")]
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 GPU = {"models": {"0.6b": (1024, 3072, 28, 16, 8), "1.7b": (2048, 6144, 28, 16, 8)}, "vocab": 151936,
        "pairs": 256, "max_length": 2048, "steps": 20, "micro": 4, "accum": 2, "trl_steps": 10, "long": (8192, 16384),
        "lr": 1e-4}
@@ -56,19 +54,33 @@ class Check:
 
     def run(self, *cmd, env=None) -> subprocess.CompletedProcess:
         """A phase as a user runs it (python -m ...), stopped when the budget runs out."""
-        p = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, cwd=ROOT,
-                           timeout=max(10.0, self.left()), env={**os.environ, **(env or {})})
+        try:
+            p = subprocess.run([sys.executable, *map(str, cmd)], capture_output=True, text=True, cwd=ROOT,
+                               timeout=max(10.0, self.left()), env={**os.environ, **(env or {})})
+        except subprocess.TimeoutExpired as e:
+            self.log(cmd, f"timed out after {e.timeout:.0f} s", e.stdout or "", e.stderr or "")
+            raise
+        self.log(cmd, f"exit {p.returncode}", p.stdout, p.stderr)
         if p.returncode:
             raise RuntimeError(f"{' '.join(map(str, cmd[:2]))} failed ({p.returncode}): "
                                f"{(p.stderr.strip().splitlines() or ['?'])[-1][:400]}")
         return p
 
+    def log(self, cmd, how: str, stdout, stderr) -> None:
+        """Each phase's command and the end of its output, in $OUT/gpu_check.log."""
+        tail = lambda x: (x.decode() if isinstance(x, bytes) else x)[-3000:]  # noqa: E731
+        with open(os.path.join(self.a.out, "gpu_check.log"), "a") as f:
+            f.write(f"\n=== {' '.join(map(str, cmd))} ({how}, at {time.time() - self.t0:.0f} s)\n"
+                    f"{tail(stdout)}\n--- stderr\n{tail(stderr)}\n")
+
     def write(self) -> None:
         self.result["elapsed_s"] = round(time.time() - self.t0, 1)
-        with open(os.path.join(self.a.out, "gpu_check.json"), "w") as f:
-            json.dump(self.result, f, indent=1, default=str)
-        with open(os.path.join(self.a.out, "gpu_check.md"), "w") as f:
-            f.write(report(self.result))
+        for name, text in (("gpu_check.json", json.dumps(self.result, indent=1, default=str)),
+                           ("gpu_check.md", report(self.result))):
+            path = os.path.join(self.a.out, name)
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)  # a kill mid-write leaves the previous file whole
 
 
 def device_facts() -> dict:
@@ -79,229 +91,11 @@ def device_facts() -> dict:
         try:
             facts[name] = __import__(name).__version__
         except Exception as e:  # noqa: BLE001 - a missing package is a fact too
-            facts[name] = f"missing ({type(e).__name__})"
+            facts[name] = f"missing ({type(e).__name__}: {str(e)[:300]})"
     if torch.cuda.is_available():
         facts["device"] = torch.cuda.get_device_name(0)
         facts["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
     return facts
-
-
-def pairs(path: str, n: int, seed: int = 0) -> None:
-    """UltraFeedback-like lengths in numbers (one token each: prompts 12-590, responses 8-490, log-normal) with
-    something to learn: the chosen response is sorted ascending, the rejected one is not."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    words = lambda k, sort=False: " ".join(map(str, np.sort(rng.integers(0, 40, k)) if sort else  # noqa: E731
-                                               rng.integers(0, 40, k)))
-    prompt = np.clip(rng.lognormal(np.log(110), 0.8, n), 12, 590).astype(int)
-    response = np.clip(rng.lognormal(np.log(90), 0.8, (2, n)), 8, 490).astype(int)
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": "sort ascending: " + words(prompt[i]), "chosen": words(response[0, i], True),
-                                "rejected": words(response[1, i])}) + "\n")
-
-
-def build_inputs(c: Check) -> dict:
-    """The tokenizer, the pairs, prepared, and each model (random weights, bf16 on CUDA) -> paths."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    from dpo_ds.tiny import build_tokenizer
-
-    w, dtype = c.work, torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    pairs(f"{w}/pairs.jsonl", c.s["pairs"])
-    tok = build_tokenizer([" ".join(map(str, range(40))), "sort ascending: descending", "user assistant system"])
-    paths = {"data": f"{w}/prep", "models": {}}
-    for name, (h, inter, layers, heads, kv) in c.s["models"].items():
-        path = f"{w}/model_{name}"
-        if not os.path.isfile(f"{path}/config.json"):
-            config = Qwen3Config(vocab_size=c.s["vocab"], hidden_size=h, intermediate_size=inter,
-                                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                                 head_dim=h // heads,
-                                 max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=None,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-            torch.manual_seed(0)
-            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            model.save_pretrained(path, safe_serialization=True)
-            tok.save_pretrained(path)
-            del model
-        paths["models"][name] = path
-    first = next(iter(paths["models"].values()))
-    c.run("-m", "dpo_ds.prepare", "--dataset", f"{w}/pairs.jsonl", "--tokenizer", first, "--output_dir",
-          paths["data"], "--max_length", c.s["max_length"], "--eval_fraction", 0.05)
-    return paths
-
-
-def part_correctness(c: Check, paths: dict) -> dict:
-    """Layouts and precision against an independent fp32 forward of each sequence alone (the 0.6 B model)."""
-    import datasets
-    import torch
-    from independent import naive_sequence_logps
-    from transformers import AutoModelForCausalLM
-
-    from dpo_ds.model.batch import build, collate
-    from dpo_ds.model.layout import Layout
-    from dpo_ds.model.logps import SequenceLogps, pair_logps
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_dir = next(iter(paths["models"].values()))
-    rows = [datasets.load_from_disk(f"{paths['data']}/train")[i] for i in range(6)]
-    pad = 0
-    batch = collate(rows, pad_id=pad)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    want = []
-    with torch.no_grad():
-        for i in range(batch["input_ids"].shape[0]):
-            n = int(batch["attention_mask"][i].sum())
-            ids, labels = batch["input_ids"][i:i + 1, :n].to(device), batch["labels"][i:i + 1, :n].to(device)
-            want.append(float(naive_sequence_logps(model, ids, torch.ones_like(ids), labels)))
-    out = {"pairs": len(rows), "independent": "fp32 forward of each sequence alone, float64 log_softmax"}
-    for dtype in (torch.float32, torch.bfloat16):
-        model = model.to(dtype)
-        for name, layout in (("shared_packed", Layout(share_prompt=True, packing=True)),
-                             ("plain", Layout(share_prompt=False, packing=False))):
-            built = {k: v.to(device) if torch.is_tensor(v) else v for k, v in build(rows, layout, pad).items()}
-            with torch.no_grad():
-                p = pair_logps(SequenceLogps(model, layout=layout), built)
-            got = torch.cat([p.chosen.logps, p.rejected.logps]).float().tolist()
-            out[f"{name}_{str(dtype)[6:]}_max_rel"] = max(abs(g - x) / abs(x) for g, x in zip(got, want))
-    del model
-    cache = f"{c.work}/cache_{next(iter(paths['models']))}"
-    if os.path.isdir(cache):
-        from dpo_ds.cache.read import open_cache
-
-        values = open_cache(cache, paths["data"], verify=False).values("train", [r["example_id"] for r in rows])
-        got = [float(v) for v in list(values["ref_chosen_logps"]) + list(values["ref_rejected_logps"])]
-        out["cache_max_rel"] = max(abs(g - x) / abs(x) for g, x in zip(got, want))
-    out["pass"] = bool(out["shared_packed_float32_max_rel"] < 1e-5 and out["plain_float32_max_rel"] < 1e-5 and \
-        out["shared_packed_bfloat16_max_rel"] < 3e-2 and out.get("cache_max_rel", 0) < 3e-2)
-    return out
-
-
-def response_fraction(data: str) -> float:
-    """Scored (response) tokens per computed token in the shared-prompt layout: the head's share."""
-    import datasets
-
-    ds = datasets.load_from_disk(f"{data}/train")
-    resp = sum(sum(x != -100 for x in r["chosen_labels"]) + sum(x != -100 for x in r["rejected_labels"]) for r in ds)
-    prompt = sum(r["chosen_labels"].count(-100) for r in ds)
-    return resp / (resp + prompt)
-
-
-def train_run(c: Check, model: str, data: str, cache: str, name: str, ds: str, steps: int, *extra) -> dict:
-    out = f"{c.work}/run_{name}"
-    subprocess.run(["rm", "-rf", out])
-    c.run("-m", "dpo_ds.train", "--model", model, "--data", data, "--ref_cache", cache, "--output_dir", out,
-          "--deepspeed", ds, "--max_steps", steps, "--warmup_steps", 1, "--learning_rate", c.s["lr"], "--log_every", 1,
-          "--eval_every", 0, "--save_every", 0, "--micro_batch_size", c.s["micro"], "--grad_accum", c.s["accum"],
-          "--report_to", "none", *extra)
-    rows = [json.loads(x) for x in open(f"{out}/metrics.jsonl")]
-    subprocess.run(["rm", "-rf", f"{out}/checkpoints", f"{out}/final"])  # GBs each: the disk holds one run's
-    train = [r for r in rows if r["split"] == "train"]
-    peak = max(r.get("memory/peak_allocated_bytes", r.get("memory/peak_rss_bytes", 0)) for r in train)
-    res = {"first_loss": train[0]["loss"], "last_loss": train[-1]["loss"], "peak_gib": peak / 2 ** 30,
-           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[min(3, len(train) - 1):]),
-           "loss_falls": statistics.mean(r["loss"] for r in train[-(len(train) // 3):]) < train[0]["loss"] - 1e-3}
-    if c.a.cpu_smoke:  # the CPU's plan runs probes (minutes); on CUDA the prediction is arithmetic
-        return res
-    try:
-        plan = json.loads(c.run("-m", "dpo_ds.plan", "--check", out, "--json").stdout.strip().splitlines()[-1])
-        res["planned_gib"] = plan["phases"]["train"]["predicted_peak_bytes"] / 2 ** 30
-        res["plan_error"] = plan.get("measured", {}).get("error")
-    except Exception as e:  # noqa: BLE001 - the plan is a figure of the part, not the part
-        res["plan"] = f"{type(e).__name__}: {str(e)[:200]}"
-    return res
-
-
-def mfu(c: Check, model: str, tokens_per_s: float, fraction: float):
-    import torch
-    from transformers import AutoConfig
-
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    cfg = AutoConfig.from_pretrained(model)
-    h, inter, layers, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    n = layers * (h * (2 * h + 2 * kv) + 3 * h * inter)  # attention q, o + k, v; the MLP's three matrices
-    flops_per_token = 6 * n + 6 * h * v * fraction
-    return (flops_per_token * tokens_per_s / peak) if peak else None
-
-
-def part_train(c: Check, paths: dict, name: str, first: bool = True) -> dict:
-    """Precompute, then training under ZeRO-3 and --deepspeed auto (the larger model: auto alone)."""
-    model, data, cache = paths["models"][name], paths["data"], f"{c.work}/cache_{name}"
-    subprocess.run(["rm", "-rf", cache])
-    t = time.time()
-    c.run("-m", "dpo_ds.precompute", "--model", model, "--data", data, "--output_dir", cache, "--batch_size", 8)
-    stats = json.load(open(f"{cache}/manifest.json"))["stats"]
-    out = {"precompute": {"wall_s": time.time() - t, "tokens_per_s": stats.get("tokens_per_s"),
-                          "padding": stats.get("padding_fraction"), "memory": stats.get("memory")}}
-    fraction = response_fraction(data)
-    zero3 = os.path.join(ROOT, "ds_configs", "zero3.json" if not c.a.cpu_smoke else "zero3_cpu.json")
-    for label, ds in (("zero3", zero3), ("auto", "auto")) if first else (("auto", "auto"),):
-        if c.left() < 30:
-            out[label] = "skipped: budget"
-            continue
-        res = train_run(c, model, data, cache, f"{name}_{label}", ds, c.s["steps"])
-        res["mfu"] = mfu(c, model, res["tokens_per_s"], fraction)
-        out[label] = res
-    out["response_fraction"] = fraction
-    return out
-
-
-def part_trl(c: Check, paths: dict) -> dict:
-    """dpo_ds (--deepspeed auto) and TRL online / precompute, one process each, the same pairs and batch."""
-    import importlib.util
-
-    if importlib.util.find_spec("trl") is None:
-        return {"skipped": "trl is not installed"}
-    name = next(iter(paths["models"]))
-    model, cache, result = paths["models"][name], f"{c.work}/cache_{name}", f"{c.work}/trl.jsonl"
-    open(result, "w").close()
-    common = ["--model", model, "--data", paths["data"], "--cache", cache, "--steps", c.s["trl_steps"],
-              "--micro", c.s["micro"], "--accum", c.s["accum"], "--result", result,
-              "--trl_bf16", int(not c.a.cpu_smoke)]
-    workers = os.path.join(ROOT, "scripts", "bench_workers.py")
-    c.run(workers, "--worker", "train", "--mode", "cached", "--out", f"{c.work}/w", "--ds", "auto", *common)
-    for mode in ("trl_online", "trl_precompute"):
-        if c.left() < 30:
-            break
-        c.run(workers, "--worker", "trl", "--mode", mode, "--out", f"{c.work}/trl", *common)
-    rows = {r["mode"]: r for r in map(json.loads, open(result))}
-    out = {m: {k: r.get(k) for k in ("median_step_s", "peak_cuda_mb", "peak_rss_mb_per_rank")} for m, r in rows.items()}
-    for m in ("trl_online", "trl_precompute"):
-        if m in rows:
-            out[f"dpo_ds_vs_{m}"] = rows["cached"]["median_step_s"] / rows[m]["median_step_s"]
-    return out
-
-
-def part_long_rows(c: Check, paths: dict) -> dict:
-    """One pair per length (prompt and responses half and half), 3 steps, --tiled_mlp off and on."""
-    name = next(iter(paths["models"]))
-    model, out = paths["models"][name], {}
-    for length in c.s["long"]:
-        d = f"{c.work}/long_{length}"
-        with open(f"{d}.jsonl", "w") as f:
-            for i in range(4):
-                words = [str((i + j) % 40) for j in range(length)]
-                f.write(json.dumps({"prompt": " ".join(words[:length // 2]), "chosen": " ".join(words[length // 2:]),
-                                    "rejected": " ".join(reversed(words[length // 2:]))}) + "\n")
-        c.run("-m", "dpo_ds.prepare", "--dataset", f"{d}.jsonl", "--tokenizer", model, "--output_dir", f"{d}/prep",
-              "--max_length", length + 16, "--max_prompt_length", length // 2 + 8, "--eval_fraction", 0.25)
-        c.run("-m", "dpo_ds.precompute", "--model", model, "--data", f"{d}/prep", "--output_dir", f"{d}/cache",
-              "--batch_size", 1)
-        for tiled in (False, True):
-            if c.left() < 40:
-                out[f"{length}_tiled_{tiled}"] = "skipped: budget"
-                continue
-            c.s = {**c.s, "micro": 1, "accum": 1}
-            res = train_run(c, model, f"{d}/prep", f"{d}/cache", f"long_{length}_{tiled}",
-                            "auto", 3, *(["--tiled_mlp"] if tiled else []))
-            out[f"{length}_tiled_{tiled}"] = {k: res[k] for k in ("tokens_per_s", "peak_gib", "planned_gib")
-                                               if k in res}
-    return out
 
 
 def report(r: dict) -> str:
@@ -329,6 +123,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.budget = a.budget or (600.0 if a.cpu_smoke else 480.0)
     os.makedirs(a.out, exist_ok=True)
+    from gpu_check_parts import build_inputs, part_correctness, part_long_rows, part_train, part_trl
+
     c = Check(a)
     c.result["facts"] = device_facts()
     c.write()
@@ -355,8 +151,10 @@ def main(argv=None) -> int:
                                        "seconds": round(time.time() - t, 1)}
         c.write()
     first = c.result["parts"].get(f"train_{names[0]}", {}).get("zero3", {})
-    if isinstance(first, dict) and "first_loss" in first:
-        c.result["parts"]["correctness"]["first_loss_ln2"] = abs(first["first_loss"] - math.log(2)) < 2e-3
+    if isinstance(first, dict) and "first_loss" in first:  # bf16 policy against a bf16 cache of other batches
+        gap = abs(first["first_loss"] - math.log(2))
+        c.result["parts"]["correctness"]["first_loss_minus_ln2"] = gap
+        c.result["parts"]["correctness"]["first_loss_ln2"] = gap < (2e-3 if a.cpu_smoke else 1e-2)
         c.result["parts"]["correctness"]["loss_falls"] = first["loss_falls"]
     c.write()
     print(f"gpu_check: {os.path.join(a.out, 'gpu_check.md')} ({c.result['elapsed_s']} s)")

@@ -18,8 +18,13 @@ if [ "${1:-}" = "--cpu-smoke" ]; then
 fi
 cd "$ROOT"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "error: the carried wheels did not install (.whl/, scripts/gpu_wheels.sh)"; exit 1; }
+  if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl > "$OUT/gpu_check.log" 2>&1; then  # the result files say so: one call always returns them
+    echo '{"mode": "gpu", "parts": {"inputs": {"error": "the carried wheels did not install: gpu_check.log"}}}' \
+      > "$OUT/gpu_check.json"
+    printf '# dpo_ds GPU check\n\nThe carried wheels (.whl/) did not install: see gpu_check.log.\n' > "$OUT/gpu_check.md"
+    echo "error: the carried wheels did not install (.whl/, scripts/gpu_wheels.sh): $OUT/gpu_check.log"; exit 1
+  fi
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   export PATH="/tmp/site/bin:$PATH"
 fi

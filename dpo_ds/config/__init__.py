@@ -130,7 +130,8 @@ class TrainConfig(AdapterConfig, LossConfig, ModelConfig):
                                  "less activation memory for long sequences, more time (README: long context)")
     log_every: int = opt(10, "steps between train metric lines")
     eval_every: int = opt(100, "steps between evaluations (and one at the end); 0 = only at the end")
-    save_every: int = opt(100, "steps between DeepSpeed checkpoints; 0 = only at the end")
+    save_every: int = opt(100, "steps between DeepSpeed checkpoints; 0 = only at the end; -1 = none (benchmarks: "
+                               "a run that stops cannot resume)")
     save_total_limit: int = opt(2, "checkpoints kept, the newest (as the HF Trainer's flag); 0 keeps every one")
     resume: str = opt("auto", "auto: continue from the latest complete checkpoint in OUT/checkpoints; "
                               "never: refuse to start over an existing run", choices=["auto", "never"])

@@ -153,7 +153,7 @@ def shared_tokens(positions: torch.Tensor, sequence: torch.Tensor, B: int) -> to
     order = torch.argsort(sequence * span + positions)  # by sequence, then row position
     first = torch.cumsum(counts, 0) - counts
     ordinal = torch.empty_like(sequence)
-    ordinal[order] = torch.arange(len(order)) - first[sequence[order]]
+    ordinal[order] = torch.arange(len(order), device=sequence.device) - first[sequence[order]]
     return ordinal < shared_len[sequence]
 
 
