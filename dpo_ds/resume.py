@@ -37,24 +37,27 @@ def record_path(output_dir: str) -> str:
     """Where the settings the newest checkpoint was saved with are: the copy of OUT/config.json inside it (save),
     or, for a checkpoint older than such copies, OUT/config.json itself. Not OUT/config.json first: a resume under
     other ranks or another ZeRO stage rewrites it before its own first checkpoint exists."""
+    newest = _newest(output_dir)
+    inside = os.path.join(newest, RECORD) if newest else ""
+    return inside if os.path.isfile(inside) else os.path.join(output_dir, "config.json")
+
+
+def _newest(output_dir: str) -> str:
+    """The folder of the checkpoint OUT/checkpoints/latest names ("" when there is none)."""
     ckpt_dir = os.path.join(output_dir, "checkpoints")
     try:
         with open(os.path.join(ckpt_dir, "latest")) as f:
-            inside = os.path.join(ckpt_dir, f.read().strip(), RECORD)
+            return os.path.join(ckpt_dir, f.read().strip())
     except OSError:
-        inside = ""
-    return inside if os.path.isfile(inside) else os.path.join(output_dir, "config.json")
+        return ""
 
 
 def write_record(output_dir: str, run: dict, resuming: bool) -> None:
     """OUT/config.json := `run` (a saved_run), rank 0. A checkpoint to resume that is older than the settings
     copies inside checkpoints first gets the copy of OUT/config.json it was saved with."""
-    path = record_path(output_dir)
-    if resuming and os.path.basename(path) == "config.json" and os.path.isfile(path):
-        with open(os.path.join(output_dir, "checkpoints", "latest")) as f:
-            tag_dir = os.path.join(output_dir, "checkpoints", f.read().strip())
-        if os.path.isdir(tag_dir):
-            shutil.copyfile(path, os.path.join(tag_dir, RECORD))
+    path, newest = record_path(output_dir), _newest(output_dir)
+    if resuming and os.path.basename(path) == "config.json" and os.path.isfile(path) and os.path.isdir(newest):
+        shutil.copyfile(path, os.path.join(newest, RECORD))
     atomic_json(os.path.join(output_dir, "config.json"), run)
 
 

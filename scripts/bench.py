@@ -57,18 +57,20 @@ def launch(a, *args) -> str:
     return sh(["deepspeed", "--num_gpus", str(a.ranks), "--master_port", str(a.port), WORKERS, *map(str, args)])
 
 
-def length_mix(path: str, n: int, seed: int = 0) -> None:
+def length_mix(path: str, n: int, seed: int = 0, sorted_chosen: bool = False) -> None:
     """UltraFeedback-like lengths in the tiny model's words (one token per number): prompts 20-600 tokens,
-    responses 10-500, log-normal with long tails; chosen and rejected lengths independent."""
+    responses 10-500, log-normal with long tails; chosen and rejected lengths independent. `sorted_chosen`:
+    the chosen response sorted ascending (the same draws), something a loss can learn (scripts/gpu_check.py)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    words = lambda k: " ".join(map(str, rng.integers(0, 40, k)))  # noqa: E731
+    words = lambda k, sort=False: " ".join(map(str, (np.sort if sort else np.asarray)(rng.integers(0, 40, k))))  # noqa: E731
     prompt = np.clip(rng.lognormal(np.log(110), 0.8, n), 12, 590).astype(int)
     response = np.clip(rng.lognormal(np.log(90), 0.8, (2, n)), 8, 490).astype(int)
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"prompt": "sort ascending: " + words(prompt[i]), "chosen": words(response[0, i]),
+            f.write(json.dumps({"prompt": "sort ascending: " + words(prompt[i]),
+                                "chosen": words(response[0, i], sorted_chosen),
                                 "rejected": words(response[1, i])}) + "\n")
 
 

@@ -15,28 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s: the MFU's denominator
 
 
-def pairs(path: str, n: int, seed: int = 0) -> None:
-    """UltraFeedback-like lengths in numbers (one token each: prompts 12-590, responses 8-490, log-normal) with
-    something to learn: the chosen response is sorted ascending, the rejected one is not."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    words = lambda k, sort=False: " ".join(map(str, np.sort(rng.integers(0, 40, k)) if sort else  # noqa: E731
-                                               rng.integers(0, 40, k)))
-    prompt = np.clip(rng.lognormal(np.log(110), 0.8, n), 12, 590).astype(int)
-    response = np.clip(rng.lognormal(np.log(90), 0.8, (2, n)), 8, 490).astype(int)
-    with open(path, "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"prompt": "sort ascending: " + words(prompt[i]), "chosen": words(response[0, i], True),
-                                "rejected": words(response[1, i])}) + "\n")
-
-
 def build_inputs(c: Check) -> dict:
     """The tokenizer, the pairs, prepared, and the first model (the others are built by their parts) -> paths."""
+    from bench import length_mix
+
     from dpo_ds.tiny import build_tokenizer
 
     w = c.work
-    pairs(f"{w}/pairs.jsonl", c.s["pairs"])
+    length_mix(f"{w}/pairs.jsonl", c.s["pairs"], sorted_chosen=True)  # chosen sorted: something to learn
     tok = build_tokenizer([" ".join(map(str, range(40))), "sort ascending: descending", "user assistant system"])
     paths = {"data": f"{w}/prep", "models": {name: f"{w}/model_{name}" for name in c.s["models"]}, "tokenizer": tok}
     first = build_model(c, paths, next(iter(c.s["models"])))

@@ -127,21 +127,18 @@ def load_merged(path: str, load_base):
     return PeftModel.from_pretrained(load_base(base), path).merge_and_unload()
 
 
-def export_adapter(peft_model, source_dir: str, out_dir: str, publish, card=None, merge: bool = False) -> None:
+def export_adapter(peft_model, source_dir: str, out_dir: str, card=None, merge: bool = False) -> None:
     """Write the trained adapter as PEFT's directory (adapter_config.json + adapter_model.safetensors, which
     `PeftModel.from_pretrained(base, out_dir)` loads) with the tokenizer and model card, and with `merge` the
-    base + adapter merged into out_dir/merged (a plain HF checkpoint). Collective: under ZeRO-3 the adapter's
-    parameters are gathered (only they: the base is the SFT model on disk). `publish(out_dir, write)`: the
-    atomic export of engine.export."""
-    import deepspeed
+    base + adapter merged into out_dir/merged (a plain HF checkpoint), atomically as every export. Collective:
+    under ZeRO-3 the adapter's parameters are gathered (only they: the base is the SFT model on disk)."""
     from peft.utils import get_peft_model_state_dict
 
-    model, state = peft_model.base_model.model, {}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            with deepspeed.zero.GatheredParameters([param]):
-                if dist.is_main():
-                    state[f"base_model.model.{name}"] = param.detach().to("cpu", copy=True)
+    from dpo_ds.engine.export import gathered, publish
+
+    model = peft_model.base_model.model
+    state = {f"base_model.model.{name}": t for name, t in  # the names PEFT's state dict functions expect
+             gathered((n, p) for n, p in model.named_parameters() if p.requires_grad).items()}
 
     def write(tmp: str) -> None:
         from safetensors.torch import save_file

@@ -62,8 +62,8 @@ def _layout(spec: ModelSpec, model) -> Layout:
                           model.config.model_type, spec.sequence_parallel_size)
 
 
-def _load(spec: ModelSpec, dtype: torch.dtype, ds_config: dict | None = None):
-    return load_model(spec.path, dtype, spec.attn_implementation, spec.trust_remote_code, ds_config)
+def _load(spec: ModelSpec, dtype: torch.dtype, ds_config: dict | None = None, quantization=None):
+    return load_model(spec.path, dtype, spec.attn_implementation, spec.trust_remote_code, ds_config, quantization)
 
 
 def training_engine(spec: ModelSpec, training: TrainingSpec, ds_config: dict, adapter: AdapterSpec | None = None):
@@ -73,8 +73,7 @@ def training_engine(spec: ModelSpec, training: TrainingSpec, ds_config: dict, ad
     torch.manual_seed(training.seed)
     k = spec.sequence_parallel_size
     scale = gradient_scale(ds_config, k) if k > 1 else 1  # refuses a config it cannot scale, before the load
-    model = load_model(spec.path, ds_dtype(ds_config), spec.attn_implementation, spec.trust_remote_code, ds_config,
-                       quantization_config(adapter))
+    model = _load(spec, ds_dtype(ds_config), ds_config, quantization_config(adapter))
     peft_model = wrap(model, adapter, training.seed) if adapter else None
     if training.disable_dropout:  # (the adapters' dropout too, as TRL)
         disable_dropout(model)

@@ -14,7 +14,7 @@ def export(policy, source_dir: str, out_dir: str, card=None, merge: bool = False
     if policy.peft_model is not None:
         from dpo_ds.engine.adapters import export_adapter
 
-        export_adapter(policy.peft_model, source_dir, out_dir, publish, card, merge)
+        export_adapter(policy.peft_model, source_dir, out_dir, card, merge)
     else:
         export_hf(policy.lm, source_dir, out_dir, card)
 
@@ -25,16 +25,22 @@ def export_hf(lm, source_dir: str, out_dir: str, card=None) -> None:
     partitioned (a plain save writes empty tensors), so each is gathered in turn and rank 0 keeps a copy;
     peak memory is the full model on rank 0 plus one parameter elsewhere. `card()`: the README.md written
     beside the weights (rank 0)."""
+    state = gathered(lm.named_parameters())  # tied weights appear once; save_pretrained re-ties them
+    dist.on_main(lambda: _save_hf(lm, state, source_dir, out_dir, card))  # its failure stops every rank
+
+
+def gathered(named) -> dict:
+    """{name: a CPU copy} of the (name, parameter) pairs `named` on rank 0 ({} elsewhere). Collective: each is
+    gathered in turn, a no-op without ZeRO-3 partitioning (stages 0-2); under stage 3 even the resident small
+    ones are released on exit, so call this at the end of training, not in the middle."""
     import deepspeed
 
     state = {}
-    for name, param in lm.named_parameters():  # tied weights appear once; save_pretrained re-ties them
-        # a no-op for parameters without ZeRO-3 partitioning (stages 0-2); under stage 3 even the resident
-        # small ones are released on exit, so call this at the end of training, not in the middle
+    for name, param in named:
         with deepspeed.zero.GatheredParameters([param]):
             if dist.is_main():
                 state[name] = param.detach().to("cpu", copy=True)
-    dist.on_main(lambda: _save_hf(lm, state, source_dir, out_dir, card))  # its failure stops every rank
+    return state
 
 
 def _save_hf(lm, state: dict, source_dir: str, out_dir: str, card=None) -> None:
