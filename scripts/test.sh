@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# scripts/test.sh [pytest args]: set up .venv if needed, then run the whole test suite on the CPU.
+# scripts/test.sh [--latest | --floors] [pytest args]: set up .venv if needed (from scripts/requirements.lock), then
+# run the whole test suite on the CPU.
+#   --latest   in .venv-latest, the newest releases setup.cfg admits, resolved again now: what the next lock would
+#              be (not part of CI; run it before scripts/lock.sh to see whether upgrading is safe)
+#   --floors   in .venv-floors, every direct dependency at the floor setup.cfg claims
 # Tests run in parallel (pytest-xdist): one worker per core, at most 4 (DPO_DS_TEST_WORKERS=N to choose,
 # 1 for one process; an -n/--numprocesses of your own wins). On 2 cores the gain is small (two 2-rank jobs
-# contend: 29.5-32 min against 33 serial on a fresh clone); it grows with the cores.
+# contend); it grows with the cores.
+case "${1:-}" in
+  --latest) export DPO_DS_INSTALL=latest; shift ;;
+  --floors) export DPO_DS_INSTALL=floors; shift ;;
+esac
 source "$(dirname "$0")/_venv.sh"
+echo "[test] $(python -c 'from importlib.metadata import version as v
+print(", ".join(f"{p} {v(p)}" for p in ("torch", "transformers", "deepspeed")))') ($INSTALL)"
 workers="${DPO_DS_TEST_WORKERS:-$(n=$(nproc); echo $(( n < 4 ? n : 4 )))}"
 parallel=()
 if [ "$workers" -gt 1 ] && [[ " $* " != *" -n"* && " $* " != *" --numprocesses"* ]]; then parallel=(-n "$workers" --dist worksteal); fi
