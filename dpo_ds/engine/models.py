@@ -8,6 +8,7 @@ import contextlib
 import glob
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -59,14 +60,34 @@ def _init_deepspeed() -> None:
 
     dist.init()
     if not torch.cuda.is_available():
-        from torch.utils.cpp_extension import _get_build_directory
-
-        if not glob.glob(os.path.join(_get_build_directory("deepspeed_shm_comm", False), "*.so")):
-            dist.print0("deepspeed: compiling its CPU communication op, once on this machine (1-2 minutes)")
+        _cpu_all_reduce_op()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if not torch.cuda.is_available() and not _SHM_CLEANUP_REGISTERED:
         atexit.register(remove_shm_buffer)
         _SHM_CLEANUP_REGISTERED = True
+
+
+def _cpu_all_reduce_op() -> None:
+    """DeepSpeed's CPU ops (compiled on first use: the all-reduce between a host's ranks, CPU-Adam) are built once
+    per environment: in the venv's own directory (torch's default is one per user, which every venv rebuilds for
+    its own paths) with the ninja installed beside this interpreter (a DeepSpeed dependency) rather than a system
+    one, whose log hashes commands another way (ninja 1.11 vs 1.13): a run started with the venv on PATH and one
+    without rebuilt them (35-80 s) at every switch. One rank has nothing to all-reduce with anybody: it goes
+    without (no compile, no 69 MB buffer)."""
+    import deepspeed
+
+    here = os.path.dirname(sys.executable)
+    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    if os.path.isfile(os.path.join(here, "ninja")) and not os.environ.get("PATH", "").startswith(here + os.pathsep):
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
+    if dist.world_size() == 1:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        return
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if not glob.glob(os.path.join(_get_build_directory("deepspeed_shm_comm", False), "*.so")):
+        dist.print0("deepspeed: compiling its CPU communication op, once in this environment (1-2 minutes)")
 
 
 def remove_shm_buffer() -> None:
