@@ -5,8 +5,9 @@
 #              be (not part of CI; run it before scripts/lock.sh to see whether upgrading is safe)
 #   --floors   in .venv-floors, every direct dependency at the floor setup.cfg claims
 # Tests run in parallel (pytest-xdist): one worker per core, at most 4 (DPO_DS_TEST_WORKERS=N to choose,
-# 1 for one process; an -n/--numprocesses of your own wins). On 2 cores the gain is small (two 2-rank jobs
-# contend); it grows with the cores.
+# 1 for one process; an -n/--numprocesses of your own wins). Each worker takes the next test as it finishes one,
+# in collection order (tests/conftest.py puts those that start processes first), a test group (xdist_group:
+# the SmolLM2 tests) whole.
 case "${1:-}" in
   --latest) export DPO_DS_INSTALL=latest; shift ;;
   --floors) export DPO_DS_INSTALL=floors; shift ;;
@@ -16,5 +17,5 @@ echo "[test] $(python -c 'from importlib.metadata import version as v
 print(", ".join(f"{p} {v(p)}" for p in ("torch", "transformers", "deepspeed")))') ($INSTALL)"
 workers="${DPO_DS_TEST_WORKERS:-$(n=$(nproc); echo $(( n < 4 ? n : 4 )))}"
 parallel=()
-if [ "$workers" -gt 1 ] && [[ " $* " != *" -n"* && " $* " != *" --numprocesses"* ]]; then parallel=(-n "$workers" --dist worksteal); fi
+if [ "$workers" -gt 1 ] && [[ " $* " != *" -n"* && " $* " != *" --numprocesses"* ]]; then parallel=(-n "$workers" --dist loadgroup --no-loadscope-reorder); fi
 exec python -m pytest "${parallel[@]}" "$@"

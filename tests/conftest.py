@@ -3,6 +3,8 @@ import ast
 import glob
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -40,7 +42,7 @@ def _process_starters(path: str) -> set[str]:
 
 def pytest_collection_modifyitems(config, items):
     """Mark the tests that start processes `integration` (scripts/test.sh -m "not integration": the quick
-    in-process suite while developing; CI runs everything)."""
+    in-process suite while developing; CI runs everything), and run them first."""
     starters = {}
     for item in items:
         path = str(item.fspath)
@@ -49,6 +51,9 @@ def pytest_collection_modifyitems(config, items):
         name = getattr(getattr(item, "function", None), "__name__", "")
         if name in starters[path] or set(getattr(item, "fixturenames", ())) & starters[path]:
             item.add_marker(pytest.mark.integration)
+    # the tests that start processes (the long ones) first: pytest-xdist's workers then end on short in-process
+    # tests, not one waiting for the other's last multi-rank job
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
 
 
 def pytest_sessionstart(session):
@@ -69,14 +74,31 @@ def pytest_sessionfinish(session):
             pass
 
 
+def once(tmp_path_factory, name: str, make) -> str:
+    """The directory `make(path)` fills, made once per test run: with pytest-xdist, by the first worker to ask
+    (the others wait for it on a lock and read the same files) in the directory all workers share. For what tests
+    only read: the tiny model, its data and cache, reference runs that several tests continue."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = shared / "once" / name
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path.parent / f"{name}.done").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            make(str(path))
+            (path.parent / f"{name}.done").touch()
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny Qwen3 checkpoint and 240 synthetic preference pairs: (model_dir, prefs.jsonl)."""
     from dpo_ds import tiny as T
 
-    out = tmp_path_factory.mktemp("tiny")
-    model_dir = T.build(str(out), num_examples=240, seed=0)
-    return model_dir, str(out / "prefs.jsonl")
+    out = once(tmp_path_factory, "tiny", lambda path: T.build(path, num_examples=240, seed=0))
+    return os.path.join(out, "model"), os.path.join(out, "prefs.jsonl")
 
 
 @pytest.fixture(scope="session")
@@ -85,21 +107,64 @@ def prepared(tiny, tmp_path_factory):
     from dpo_ds import config as C
     from dpo_ds import prepare
 
-    out = str(tmp_path_factory.mktemp("prepared"))
     model_dir, prefs = tiny
-    prepare.run(C.PrepareConfig(dataset=prefs, tokenizer=model_dir, output_dir=out, eval_fraction=0.1))
-    return out
+    return once(tmp_path_factory, "prepared", lambda out: prepare.run(
+        C.PrepareConfig(dataset=prefs, tokenizer=model_dir, output_dir=out, eval_fraction=0.1)))
 
 
-def run_module(module, *args, launcher=None, check=True, env=None, timeout=600):
-    """Run `python -m module args` (or under `deepspeed --num_gpus N`) and return the CompletedProcess."""
+def run_module(module, *args, launcher=None, deepspeed=False, check=True, env=None, timeout=600):
+    """Run `python -m module args` and return the CompletedProcess. `launcher=N`: on N ranks, each process started
+    here and told its rank in its environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, as srun, torchrun
+    or a hand-started node gives them: README "Several nodes" b); `deepspeed=True`: under `deepspeed --num_gpus N`
+    instead (its launcher and launch.py cost each launch ~7 s, so the tests that are about it use it)."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
-    if launcher:
+    if launcher and deepspeed:
         cmd = ["deepspeed", "--num_gpus", str(launcher), "--master_port", str(free_port()), "--module",
                module, *map(str, args)]
+    elif launcher:
+        return run_ranks(cmd, launcher, check=check, env=env, timeout=timeout)
     p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(env), timeout=timeout, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def run_ranks(cmd, n, check=True, env=None, timeout=600, grace=30):
+    """`cmd` as ranks 0..n-1 of one job on this host -> a CompletedProcess: every rank's output (rank 0's first),
+    and the first non-zero exit status. A rank that fails gets the others stopped after `grace` seconds, as the
+    deepspeed launcher stops them (gloo would otherwise leave them waiting for it)."""
+    import tempfile
+    import time
+
+    port, procs, logs = free_port(), [], []
+    for rank in range(n):
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        ranks = {"RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(n),
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={**child_env(env), **ranks},
+                                      cwd=ROOT, start_new_session=True))
+        logs.append((out, err))
+    deadline, failed_at = time.time() + timeout, None
+    while any(p.poll() is None for p in procs):
+        if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+            failed_at = time.time()
+        if time.time() > deadline or (failed_at and time.time() > failed_at + grace):
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            if time.time() > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+        time.sleep(0.05)
+    text = []
+    for out, err in logs:
+        out.seek(0)
+        err.seek(0)
+        text.append((out.read(), err.read()))
+    code = next((p.returncode for p in procs if p.returncode), 0)
+    p = subprocess.CompletedProcess(cmd, code, "".join(o for o, _ in text), "".join(e for _, e in text))
+    if check and code != 0:
+        raise AssertionError(f"{' '.join(cmd)} on {n} ranks failed ({code}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
     return p
 
 
@@ -118,6 +183,5 @@ def cache(tiny, prepared, tmp_path_factory):
     from dpo_ds import config as C
     from dpo_ds import precompute
 
-    out = str(tmp_path_factory.mktemp("cache") / "c")
-    precompute.run(C.PrecomputeConfig(model=tiny[0], data=prepared, output_dir=out, batch_size=8, shard_size=64))
-    return out
+    return once(tmp_path_factory, "cache", lambda out: precompute.run(
+        C.PrecomputeConfig(model=tiny[0], data=prepared, output_dir=out, batch_size=8, shard_size=64)))

@@ -6,11 +6,12 @@ original.
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import test_train
 import torch
-from conftest import run_module
+from conftest import once, run_module
 from safetensors.torch import load_file
 from test_train import train_args
 
@@ -37,11 +38,13 @@ def back_to(src, dst, step: int) -> None:
 
 
 def same_trajectory(a, b, first: int, stages: bool = False) -> None:
-    """Run b's train steps from `first` on are run a's (1e-5), and its exported weights too (1e-4). `stages`: one
-    of the two ran as stage 0, the other under ZeRO, which sum gradients and their norm in other fp32 orders:
-    uninterrupted runs of each differ (measured, this tiny model) by up to 1.2e-5 in grad_norm, so its bound is
-    1e-4 there, and rewards, differences of log-probs (β·Δlog π, |log π| ~ 40 here), by up to 4e-7 absolute, which
-    is 1.4e-5 of a margin near 0: they are bounded by 1e-5 of the β·log π they come from, as DPO's loss sees them."""
+    """Run b's train steps from `first` on are run a's (1e-5), and its exported weights too (1e-4). The two sum
+    gradients in other fp32 orders (other ranks, K, or ZeRO stage), so rewards, differences of log-probs (β·Δlog π,
+    |log π| ~ 40 here) whose mean may be near 0, carry the rounding of the β·log π they come from: they are bounded
+    by 1e-5 of it, as DPO's loss sees them (measured: up to 4e-7 absolute, 1e-5 relative to a reward of 0.004 after
+    a 2 -> 1 rank resume; 1e-7 absolute held on one CPU and not on another). `stages`: one of the two ran as stage
+    0, the other under ZeRO: uninterrupted runs of each differ (measured, this tiny model) by up to 1.2e-5 in
+    grad_norm, so its bound is 1e-4 there."""
     ra = {r["step"]: r for r in read_metrics(a / "metrics.jsonl") if r["split"] == "train"}
     rb = {r["step"]: r for r in read_metrics(b / "metrics.jsonl") if r["split"] == "train"}
     assert sorted(ra) == sorted(rb) == list(range(1, 13))
@@ -50,7 +53,7 @@ def same_trajectory(a, b, first: int, stages: bool = False) -> None:
             rel, near = 1e-5, 1e-7
             if stages and k == "grad_norm":
                 rel = 1e-4
-            elif stages and k.startswith("rewards/"):
+            elif k.startswith("rewards/"):
                 near = 1e-5 * 0.1 * abs(ra[step]["logps/chosen"])  # β = 0.1, the default
             assert rb[step][k] == pytest.approx(ra[step][k], rel=rel, abs=near), (step, k)
     wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
@@ -58,14 +61,29 @@ def same_trajectory(a, b, first: int, stages: bool = False) -> None:
     assert float(diff / torch.cat([wa[n].flatten() for n in wa]).norm()) < 1e-4
 
 
-def test_a_zero3_run_continues_on_another_number_of_ranks(tiny, prepared, cache, tmp_path):
-    """2 ranks, 12 steps, a checkpoint every 3: back at step 6 and continued on 1 rank (accumulation 1 -> 2, the
-    same global batch of 4), the steps after it are the uninterrupted run's (1e-5); back at that run's step 9
-    and continued on 2 ranks again, too. The conversion is kept beside the checkpoint, and pruned with it."""
-    whole = tmp_path / "whole"
-    run_module("dpo_ds.train", *args(tiny, prepared, cache, whole, save_every=3, save_total_limit=0), launcher=2)
+@pytest.fixture(scope="session")
+def zero3_whole(tiny, prepared, cache, tmp_path_factory) -> Path:
+    """The uninterrupted run the ZeRO-3 resumes below continue: 2 ranks, 12 steps, a checkpoint every 2, all kept
+    (--save_total_limit 0), so that each test can go back to the step it needs. Made once per test run."""
+    return Path(once(tmp_path_factory, "elastic_zero3", lambda out: run_module(
+        "dpo_ds.train", *args(tiny, prepared, cache, out, save_every=2, save_total_limit=0), launcher=2)))
+
+
+@pytest.fixture(scope="session")
+def stage0_whole(tiny, prepared, cache, tmp_path_factory) -> Path:
+    """The same run under --deepspeed auto, which is stage 0 (fp32) on this CPU: what the stage-0 resumes
+    continue."""
+    return Path(once(tmp_path_factory, "elastic_stage0", lambda out: run_module(
+        "dpo_ds.train", *args(tiny, prepared, cache, out, deepspeed="auto"), launcher=2)))
+
+
+def test_a_zero3_run_continues_on_another_number_of_ranks(tiny, prepared, cache, zero3_whole, tmp_path):
+    """2 ranks, 12 steps: back at step 6 and continued on 1 rank (accumulation 1 -> 2, the same global batch of
+    4), the steps after it are the uninterrupted run's (1e-5); back at that run's step 9 and continued on 2 ranks
+    again, too. The conversion is kept beside the checkpoint, and pruned with it."""
+    whole = zero3_whole
     assert sorted(n for n in os.listdir(whole / "checkpoints") if n.startswith("step-")) == \
-        [f"step-{s:07d}" for s in (3, 6, 9, 12)]  # --save_total_limit 0 keeps them all: one to be killed after
+        [f"step-{s:07d}" for s in range(2, 13, 2)]  # --save_total_limit 0 keeps them all: one to be killed after
 
     one = tmp_path / "one"
     back_to(whole, one, 6)
@@ -101,11 +119,11 @@ def test_a_run_continues_with_another_sequence_parallel_size(tiny, prepared, cac
     same_trajectory(whole, one, 9)
 
 
-def test_a_stage_0_run_continues_on_another_number_of_ranks(tiny, prepared, cache, tmp_path):
+def test_a_stage_0_run_continues_on_another_number_of_ranks(tiny, prepared, cache, stage0_whole, tmp_path):
     """--deepspeed auto (stage 0 on this CPU) on 2 ranks, back at step 8 and continued on 1 rank: a stage-0
     checkpoint holds the whole model and optimizer, so nothing is converted."""
-    whole = tmp_path / "whole"
-    run_module("dpo_ds.train", *args(tiny, prepared, cache, whole, deepspeed="auto"), launcher=2)
+    whole = stage0_whole
+    assert json.load(open(whole / "config.json"))["deepspeed"]["zero_optimization"] == {"stage": 0}
     one = tmp_path / "one"
     back_to(whole, one, 8)
     p = run_module("dpo_ds.train", *args(tiny, prepared, cache, one, deepspeed="auto"))
@@ -126,14 +144,13 @@ def fp32_config(tmp_path, stage: int, **zero) -> str:
     return str(path)
 
 
-def test_a_zero3_run_continues_as_stage_2_as_stage_0_and_offloaded(tiny, prepared, cache, tmp_path):
+def test_a_zero3_run_continues_as_stage_2_as_stage_0_and_offloaded(tiny, prepared, cache, zero3_whole, tmp_path):
     """ZeRO-3 on 2 ranks, back at step 8: continued as ZeRO-2 on 2 ranks (DeepSpeed's universal loader, after the
     conversion completed the ZeRO-3 layout for it), as stage 0 on 1 rank (dpo_ds's loader: DeepSpeed reads
     universal checkpoints under ZeRO only), and as ZeRO-3 with the optimizer offloaded (CPU-Adam) on 1 rank, and
     that one back without offload on 2 ranks: each the uninterrupted run's steps. One conversion serves the first
     three."""
-    whole = tmp_path / "whole"
-    run_module("dpo_ds.train", *args(tiny, prepared, cache, whole), launcher=2)
+    whole = zero3_whole
     two = tmp_path / "stage2"
     back_to(whole, two, 8)
     p = run_module("dpo_ds.train", *args(tiny, prepared, cache, two, deepspeed=fp32_config(tmp_path, 2)), launcher=2)
@@ -157,11 +174,10 @@ def test_a_zero3_run_continues_as_stage_2_as_stage_0_and_offloaded(tiny, prepare
     same_trajectory(whole, tmp_path / "back", 11, stages=True)
 
 
-def test_a_stage_0_run_continues_as_zero3(tiny, prepared, cache, tmp_path):
+def test_a_stage_0_run_continues_as_zero3(tiny, prepared, cache, stage0_whole, tmp_path):
     """Stage 0 on 2 ranks (one file: module and AdamW state), back at step 8 and continued as ZeRO-3 on 2 ranks:
     converted here (DeepSpeed's converter reads ZeRO checkpoints only), the same trajectory (1e-5)."""
-    whole = tmp_path / "whole"
-    run_module("dpo_ds.train", *args(tiny, prepared, cache, whole, deepspeed=test_train.ZERO0), launcher=2)
+    whole = stage0_whole
     three = tmp_path / "stage3"
     back_to(whole, three, 8)
     p = run_module("dpo_ds.train", *args(tiny, prepared, cache, three), launcher=2)

@@ -370,7 +370,7 @@ FAMILY_RUNS = {
 
 
 def test_two_rank_zero3_runs_lower_each_loss(tiny, prepared, cache, tmp_path):
-    """5 steps of each loss family under the deepspeed launcher (2 ranks, ZeRO-3) lower that same loss on the
+    """5 steps of each loss family on 2 ranks (ZeRO-3) lower that same loss on the
     train split (evaluated by dpo_ds.evaluate with the run's settings, before and after)."""
     runs = tmp_path / "runs.json"
     runs.write_text(json.dumps(FAMILY_RUNS))

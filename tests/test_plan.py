@@ -208,7 +208,8 @@ def test_the_fit_boundary_is_real(tmp_path):
     budget: between its predictions at L = 256 and 512. `--search` with it says 256 is the largest length
     that fits; train at 256 inside a cgroup of that size finishes; at 512 the same cgroup ends it in an
     out-of-memory kill. (Measured: 1.78 and 2.9 GiB predicted; errors -2 % against peaks like these.)"""
-    from dpo_ds import plan
+    from dpo_ds import config as C
+    from dpo_ds import plan, precompute, prepare
     from dpo_ds.tiny import build
 
     model = build(str(tmp_path / "m"), num_examples=8, hidden_size=512, layers=2)  # 6.5 M parameters
@@ -216,9 +217,9 @@ def test_the_fit_boundary_is_real(tmp_path):
     runs = {}
     for length in (256, 512):
         data, cache = tmp_path / f"data{length}", tmp_path / f"cache{length}"
-        run_module("dpo_ds.prepare", "--dataset_name", src, "--tokenizer", model, "--output_dir", data,
-                   "--max_length", length, "--eval_fraction", 0)
-        run_module("dpo_ds.precompute", "--model", model, "--data", data, "--output_dir", cache)
+        prepare.run(C.PrepareConfig(dataset=src, tokenizer=model, output_dir=str(data), max_length=length,
+                                    eval_fraction=0))  # in this process: the set-up, not what is measured
+        precompute.run(C.PrecomputeConfig(model=model, data=str(data), output_dir=str(cache)))
         runs[length] = ["--model", model, "--data", data, "--ref_cache", cache, "--micro_batch_size", 32,
                         "--grad_accum", 1, "--max_steps", 2, "--no-share_prompt", "--no-packing", "--eval_every", 0,
                         "--report_to", "none", "--learning_rate", 1e-5]

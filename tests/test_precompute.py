@@ -75,11 +75,11 @@ def test_layout_and_batch_size_do_not_change_values(prepared, cache, plain_cache
 
 
 def test_two_ranks_zero3_match_one_rank(tiny, prepared, plain_cache, tmp_path):
-    """Written shared + packed from 2 ZeRO-3 ranks = written plain from one process."""
+    """Written shared + packed from 2 ZeRO-3 ranks (under the deepspeed launcher) = written plain from one process."""
     out = tmp_path / "two"
     p = run_module("dpo_ds.precompute", "--model", tiny[0], "--data", prepared, "--output_dir", out,
                    "--batch_size", 8, "--shard_size", 64, "--deepspeed", os.path.join(ROOT, "ds_configs/zero3_inference.json"),
-                   launcher=2)
+                   launcher=2, deepspeed=True)
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["stats"]["world_size"] == 2
     files = {m["file"] for m in manifest["splits"]["train"]["shards"]}

@@ -9,7 +9,7 @@ import os
 import datasets
 import pytest
 import torch
-from conftest import ROOT, run_module
+from conftest import ROOT, once, run_module
 from independent import naive_sequence_logps
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -21,6 +21,10 @@ from dpo_ds.model.batch import build, collate, take
 from dpo_ds.model.layout import Layout
 from dpo_ds.model.logps import SequenceLogps, pair_logps, sequence_logps
 from dpo_ds.report.log import read_metrics
+
+# one worker runs these one after the other (scripts/test.sh --dist loadgroup): two 135 M-parameter jobs at once on
+# 2 cores took twice their time together, and slowed every test beside them
+pytestmark = pytest.mark.xdist_group("smollm2")
 
 QUESTIONS = [("What is {a} plus {b}?", "{a} plus {b} is {s}.", "{a} plus {b} is {w}."),
              ("Add {a} and {b}.", "The sum is {s}.", "The sum is {w}, I think.")]
@@ -50,17 +54,26 @@ def messages(prompt):
 def smol(tmp_path_factory):
     from dpo_ds.tiny import build_smollm2
 
-    return build_smollm2(str(tmp_path_factory.mktemp("smollm2") / "model"))
+    return once(tmp_path_factory, "smollm2", build_smollm2)
 
 
 @pytest.fixture(scope="session")
 def smol_data(smol, tmp_path_factory):
-    d = tmp_path_factory.mktemp("smol_data")
-    with open(d / "prefs.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows())
-    prepare.run(C.PrepareConfig(dataset=str(d / "prefs.jsonl"), tokenizer=smol, output_dir=str(d / "prep"),
-                                eval_fraction=0.2, max_length=128))
-    return str(d / "prep")
+    def make(out):
+        os.makedirs(out)
+        with open(os.path.join(out, "prefs.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows())
+        prepare.run(C.PrepareConfig(dataset=os.path.join(out, "prefs.jsonl"), tokenizer=smol,
+                                    output_dir=os.path.join(out, "prep"), eval_fraction=0.2, max_length=128))
+
+    return os.path.join(once(tmp_path_factory, "smol_data", make), "prep")
+
+
+@pytest.fixture(scope="session")
+def smol_cache(smol, smol_data, tmp_path_factory):
+    """SmolLM2's reference cache, computed on 2 ranks (both tests train against it)."""
+    return once(tmp_path_factory, "smol_cache", lambda out: run_module(
+        "dpo_ds.precompute", "--model", smol, "--data", smol_data, "--output_dir", out, "--batch_size", 4, launcher=2))
 
 
 def test_prepared_ids_are_the_models_own_chat_template(smol, smol_data):
@@ -134,12 +147,10 @@ def test_chunked_logps_equal_the_models_own_float64_forward(smol, smol_data):
                 assert single.item() == pytest.approx(want[i], rel=rtol), (model.dtype, i)
 
 
-def test_two_rank_pipeline_keeps_a_working_model(smol, smol_data, tmp_path):
+def test_two_rank_pipeline_keeps_a_working_model(smol, smol_data, smol_cache, tmp_path):
     """prepare -> precompute (2 ranks) -> train (2 ranks, ZeRO-3, gradient checkpointing) -> evaluate; the
     exported checkpoint loads with from_pretrained, keeps its tied embeddings and still answers."""
-    cache, out = tmp_path / "cache", tmp_path / "run"
-    run_module("dpo_ds.precompute", "--model", smol, "--data", smol_data, "--output_dir", cache, "--batch_size", 4,
-               launcher=2)
+    cache, out = smol_cache, tmp_path / "run"
     v = run_module("dpo_ds.verify", cache, "--data", smol_data, "--model", smol)
     assert "OK" in v.stdout and "2 rank(s)" in v.stdout
     run_module("dpo_ds.train", "--deepspeed", os.path.join(ROOT, "ds_configs", "zero3_cpu.json"), "--model", smol,
@@ -165,11 +176,10 @@ def test_two_rank_pipeline_keeps_a_working_model(smol, smol_data, tmp_path):
     assert "Paris" in answer, answer
 
 
-def test_a_lora_run_lowers_the_held_out_loss(smol, smol_data, tmp_path):
+def test_a_lora_run_lowers_the_held_out_loss(smol, smol_data, smol_cache, tmp_path):
     """LoRA (r 8 on every projection) on the real checkpoint, 1 rank, against the cache of the SFT model: the
     held-out loss starts at ln 2 (B = 0) and falls; the adapter (2.4 M parameters) is ~10 MB beside 540 MB."""
-    cache, out = tmp_path / "cache", tmp_path / "lora"
-    run_module("dpo_ds.precompute", "--model", smol, "--data", smol_data, "--output_dir", cache, "--batch_size", 8)
+    cache, out = smol_cache, tmp_path / "lora"
     run_module("dpo_ds.train", "--model", smol, "--data", smol_data, "--ref_cache", cache, "--output_dir", out,
                "--use_peft", "--lora_r", 8, "--max_steps", 8, "--learning_rate", 1e-3, "--warmup_steps", 1,
                "--micro_batch_size", 2, "--grad_accum", 2, "--log_every", 1, "--eval_every", 8, "--report_to", "none")
