@@ -21,15 +21,18 @@ fetch() {  # exact versions: one of each, or the install there stops
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d .whl "$@"
 }
+# the versions the suite ran with (scripts/requirements.lock)
+locked() { for name in "$@"; do grep -iE "^${name//-/[-_]}==" scripts/requirements.lock; done; }
 # the project's own floors the image does not meet (setup.cfg), and what the check runs beside dpo_ds
-fetch "transformers==5.24.0" "peft==0.21.2" "trl==1.16.0" "accelerate==1.15.0"
+fetch $(locked transformers peft trl accelerate)
 # datasets and what it needs beyond the image
-fetch "datasets==5.2.0" "dill==0.4.1" "multiprocess==0.70.19" "fsspec==2026.9.0"
+fetch $(locked datasets dill multiprocess fsspec)
 # DeepSpeed's pure-Python dependencies the image lacks
-fetch "hjson==3.1.0" "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5"
+fetch $(locked hjson pydantic pydantic-core annotated-types typing-inspection)
 # DeepSpeed publishes a source archive only: built here into a wheel without prebuilt ops (JIT there, if ever)
-DS_BUILD_OPS=0 DS_BUILD_AIO=0 DS_BUILD_GDS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl \
-  "deepspeed==0.19.8" 2>/dev/null || DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps -w .whl "deepspeed==0.19.8"
+ds=$(locked deepspeed)
+DS_BUILD_OPS=0 DS_BUILD_AIO=0 DS_BUILD_GDS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "$ds" \
+  2>/dev/null || DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps -w .whl "$ds"
 ls -la .whl
 size=$(du -sm .whl | cut -f1)
 echo "gpu_wheels: $(ls .whl | wc -l) wheels, ${size} MiB in .whl/ (the device carries at most 64 MiB)"
