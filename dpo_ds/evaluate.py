@@ -15,6 +15,7 @@ from dpo_ds.config import EvalConfig
 from dpo_ds.errors import UserError
 from dpo_ds.model.batch import pad_and_eos
 from dpo_ds.objective.step import split_metrics
+from dpo_ds.pretrained import dtype_name, open_model_dir, resolve_dtype
 from dpo_ds.report import memory
 from dpo_ds.report.log import format_metrics
 from dpo_ds.storage import owner
@@ -29,13 +30,13 @@ def run(cfg: EvalConfig) -> dict:
     dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
     if cfg.output:
         dist.on_main(lambda: owner.check_output_file(cfg.output, "--output", OUTPUT_KEYS))
-    tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code, adapter=True)  # base + LoRA: merged
+    tokenizer = open_model_dir(cfg.model, cfg.trust_remote_code, adapter=True)  # base + LoRA: merged
     # the evaluated model need not be the reference (a trained policy is not): no model check here
     cache = open_verified(cfg.ref_cache, cfg.data, None, [cfg.split])
     if tokenizer_fingerprint(tokenizer) != cache.report["tokenizer_fingerprint"]:
         raise UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
     reference = cache.reference(cfg.split, cfg.length_desensitised)
-    warning = precision_warning(cache, cfg.split, engine.dtype_name(engine.resolve_dtype(cfg.dtype)), cfg.beta)
+    warning = precision_warning(cache, cfg.split, dtype_name(resolve_dtype(cfg.dtype)), cfg.beta)
     if warning:
         dist.print0(warning)
     ds = cache.data[cfg.split]

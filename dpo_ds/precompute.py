@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import cache, dist, engine
+from dpo_ds.pretrained import dtype_name, open_model_dir, resolve_dtype
 from dpo_ds.cli import main_guard, on_fault, parse
 from dpo_ds.config import PrecomputeConfig
 from dpo_ds.data.prepared import load_split, read_report, verify_files
@@ -158,9 +159,9 @@ def run(cfg: PrecomputeConfig) -> dict | None:
 
 
 def _run(cfg: PrecomputeConfig) -> dict | None:
-    tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
-    dtype = engine.resolve_dtype(cfg.dtype)
-    fp, requested = dist.on_main(lambda: check_inputs(cfg, tokenizer, engine.dtype_name(dtype)))
+    tokenizer = open_model_dir(cfg.model, cfg.trust_remote_code)
+    dtype = resolve_dtype(cfg.dtype)
+    fp, requested = dist.on_main(lambda: check_inputs(cfg, tokenizer, dtype_name(dtype)))
     state, splits = dist.on_every_rank(lambda: cache.start(cfg.output_dir, fp, requested))
     dist.barrier()  # every rank has read the directory before rank 0 writes into it
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # every node must see the shards of the others

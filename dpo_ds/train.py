@@ -5,8 +5,8 @@
     deepspeed --hostfile hosts --module dpo_ds.train ...      # multi-node: the launcher's own hostfile
     python -m dpo_ds.train ...                                 # one plain process
 
-Step s trains on global batch s of a seeded per-epoch permutation, sorted by length and dealt out as
-micro-batches, so the data position is a function of the step: a resumed run continues the same trajectory.
+A step's pairs are a function of the step (data.order); what OUT holds, how a start continues it and its
+checkpoints are the run's lifecycle (dpo_ds.lifecycle): a resumed run continues the same trajectory.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import psutil
 import torch
 from torch.profiler import record_function
@@ -25,51 +24,24 @@ from dpo_ds import dist, engine
 from dpo_ds.cache import Reference, open_verified, precision_warning
 from dpo_ds.cli import main_guard, on_fault, parse
 from dpo_ds.config import TrainConfig, to_dict
+from dpo_ds.data.order import global_batch, rank_micro_batches
 from dpo_ds.errors import UserError
+from dpo_ds.lifecycle import Run, RunState, intact
 from dpo_ds.model.batch import build, longest_row, pad_and_eos, take
 from dpo_ds.model.batch import lengths as layout_lengths
 from dpo_ds.model.logps import layout_of
 from dpo_ds.objective.metrics import MetricSums
 from dpo_ds.objective.step import batch_losses, split_metrics
+from dpo_ds.plan.choice import engine_config, planned_dtype
+from dpo_ds.pretrained import AdapterSpec, dtype_name, open_model_dir
 from dpo_ds.report import card as model_card
 from dpo_ds.report import memory, trackers
-from dpo_ds.report.log import MetricsLog, format_metrics, read_metrics
+from dpo_ds.report.log import MetricsLog, eval_at, format_metrics
 from dpo_ds.report.plot import plot
-from dpo_ds.resume import (
-    RunState,
-    Window,
-    check_resumable,
-    continue_as_started,
-    keep_global_batch,
-    restore,
-    save,
-    saved_config,
-    saved_record,
-    saved_run,
-    universal_config,
-    write_record,
-)
-from dpo_ds.storage import owner
 from dpo_ds.storage.files import read_json
 
 if TYPE_CHECKING:
     from datasets import Dataset
-
-
-def global_batch(step: int, n: int, size: int, seed: int) -> np.ndarray:
-    """Row indices of global batch `step`: each epoch is a fresh seeded permutation; the tail is dropped."""
-    per_epoch = n // size
-    epoch, k = divmod(step, per_epoch)
-    return np.random.default_rng([seed, epoch]).permutation(n)[k * size:(k + 1) * size]
-
-
-def rank_micro_batches(rows: np.ndarray, lengths: np.ndarray, micro: int, grad_accum: int) -> list[np.ndarray]:
-    """Sort the global batch by length (little padding), cut it into D x grad_accum micro-batches and deal
-    micro-batch j to data-parallel rank j % D (D = world / --sequence_parallel_size: the ranks of a sequence-
-    parallel group share theirs). The step's examples do not depend on micro x accumulation."""
-    rows = rows[np.argsort(-lengths[rows], kind="stable")]
-    chunks = rows.reshape(dist.dp_size() * grad_accum, micro)
-    return [chunks[j] for j in range(dist.dp_rank(), len(chunks), dist.dp_size())]
 
 
 def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: int, step: int,
@@ -108,7 +80,7 @@ def load_data(cfg: TrainConfig, dtype):
     shared = cfg.length_desensitised
     data = cache.data
     fp = cache.manifest["fingerprint"]
-    warning = precision_warning(cache, "train", engine.dtype_name(dtype), cfg.beta)
+    warning = precision_warning(cache, "train", dtype_name(dtype), cfg.beta)
     if warning:
         dist.print0(warning)
     if "eval" not in data:
@@ -121,14 +93,14 @@ def load_data(cfg: TrainConfig, dtype):
 class Job:
     """What the loop needs, built by `set_up`; `state` is what a checkpoint carries."""
     cfg: TrainConfig
-    policy: object  # the training engine (engine.training_engine)
+    run: Run          # the run's life in OUT: checkpoints saved and restored
+    policy: object    # the training engine (engine.training_engine)
     train_ds: Dataset
     train_reference: Reference
     eval_ds: Dataset | None
     eval_reference: Reference | None
     pad_id: int
     eos_id: int
-    ckpt_dir: str
     global_size: int  # pairs per optimizer step, over every data-parallel rank
     launched: float   # the process's start time, for the start-up cost
     log: MetricsLog | None  # rank 0's
@@ -156,17 +128,14 @@ def open_log(cfg: TrainConfig, start: int) -> MetricsLog | None:
     return opened[0] if opened else None
 
 
-def set_up(cfg: TrainConfig) -> Job:
-    """Data and cache (verified once), the saved config, the engine, and the checkpoint to continue from."""
+def set_up(cfg: TrainConfig, run: Run) -> Job:
+    """Data and cache (verified once), the DeepSpeed configuration, the engine, and the state to continue from."""
     launched = psutil.Process().create_time()
-    dist.check_shared_dir(cfg.output_dir, "--output_dir")  # checkpoints are written by every rank, read by all
-    tokenizer = engine.open_model_dir(cfg.model, cfg.trust_remote_code)
-    record = saved_record(cfg)  # the run OUT holds, if it is to be continued
-    saved, moved = saved_config(record), keep_global_batch(cfg, record)  # other ranks: --grad_accum derived again
+    tokenizer = open_model_dir(cfg.model, cfg.trust_remote_code)
     train_ds, train_reference, eval_ds, eval_reference, reference = load_data(
-        cfg, engine.planned_dtype(cfg.deepspeed, saved))
-    ds_config, said = engine.engine_config(cfg, saved, lambda: longest_row(train_ds))
-    for line in (said, moved):
+        cfg, planned_dtype(cfg.deepspeed, run.saved_config))
+    ds_config, said = engine_config(cfg, run.saved_config, lambda: longest_row(train_ds))
+    for line in (said, run.moved):
         if line:
             dist.print0(line)
     global_size = cfg.micro_batch_size * cfg.grad_accum * dist.dp_size()
@@ -176,24 +145,17 @@ def set_up(cfg: TrainConfig) -> Job:
                         f"data-parallel ranks)")
     cfg.set_epochs(len(train_ds) // global_size)
     pad_id, eos_id = pad_and_eos(tokenizer)
-    ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
-    continue_as_started(cfg)
-    run = saved_run(cfg, ds_config, reference)
-    resuming = dist.on_main(lambda: check_resumable(cfg, ckpt_dir, run))  # before anything is rewritten
-    if dist.is_main():
-        write_record(cfg.output_dir, run, resuming)
-    if resuming:  # other ranks, K, ZeRO stage or offload: through the universal format
-        ds_config = universal_config(ckpt_dir, record, ds_config, bool(moved))
+    ds_config = run.settle(ds_config, reference)
     policy = engine.training_engine(engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_config,
-                                    engine.AdapterSpec.of(cfg))
-    state = restore(policy, ckpt_dir) if resuming else RunState()
+                                    AdapterSpec.of(cfg))
+    state = run.restore(policy)
     start = state.step
     log = open_log(cfg, start)
     dist.print0(f"train: {'resuming at step ' + str(start) if start else 'starting'}; {len(train_ds)} train / "
                 f"{len(eval_ds or [])} eval pairs, global batch {global_size}, {dist.describe()}, "
                 f"ZeRO stage {engine.zero_stage(ds_config)}, gradient checkpointing {cfg.gradient_checkpointing}, "
                 f"layout: {layout_of(policy)}")
-    return Job(cfg, policy, train_ds, train_reference, eval_ds, eval_reference, pad_id, eos_id, ckpt_dir, global_size,
+    return Job(cfg, run, policy, train_ds, train_reference, eval_ds, eval_reference, pad_id, eos_id, global_size,
                launched, log, start, state)
 
 
@@ -225,8 +187,8 @@ def train_loop(job: Job) -> None:
             log_train(job, lr, bar)
         if done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0):
             job.evaluate(done)
-        if cfg.save_every >= 0 and (done == cfg.max_steps or (cfg.save_every and done % cfg.save_every == 0)):
-            save(policy, job.ckpt_dir, state, cfg.save_total_limit)
+        if job.run.save_due(done):
+            job.run.save(policy, state)
     bar.close()
 
 
@@ -243,7 +205,7 @@ def log_train(job: Job, lr: float, bar) -> None:
     if job.log:
         job.log.write(state.step, "train", metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-    state.window = Window()
+    state.new_window()
 
 
 def finish(job: Job) -> dict:
@@ -254,10 +216,10 @@ def finish(job: Job) -> dict:
     exported = dist.on_main(lambda: os.path.isdir(final_dir) and (  # one answer: export is collective
         not cfg.merge_adapter or os.path.isdir(os.path.join(final_dir, "merged"))))  # (asked for since: made now)
     if not (finished_before and exported):
-        run = read_json(os.path.join(cfg.output_dir, "config.json")) if dist.is_main() else None
-        engine.export(job.policy.module, cfg.model, final_dir, lambda: model_card.render(cfg, run), cfg.merge_adapter)
+        saved = read_json(os.path.join(cfg.output_dir, "config.json")) if dist.is_main() else None
+        engine.export(job.policy.module, cfg.model, final_dir, lambda: model_card.render(cfg, saved), cfg.merge_adapter)
     dist.barrier()  # rank 0's MetricsLog has rewritten metrics.jsonl (a finished run's rerun exports nothing)
-    final = dist.on_main(lambda: final_eval(cfg))
+    final = dist.on_main(lambda: eval_at(os.path.join(cfg.output_dir, "metrics.jsonl"), cfg.max_steps))
     peaks = memory.per_rank()
     if job.log:
         job.log.close()
@@ -268,26 +230,11 @@ def finish(job: Job) -> dict:
     return final
 
 
-def final_eval(cfg: TrainConfig) -> dict:
-    evals = [r for r in read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
-             if r["split"] == "eval" and r["step"] == cfg.max_steps]
-    return {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
-
-
-def after_fault(out_dir: str) -> str:
-    latest = os.path.join(out_dir, "checkpoints", "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            tag = f.read().strip()
-        return f"the last checkpoint ({tag} in {out_dir}/checkpoints) is intact; rerun the same command to resume it"
-    return "no checkpoint was written yet; rerun the same command to start again"
-
-
 def run(cfg: TrainConfig) -> dict:
-    on_fault(lambda: after_fault(cfg.output_dir))
+    on_fault(lambda: intact(cfg.output_dir))
     dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
-    with owner.owned(cfg.output_dir, "training run", "--output_dir", "train"):
-        job = set_up(cfg)
+    with Run.claimed(cfg) as claimed:
+        job = set_up(cfg, claimed)
         train_loop(job)
         return finish(job)
 

@@ -6,7 +6,7 @@ import os
 import statistics
 import time
 
-from bench_workers import peak_cuda_mb, peak_rss_mb, print_profile
+from bench_measure import peak_cuda_mb, peak_rss_mb, print_profile
 
 
 def trl_rows(model_dir: str, data_dir: str) -> list[dict]:
@@ -58,7 +58,7 @@ def trl_peft(a, model) -> dict:
         return {}
     from peft import LoraConfig
 
-    from dpo_ds.engine.adapters import default_targets
+    from dpo_ds.pretrained.adapters import default_targets
 
     return {"peft_config": LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
                                       target_modules=default_targets(model), task_type="CAUSAL_LM")}

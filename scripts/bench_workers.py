@@ -21,20 +21,9 @@ import time
 LAYOUTS = {"new": {}, "plain": {"share_prompt": False, "packing": False}}  # new = the defaults (dpo_ds.model.layout)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench_measure import peak_cuda_mb, peak_rss_mb, print_profile  # noqa: E402
+
 from dpo_ds.config import ModelConfig  # noqa: E402  (no torch import)
-
-
-def peak_cuda_mb() -> float | None:
-    """torch.cuda.max_memory_allocated in MB (None off CUDA)."""
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
-
-
-def peak_rss_mb() -> float:
-    from dpo_ds.report.memory import peak_rss_bytes  # the phases' own measure (VmHWM), for the same figure
-
-    return peak_rss_bytes() / 2 ** 20
 
 
 def live_reference(cfg, micro: int):
@@ -70,7 +59,10 @@ def worker_train(a) -> None:
     from dpo_ds.model.batch import lengths as layout_lengths
     from dpo_ds.model.batch import longest_row, pad_and_eos
     from dpo_ds.model.logps import layout_of
-    from dpo_ds.train import global_batch, rank_micro_batches, train_step
+    from dpo_ds.data.order import global_batch, rank_micro_batches
+    from dpo_ds.plan.choice import engine_config
+    from dpo_ds.pretrained import AdapterSpec
+    from dpo_ds.train import train_step
 
     if not a.ds:
         sys.exit("--worker train needs --ds (a DeepSpeed config, e.g. ds_configs/zero0_cpu.json, or auto)")
@@ -84,10 +76,10 @@ def worker_train(a) -> None:
                       **lora(a), **LAYOUTS[a.layout])
     t_start = time.time()
     ds = load_split(cfg.data, "train")
-    ds_cfg, said = engine.engine_config(cfg, None, lambda: longest_row(ds))  # as train chooses (--ds auto too)
+    ds_cfg, said = engine_config(cfg, None, lambda: longest_row(ds))  # as train chooses (--ds auto too)
     if said:
         dist.print0(said)
-    specs = engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_cfg, engine.AdapterSpec.of(cfg)
+    specs = engine.ModelSpec.of(cfg), engine.TrainingSpec.of(cfg), ds_cfg, AdapterSpec.of(cfg)
     policy = engine.training_engine(*specs)
     if a.mode == "cached":
         reference = open_verified(cfg.ref_cache, cfg.data, cfg.model, ["train"]).reference("train")
@@ -141,15 +133,6 @@ def worker_eval(a) -> None:
     t0 = time.time()
     metrics = split_metrics(fn, ds, reference, cfg, cfg.batch_size, *pad)
     print(json.dumps({"layout": a.layout, "seconds": time.time() - t0, "pairs": len(ds), "loss": metrics["loss"]}))
-
-
-def print_profile(profiler, steps: int, seconds: float) -> None:
-    """Where a step's time goes: dpo_ds's labelled parts (train.train_step) and the operators by self time."""
-    events = profiler.key_averages()
-    print(f"[profile] {steps} steps, {seconds / steps:.3f} s/step (wall, profiler on)")
-    for e in sorted((e for e in events if e.key.startswith("dpo_ds.")), key=lambda e: -e.cpu_time_total):
-        print(f"[profile] {e.key:<28} {e.cpu_time_total / 1e6 / steps:8.3f} s/step  ({e.count // steps} calls/step)")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def worker_logp_memory(a) -> None:
@@ -207,10 +190,10 @@ def worker_bare_forward(a) -> None:
     import numpy as np
     import torch
 
-    from dpo_ds import engine
     from dpo_ds.data.prepared import load_split, read_report
+    from dpo_ds.pretrained import load_model
 
-    model = engine.load_model(a.model, torch.float32).eval()
+    model = load_model(a.model, torch.float32).eval()
     stream = np.concatenate([np.asarray(x) for s in read_report(a.data)["counts"] for side in ("chosen", "rejected")
                              for x in load_split(a.data, s)[f"{side}_input_ids"]])
     row = int(np.median([len(x) for x in load_split(a.data, "train")["chosen_input_ids"]]))

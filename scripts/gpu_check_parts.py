@@ -1,4 +1,6 @@
-"""scripts/gpu_check.py's inputs and parts: each part a function of the Check that returns its figures."""
+"""scripts/gpu_check.py's inputs and parts: each part a function of the driver's Check (`c`: its settings `c.s`,
+working directory `c.work`, budget `c.left()`, and `c.run(...)`, a phase as a user runs it) that returns its
+figures. The parts know nothing else of the driver."""
 from __future__ import annotations
 
 import json
@@ -6,16 +8,12 @@ import os
 import statistics
 import subprocess
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gpu_check import Check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s: the MFU's denominator
 
 
-def build_inputs(c: Check) -> dict:
+def build_inputs(c) -> dict:
     """The tokenizer, the pairs, prepared, and the first model (the others are built by their parts) -> paths."""
     from bench import length_mix
 
@@ -31,7 +29,7 @@ def build_inputs(c: Check) -> dict:
     return paths
 
 
-def build_model(c: Check, paths: dict, name: str) -> str:
+def build_model(c, paths: dict, name: str) -> str:
     """A random-initialised Qwen3 of `name`'s shape with the check's tokenizer (once; on the GPU when there is
     one, bf16 there) -> its directory."""
     import torch
@@ -56,7 +54,7 @@ def build_model(c: Check, paths: dict, name: str) -> str:
     return path
 
 
-def part_correctness(c: Check, paths: dict) -> dict:
+def part_correctness(c, paths: dict) -> dict:
     """Layouts and precision against an independent fp32 forward of each sequence alone (the 0.6 B model)."""
     import datasets
     import torch
@@ -113,7 +111,7 @@ def response_fraction(data: str) -> float:
     return resp / (resp + prompt)
 
 
-def train_run(c: Check, model: str, data: str, cache: str, name: str, ds: str, steps: int, *extra,
+def train_run(c, model: str, data: str, cache: str, name: str, ds: str, steps: int, *extra,
               micro: int | None = None, accum: int | None = None) -> dict:
     out = f"{c.work}/run_{name}"
     subprocess.run(["rm", "-rf", out])
@@ -140,7 +138,7 @@ def train_run(c: Check, model: str, data: str, cache: str, name: str, ds: str, s
     return res
 
 
-def mfu(c: Check, model: str, tokens_per_s: float, fraction: float):
+def mfu(c, model: str, tokens_per_s: float, fraction: float):
     import torch
     from transformers import AutoConfig
 
@@ -162,7 +160,7 @@ def attempt(fn) -> dict:
         return {"error": f"{type(e).__name__}: {str(e)[:400]}"}
 
 
-def part_train(c: Check, paths: dict, name: str, first: bool = True) -> dict:
+def part_train(c, paths: dict, name: str, first: bool = True) -> dict:
     """Precompute, then training under ZeRO-3 and --deepspeed auto (the larger model: auto alone)."""
     model, data, cache = build_model(c, paths, name), paths["data"], f"{c.work}/cache_{name}"
     subprocess.run(["rm", "-rf", cache])
@@ -187,7 +185,7 @@ def part_train(c: Check, paths: dict, name: str, first: bool = True) -> dict:
     return out
 
 
-def part_trl(c: Check, paths: dict) -> dict:
+def part_trl(c, paths: dict) -> dict:
     """dpo_ds (--deepspeed auto) and TRL online / precompute, one process each, the same pairs and batch."""
     import importlib.util
 
@@ -213,7 +211,7 @@ def part_trl(c: Check, paths: dict) -> dict:
     return out
 
 
-def part_long_rows(c: Check, paths: dict) -> dict:
+def part_long_rows(c, paths: dict) -> dict:
     """One pair per length (prompt and responses half and half), 3 steps, --tiled_mlp off and on."""
     name = next(iter(paths["models"]))
     model, out = paths["models"][name], {}

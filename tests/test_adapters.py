@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from dpo_ds import config as C
 from dpo_ds.cache.read import open_cache
-from dpo_ds.engine.adapters import AdapterSpec, default_targets, wrap
+from dpo_ds.pretrained.adapters import AdapterSpec, default_targets, wrap
 from dpo_ds.model.batch import collate
 from dpo_ds.model.logps import SequenceLogps
 from dpo_ds.objective.step import batch_losses
@@ -143,7 +143,7 @@ def test_the_planner_counts_the_adapters_parameters(tiny):
     trainable ones; only they get gradients and AdamW's state; the weights grow by them."""
     import dataclasses
 
-    from dpo_ds.engine import footprint as F
+    from dpo_ds.plan import footprint as F
 
     model = AutoModelForCausalLM.from_pretrained(tiny[0])
     wrap(model, AdapterSpec(r=8), seed=0)
@@ -159,8 +159,8 @@ def test_the_planner_counts_the_adapters_parameters(tiny):
 def test_adapter_directories_and_unknown_targets_are_refused_in_one_line(tiny, tmp_path):
     """An adapter directory is a model for evaluate (merged on load) only: precompute and train need the whole
     model the cache fingerprints. A --lora_target_modules name the model lacks is named, with those it has."""
-    from dpo_ds.engine.footprint import adapter_params
-    from dpo_ds.engine.models import check_model_dir
+    from dpo_ds.plan.footprint import adapter_params
+    from dpo_ds.pretrained.load import check_model_dir
     from dpo_ds.errors import UserError
 
     (tmp_path / "adapter_config.json").write_text("{}")

@@ -72,6 +72,10 @@ def test_one_command_for_every_phase(prepared, cache):
     assert p.returncode == 0 and "--ref_cache" in p.stdout
     p = run("trian")
     assert p.returncode == 2 and "error: unknown command 'trian' (commands: prepare, precompute" in p.stderr
+    # the verifier's first documented name keeps working, and says the new one
+    p = subprocess.run([sys.executable, "-m", "dpo_ds.ref_cache", "verify", cache, "--data", prepared],
+                       capture_output=True, text=True, env=child_env(), cwd=ROOT, timeout=300)
+    assert p.returncode == 0 and ": OK" in p.stdout and "is now `dpo-ds verify`" in p.stderr, p.stderr
 
 
 def read_wandb(run_dir) -> list[dict]:
@@ -197,7 +201,7 @@ def test_disable_dropout_makes_training_forward_the_cached_one(kind):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dpo_ds.engine import disable_dropout
+    from dpo_ds.pretrained import disable_dropout
 
     small = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
     if kind == "qwen3":
@@ -245,17 +249,18 @@ def test_a_failing_tracker_is_dropped_and_training_goes_on(tmp_path, capsys):
 
 
 def test_a_run_saved_before_disable_dropout_resumes_with_its_dropout(tmp_path):
-    from dpo_ds.resume import continue_as_started
+    from dpo_ds.lifecycle.policy import continue_as_started
+    from dpo_ds.lifecycle.record import saved_record
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step-2")
     (tmp_path / "config.json").write_text(json.dumps({"train": {"beta": 0.1}}))
     cfg = cli.parse(C.TrainConfig, REQUIRED[:6] + ["--output_dir", str(tmp_path), "--deepspeed", "z.json"])
-    continue_as_started(cfg)
+    continue_as_started(cfg, saved_record(cfg))
     assert cfg.disable_dropout is False
     (tmp_path / "config.json").write_text(json.dumps({"train": {"disable_dropout": True}}))
     cfg = cli.parse(C.TrainConfig, REQUIRED[:6] + ["--output_dir", str(tmp_path), "--deepspeed", "z.json"])
-    continue_as_started(cfg)
+    continue_as_started(cfg, saved_record(cfg))
     assert cfg.disable_dropout is True
 
 

@@ -220,7 +220,7 @@ def test_a_conversion_killed_half_way_is_done_again_and_a_stage_0_checkpoint_con
     """A start killed while converting leaves TAG_universal.tmp (never TAG_universal): the next start removes it
     and converts again. A stage-0 checkpoint (module + torch's AdamW state by index) becomes one folder per
     parameter, the tied weight's second name dropped, every value the checkpoint's, readable by ZeRO-1/2 and 3."""
-    from dpo_ds.engine.checkpoint import safe_load
+    from dpo_ds.engine.unpickle import safe_load
     from dpo_ds.engine.universal import to_universal
 
     tag = tmp_path / "step-0000004"

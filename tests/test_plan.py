@@ -1,4 +1,4 @@
-"""The memory planner (dpo_ds.plan, dpo_ds/engine/footprint.py): its terms are the arithmetic its docstring
+"""The memory planner (dpo_ds.plan, dpo_ds/plan/footprint.py): its terms are the arithmetic its docstring
 states, exactly, on a model built from a config alone; every phase logs what it measured; --check sets the two
 side by side. How close prediction and measurement come on real jobs is a benchmark's question (README: Will it
 fit?), not a test's: here the tolerance only catches a planner that has lost a term."""
@@ -18,8 +18,8 @@ from conftest import ROOT, child_env, run_module
 from transformers import AutoModelForCausalLM
 
 from dpo_ds import dist
-from dpo_ds.engine import choice
-from dpo_ds.engine import footprint as F
+from dpo_ds.plan import choice
+from dpo_ds.plan import footprint as F
 from dpo_ds.errors import UserError
 from dpo_ds.plan import Measured, PlanConfig, predict, search
 from dpo_ds.report.log import read_metrics

@@ -188,7 +188,7 @@ def test_planted_pickle_in_a_checkpoint_is_refused(tiny, prepared, cache, tmp_pa
 def test_universal_checkpoint_files_are_read_with_weights_only(tmp_path):
     """DeepSpeed's universal-checkpoint readers (a resume on other ranks or another ZeRO stage) call
     torch.load(..., weights_only=False) themselves: while dpo_ds loads a checkpoint, torch.load refuses a payload."""
-    from dpo_ds.engine.checkpoint import only_weights
+    from dpo_ds.engine.unpickle import only_weights
 
     marker, path = tmp_path / "pwned", tmp_path / "fp32.pt"
     torch.save({"param": torch.ones(2), "extra": Payload(str(marker))}, path)
@@ -331,8 +331,8 @@ def test_storage_without_locks_warns_and_storage_faults_are_named(tmp_path, monk
 
 
 def test_flash_attention_without_flash_attn_is_refused_in_one_line():
-    from dpo_ds import engine
+    from dpo_ds import pretrained
     from dpo_ds.errors import ConfigError
 
     with pytest.raises(ConfigError, match="flash_attention_2 cannot run here: .*CUDA GPUs only"):
-        engine.attn_implementation("flash_attention_2", torch.float32)
+        pretrained.attn_implementation("flash_attention_2", torch.float32)

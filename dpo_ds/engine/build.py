@@ -9,21 +9,22 @@ import torch
 
 from dpo_ds import dist
 from dpo_ds.config import LOGP_CHUNK_SIZE
-from dpo_ds.engine.adapters import AdapterSpec, quantization_config, wrap
-from dpo_ds.engine.ds_config import collective_forwards, ds_dtype, inference_ds_config
+from dpo_ds.engine import comm
+from dpo_ds.engine.ds_config import collective_forwards, ds_dtype, inference_ds_config, zero_stage
 from dpo_ds.engine.long_context import gradient_scale, register_ulysses, tile_mlp
-from dpo_ds.engine.models import disable_dropout, enable_gradient_checkpointing, load_model, resolve_dtype
 from dpo_ds.model.layout import Layout
 from dpo_ds.model.layout import resolve as resolve_layout
 from dpo_ds.model.layout import unsupported as unsupported_by
 from dpo_ds.model.logps import SequenceLogps
+from dpo_ds.pretrained.adapters import AdapterSpec, quantization_config, wrap
+from dpo_ds.pretrained.load import disable_dropout, enable_gradient_checkpointing, load_model, resolve_dtype
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """A model as the engines load and score it."""
     path: str                                # an HF checkpoint directory (safetensors)
-    attn_implementation: str = "auto"        # engine.models.attn_implementation's choices
+    attn_implementation: str = "auto"        # pretrained.load.attn_implementation's choices
     trust_remote_code: bool = False
     logp_chunk_size: int = LOGP_CHUNK_SIZE   # response tokens per lm_head chunk
     share_prompt: bool | None = None         # the layout asked for (None: where exact; model.layout.resolve)
@@ -63,7 +64,12 @@ def _layout(spec: ModelSpec, model) -> Layout:
 
 
 def _load(spec: ModelSpec, dtype: torch.dtype, ds_config: dict | None = None, quantization=None):
-    return load_model(spec.path, dtype, spec.attn_implementation, spec.trust_remote_code, ds_config, quantization)
+    """The model for an engine of `ds_config` (None: a plain copy): DeepSpeed's communication started first, and
+    under ZeRO-3 built already partitioned."""
+    if ds_config:
+        comm.init()
+    zero3 = ds_config if ds_config and zero_stage(ds_config) == 3 else None
+    return load_model(spec.path, dtype, spec.attn_implementation, spec.trust_remote_code, zero3, quantization)
 
 
 def training_engine(spec: ModelSpec, training: TrainingSpec, ds_config: dict, adapter: AdapterSpec | None = None):

@@ -8,8 +8,8 @@ import math
 import torch
 
 from dpo_ds import dist
+from dpo_ds.engine import comm
 from dpo_ds.engine.ds_config import zero_stage
-from dpo_ds.engine.models import _init_deepspeed
 from dpo_ds.errors import UserError
 from dpo_ds.model.layout import FLASH_PACKING_TYPES
 from dpo_ds.model.layout import unsupported as unsupported_by
@@ -48,7 +48,7 @@ def register_ulysses(model, size: int, backward_scale: int):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     check_sequence_parallel(model, size)
-    _init_deepspeed()
+    comm.init()
     mpu.initialize_sequence_parallel(sequence_parallel_size=size)
     cfg, attn = model.config.get_text_config(), model.config._attn_implementation
 

@@ -19,8 +19,8 @@ import shutil
 
 import torch
 
-from dpo_ds.engine.checkpoint import safe_load
 from dpo_ds.engine.ds_config import offloaded, zero_stage
+from dpo_ds.engine.unpickle import safe_load
 from dpo_ds.errors import UserError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")

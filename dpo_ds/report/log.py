@@ -69,3 +69,9 @@ def read_metrics(path: str) -> list[dict]:
                 break
             raise UserError(f"{path} line {n}: not a JSON metrics row (edited by hand?); remove that line") from None
     return rows
+
+
+def eval_at(path: str, step: int) -> dict:
+    """The metrics of the eval line logged at `step` in the metrics.jsonl at `path` (the last one), {} if none."""
+    evals = [r for r in read_metrics(path) if r["split"] == "eval" and r["step"] == step]
+    return {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}

@@ -5,7 +5,7 @@ three, the planner takes the runtime (the one-layer peak less what footprint's a
 the interpreter, torch's kernels and caches, DeepSpeed's engine and buffers) and what one more layer really
 costs on this machine against what the arithmetic says (allocator slack, the optimizer's temporaries).
 
-    python -m dpo_ds.engine.probe DS_CONFIG_JSON [--mode train|infer] [--model DIR_OR_CONFIG --micro B
+    python -m dpo_ds.plan.probe DS_CONFIG_JSON [--mode train|infer] [--model DIR_OR_CONFIG --micro B
         --length T --checkpointing 0|1 --tiled 0|1 --chunk C --layers N --share 0|1|-1 --pack 0|1|-1 --sp K]
 
 prints each rank's peak resident bytes (under the deepspeed launcher: one line per rank). Without a model: a
@@ -26,7 +26,7 @@ def cut_model(model: str | None, layers: int):
     """The model's architecture cut to `layers` (random weights, fp32), or the embedded tiny one, negligible."""
     from transformers import AutoModelForCausalLM
 
-    from dpo_ds.engine.footprint import config_of
+    from dpo_ds.plan.footprint import config_of
     from dpo_ds.tiny import build_model
 
     if model is None:
@@ -49,7 +49,7 @@ def batch_rows(micro: int, length: int, vocab: int) -> list:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m dpo_ds.engine.probe")
+    p = argparse.ArgumentParser(prog="python -m dpo_ds.plan.probe")
     p.add_argument("ds", help="the DeepSpeed config (train), or the inference one (infer; - for a full copy)")
     p.add_argument("--mode", choices=["train", "infer"], default="train")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; LOCAL_RANK is read")
@@ -66,8 +66,8 @@ def main(argv=None) -> None:
     from dpo_ds import dist
     from dpo_ds.engine.build import ModelSpec, TrainingSpec, inference_engine, training_engine
     from dpo_ds.engine.ds_config import train_ds_config
-    from dpo_ds.engine.footprint import text_config
-    from dpo_ds.engine.models import remove_shm_buffer
+    from dpo_ds.plan.footprint import text_config
+    from dpo_ds.engine.comm import remove_shm_buffer
     from dpo_ds.model.batch import build
     from dpo_ds.model.logps import layout_of, pair_logps
     from dpo_ds.report.memory import peak_rss_bytes

@@ -1,5 +1,5 @@
 """Which DeepSpeed configuration a training run uses: a resumed run's own; with `--deepspeed auto` (the default)
-the lightest the memory planner (engine/footprint.py) finds for the ranks and device at hand; else the file
+the lightest the memory planner (plan/footprint.py) finds for the ranks and device at hand; else the file
 asked for, with stage 0 in place of a ZeRO-3 that partitions nothing (one rank, no offload)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import copy
 import torch
 
 from dpo_ds import dist
-from dpo_ds.engine import footprint as F
+from dpo_ds.plan import footprint as F
 from dpo_ds.engine.ds_config import ds_dtype, partitions_nothing, read_ds_config, train_ds_config, zero_stage
 from dpo_ds.errors import UserError
 

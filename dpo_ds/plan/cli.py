@@ -7,7 +7,7 @@ weights are loaded), beside the same job in a two-model trainer:
 
 --search adds the lightest DeepSpeed configuration that fits --gpu_memory (stage 0, 2, 3, 3 + optimizer
 offload, 3 + parameter offload, in that order) and the largest --micro_batch_size and --max_length that fit
-with it, as the command line to run. The terms are dpo_ds/engine/footprint.py's (its docstring says what each
+with it, as the command line to run. The terms are dpo_ds/plan/footprint.py's (its docstring says what each
 counts); the README's "Will it fit?" says which were checked against measured peaks and how closely.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 
 from dpo_ds.cli import main_guard, parse
 from dpo_ds.config import LOGP_CHUNK_SIZE, opt
-from dpo_ds.engine import choice
-from dpo_ds.engine import footprint as F
-from dpo_ds.engine.calibrate import (
+from dpo_ds.plan import choice
+from dpo_ds.plan import footprint as F
+from dpo_ds.plan.calibrate import (
     Measured,
     inference_config,
     job_of,
@@ -33,7 +33,6 @@ from dpo_ds.engine.calibrate import (
 from dpo_ds.errors import UserError
 
 PHASES = ("precompute", "train", "evaluate")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass

@@ -1,23 +1,18 @@
 """LoRA adapters on the policy (PEFT): injected before DeepSpeed so that only their parameters get gradients and
-optimizer state; out as PEFT's adapter directory and, merged, as a plain HF checkpoint; an adapter directory
-read back as its base model with the adapter merged (evaluate).
+optimizer state (written out by pretrained.export, read back merged by pretrained.load).
 
 The reference needs no adapter-disabled forward (TRL's way): it is the cache, computed from the SFT model the
 adapters sit on, and an adapter initialised as PEFT does (B = 0) starts at that model exactly.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from dpo_ds import dist
 from dpo_ds.errors import ConfigError, UserError
-
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -108,59 +103,3 @@ def _stable_hash(name: str) -> int:
 def trains_everything(module) -> bool:
     """False when some parameters are frozen (adapters): checkpoints then hold the trainable ones only."""
     return all(p.requires_grad for p in module.parameters())
-
-
-def is_adapter_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
-
-
-def load_merged(path: str, load_base):
-    """An adapter directory (PEFT's format) as one HF model: its base (`load_base(base_path)`) with the adapter
-    merged in."""
-    from peft import PeftModel
-
-    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
-        base = json.load(f).get("base_model_name_or_path")
-    if not base or not os.path.isdir(base):
-        raise UserError(f"--model {path}: an adapter whose base model {base!r} ({ADAPTER_CONFIG}: "
-                        f"base_model_name_or_path) is not a directory here; give its path there")
-    return PeftModel.from_pretrained(load_base(base), path).merge_and_unload()
-
-
-def export_adapter(peft_model, source_dir: str, out_dir: str, card=None, merge: bool = False) -> None:
-    """Write the trained adapter as PEFT's directory (adapter_config.json + adapter_model.safetensors, which
-    `PeftModel.from_pretrained(base, out_dir)` loads) with the tokenizer and model card, and with `merge` the
-    base + adapter merged into out_dir/merged (a plain HF checkpoint), atomically as every export. Collective:
-    under ZeRO-3 the adapter's parameters are gathered (only they: the base is the SFT model on disk)."""
-    from peft.utils import get_peft_model_state_dict
-
-    from dpo_ds.engine.export import gathered, publish
-
-    model = peft_model.base_model.model
-    state = {f"base_model.model.{name}": t for name, t in  # the names PEFT's state dict functions expect
-             gathered((n, p) for n, p in model.named_parameters() if p.requires_grad).items()}
-
-    def write(tmp: str) -> None:
-        from safetensors.torch import save_file
-
-        os.makedirs(tmp)
-        adapter = {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict=state).items()}
-        save_file(adapter, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-        peft_model.peft_config["default"].save_pretrained(tmp)
-        if merge:
-            from transformers import AutoModelForCausalLM
-
-            from dpo_ds.engine.models import whole_loads
-
-            def base(path):
-                return AutoModelForCausalLM.from_pretrained(path, dtype=model.dtype, use_safetensors=True)
-
-            with whole_loads():
-                merged = load_merged(tmp, base)
-            merged.config.use_cache = True
-            merged.save_pretrained(os.path.join(tmp, "merged"), safe_serialization=True)
-        if card is not None:
-            with open(os.path.join(tmp, "README.md"), "w") as f:
-                f.write(card())
-
-    dist.on_main(lambda: publish(out_dir, write, source_dir, also=("merged",) if merge else ()))

@@ -1,6 +1,6 @@
 """dpo_ds.plan's measurements on the CPU, where the device is the host: each phase's runtime and what a layer
 really costs beyond footprint's terms, from the real engines on the model cut to one and three layers
-(dpo_ds/engine/probe.py, fresh processes, on two ranks where the job's ranks talk). Also the footprint.Job of
+(dpo_ds/plan/probe.py, fresh processes, on two ranks where the job's ranks talk). Also the footprint.Job of
 a plan's settings (`cfg`: a dpo_ds.plan.PlanConfig)."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from dpo_ds.engine import footprint as F
-from dpo_ds.engine.choice import BATCH_KEYS
+from dpo_ds.plan import footprint as F
+from dpo_ds.plan.choice import BATCH_KEYS
 from dpo_ds.errors import UserError
 
 PROBE_LAYERS = (1, 3)
@@ -23,7 +23,7 @@ PROBE_RANKS = 2  # what ranks that talk cost each (gloo, DeepSpeed's shared-memo
 
 @dataclass
 class Measured:
-    """What the CPU's probes measured (dpo_ds/engine/probe.py): zeros on CUDA, where nothing is measured."""
+    """What the CPU's probes measured (dpo_ds/plan/probe.py): zeros on CUDA, where nothing is measured."""
     runtime: int = 0          # training: the one-layer job's peak less its terms
     factor: float = 1.0       # what a further layer costs against its terms
     infer_runtime: int = 0    # precompute's and evaluate's engine, as runtime and factor
@@ -38,7 +38,7 @@ def probe_world(cfg, collective: bool) -> tuple[int, int]:
 
 
 def probe_peak(cfg, ds: dict | None, layers: int, mode: str = "train") -> int:
-    """The busiest rank's peak resident bytes in dpo_ds/engine/probe.py: two real training steps (or precompute's
+    """The busiest rank's peak resident bytes in dpo_ds/plan/probe.py: two real training steps (or precompute's
     two forwards: mode infer, `ds` its inference config or None) on the model cut to `layers`, with this
     config, batch and layout, on probe_world's ranks."""
     from dpo_ds.dist import LAUNCHER_VARIABLES, free_port
@@ -56,9 +56,9 @@ def probe_peak(cfg, ds: dict | None, layers: int, mode: str = "train") -> int:
         f.flush()
         args = [f.name if ds else "-", *(str(x) for name, v in flags.items() for x in (f"--{name}", v))]
         launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-        cmd = [sys.executable, "-m", "dpo_ds.engine.probe", *args] if ranks == 1 else \
+        cmd = [sys.executable, "-m", "dpo_ds.plan.probe", *args] if ranks == 1 else \
             [launcher if os.path.exists(launcher) else "deepspeed", "--num_gpus", str(ranks), "--master_port",
-             str(free_port()), "--module", "dpo_ds.engine.probe", *args]
+             str(free_port()), "--module", "dpo_ds.plan.probe", *args]
         env = {k_: v for k_, v in os.environ.items() if k_ not in LAUNCHER_VARIABLES}  # whatever launched this
         out = subprocess.run(cmd, capture_output=True, text=True, env={**env, "PYTHONWARNINGS": "ignore"})
     peaks = [int(n) for n in re.findall(r"^probe_peak_bytes (\d+)$", out.stdout, re.M)]

@@ -1,24 +1,22 @@
-"""HF causal LMs as the phases load them: --model checked, dtype and attention chosen, built under
-ZeRO-3's zero.Init when the config shards it, dropout off and gradient checkpointing on for training; and
-DeepSpeed's communication layer started on the process group dpo_ds.dist made."""
+"""HF causal LMs as the phases load them: --model checked, dtype and attention chosen, built under ZeRO-3's
+zero.Init when the engine shards it (transformers' HfDeepSpeedConfig route), an adapter directory read as its base
+with the adapter merged, dropout off and gradient checkpointing on for training."""
 from __future__ import annotations
 
-import atexit
 import contextlib
 import glob
 import importlib.util
+import json
 import os
-import sys
 
 import torch
 
 from dpo_ds import dist
 from dpo_ds.data.prepared import load_tokenizer
-from dpo_ds.engine.ds_config import zero_stage
 from dpo_ds.errors import ConfigError, UserError
 
 _HF_DS_CONFIG = None  # transformers reads ZeRO-3 from a live HfDeepSpeedConfig: keep it referenced
-_SHM_CLEANUP_REGISTERED = False
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory PEFT's adapter
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -52,56 +50,6 @@ def attn_implementation(requested: str, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def _init_deepspeed() -> None:
-    """DeepSpeed's communication layer on top of the process group `dist.init` made (the phases' one entry
-    point); run by the engine builders, idempotent."""
-    global _SHM_CLEANUP_REGISTERED
-    import deepspeed
-
-    dist.init()
-    if not torch.cuda.is_available():
-        _cpu_all_reduce_op()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if not torch.cuda.is_available() and not _SHM_CLEANUP_REGISTERED:
-        atexit.register(remove_shm_buffer)
-        _SHM_CLEANUP_REGISTERED = True
-
-
-def _cpu_all_reduce_op() -> None:
-    """DeepSpeed's CPU ops (compiled on first use: the all-reduce between a host's ranks, CPU-Adam) are built once
-    per environment: in the venv's own directory (torch's default is one per user, which every venv rebuilds for
-    its own paths) with the ninja installed beside this interpreter (a DeepSpeed dependency) rather than a system
-    one, whose log hashes commands another way (ninja 1.11 vs 1.13): a run started with the venv on PATH and one
-    without rebuilt them (35-80 s) at every switch. One rank has nothing to all-reduce with anybody: it goes
-    without (no compile, no 69 MB buffer)."""
-    import deepspeed
-
-    here = os.path.dirname(sys.executable)
-    if sys.prefix != sys.base_prefix and os.access(sys.prefix, os.W_OK):
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    if os.path.isfile(os.path.join(here, "ninja")) and not os.environ.get("PATH", "").startswith(here + os.pathsep):
-        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
-    if dist.world_size() == 1:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        return
-    from torch.utils.cpp_extension import _get_build_directory
-
-    if not glob.glob(os.path.join(_get_build_directory("deepspeed_shm_comm", False), "*.so")):
-        dist.print0("deepspeed: compiling its CPU communication op, once in this environment (1-2 minutes)")
-
-
-def remove_shm_buffer() -> None:
-    """DeepSpeed's CPU all-reduce leaves each rank's shared-memory buffer (69 MB) in /dev/shm at exit, so
-    every run on a CPU machine leaks RAM until reboot. At exit every peer has long mapped it: removing the
-    name is safe (the mappings live on until each process ends)."""
-    name = f"deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{dist.local_rank()}"
-    for path in glob.glob(os.path.join("/dev/shm", name)):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
 def open_model_dir(path: str, trust_remote_code: bool = False, adapter: bool = False):
     """--model checked and its tokenizer loaded on every rank; a rank that cannot (e.g. a node without the
     directory) stops every rank with the reason, instead of leaving them waiting in their next collective.
@@ -117,7 +65,7 @@ def check_model_dir(path: str, adapter: bool = False) -> None:
     """The start-up check of --model, run once by each phase before anything is loaded."""
     if not os.path.isdir(path):
         raise UserError(f"--model {path}: no such directory (expected an HF checkpoint)")
-    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not adapter:
+    if is_adapter_dir(path) and not adapter:
         raise UserError(f"--model {path} is a LoRA adapter (PEFT's format), not a whole model: give the SFT model "
                         f"here, or the adapter merged into it (train --merge_adapter writes final/merged)")
     if not os.path.isfile(os.path.join(path, "config.json")) and not adapter:
@@ -128,19 +76,16 @@ def check_model_dir(path: str, adapter: bool = False) -> None:
 
 
 def load_model(path: str, dtype: torch.dtype, attn: str = "auto", trust_remote_code: bool = False,
-               ds_config: dict | None = None, quantization_config=None):
-    """An HF causal LM from safetensors. With a ZeRO-3 `ds_config` it is built under `zero.Init`
-    (transformers' HfDeepSpeedConfig route), so no rank ever holds the whole model. An adapter directory (PEFT's
-    format) is its base model with the adapter merged (not under ZeRO-3: merge it at export, --merge_adapter)."""
+               zero3_config: dict | None = None, quantization_config=None):
+    """An HF causal LM from safetensors. Given the engine's ZeRO-3 DeepSpeed config (`zero3_config`, on a process
+    group DeepSpeed already runs on) it is built under `zero.Init`, so no rank ever holds the whole model. An
+    adapter directory (PEFT's format) is its base model with the adapter merged (not under ZeRO-3: merge it at
+    export, --merge_adapter)."""
     global _HF_DS_CONFIG
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from dpo_ds.engine.adapters import is_adapter_dir, load_merged
-
-    if ds_config:
-        _init_deepspeed()
-    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if ds_config and zero_stage(ds_config) == 3 else None
+    _HF_DS_CONFIG = HfDeepSpeedConfig(zero3_config) if zero3_config else None
     if is_adapter_dir(path):
         if _HF_DS_CONFIG is not None:
             raise UserError(f"--model {path} is an adapter: its merge needs whole weights, which ZeRO-3 shards; "
@@ -163,6 +108,23 @@ def whole_loads():
     finally:
         if _HF_DS_CONFIG is not None:
             set_hf_deepspeed_config(_HF_DS_CONFIG)
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def load_merged(path: str, load_base):
+    """An adapter directory (PEFT's format) as one HF model: its base (`load_base(base_path)`) with the adapter
+    merged in."""
+    from peft import PeftModel
+
+    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base or not os.path.isdir(base):
+        raise UserError(f"--model {path}: an adapter whose base model {base!r} ({ADAPTER_CONFIG}: "
+                        f"base_model_name_or_path) is not a directory here; give its path there")
+    return PeftModel.from_pretrained(load_base(base), path).merge_and_unload()
 
 
 def disable_dropout(model) -> None:

@@ -16,7 +16,7 @@ Per rank, N parameters, W ranks (ZeRO partitions over all of them), p bytes per 
     output head     the chunked log-probs: a few [chunk, V] fp32 tensors (dpo_ds.model.logps), never [B, T, V]
     runtime         what the process holds besides the above: on CUDA the context (outside max_memory_allocated,
                     inside the device's total: not counted); on the CPU (device = host) measured by dpo_ds.plan
-                    (dpo_ds/engine/probe.py: the model cut to one layer, the real batch) less that job's terms
+                    (dpo_ds/plan/probe.py: the model cut to one layer, the real batch) less that job's terms
     excess          CPU only: what each further layer costs beyond its terms (the allocator's slack), as a factor
                     measured at one and three layers, applied to the terms' growth beyond the first layer
 
@@ -212,7 +212,7 @@ def adapter_params(model: str, r: int, targets=None, modules_to_save=None, trust
     inside the decoder layers, as engine.adapters chooses), plus the modules trained in full."""
     from transformers import AutoModelForCausalLM
 
-    from dpo_ds.engine.adapters import default_targets
+    from dpo_ds.pretrained.adapters import default_targets
 
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config_of(model, None, trust_remote_code),

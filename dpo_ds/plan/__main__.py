@@ -1,0 +1,3 @@
+from dpo_ds.plan.cli import main
+
+main()
