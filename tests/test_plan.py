@@ -102,7 +102,7 @@ def test_plan_command_prints_json_and_one_line_errors(tiny):
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: give --model")
 
 
-class Job:  # what engine.choice reads of a TrainConfig
+class Job:  # what plan.choice reads of a TrainConfig
     model, micro_batch_size, grad_accum, max_grad_norm = None, 2, 4, 1.0
     sequence_parallel_size, tiled_mlp, gradient_checkpointing, logp_chunk_size = 1, False, True, 256
     trust_remote_code = False

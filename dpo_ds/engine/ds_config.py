@@ -32,7 +32,7 @@ def inject(ds: dict, path: str, key: str, value):
 
 
 def train_ds_config(source: str | dict, micro_batch_size: int, grad_accum: int, max_grad_norm: float) -> dict:
-    """The DeepSpeed config (a file's path, or the config engine.choice chose) with the job's batch sizes
+    """The DeepSpeed config (a file's path, or the config plan.choice chose) with the job's batch sizes
     injected (the JSON may only say "auto" or agree)."""
     ds = copy.deepcopy(source if isinstance(source, dict) else read_ds_config(source))
     path = "auto" if isinstance(source, dict) else source

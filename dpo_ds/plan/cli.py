@@ -100,7 +100,7 @@ def predict(cfg: PlanConfig, shape: F.Shape, m: Measured, train_ds: dict | None 
 
 def budget_of(cfg: PlanConfig, auto: bool = False) -> int:
     """--gpu_memory (for the auto choice, the share of it train plans with), or this machine's device as train's
-    --deepspeed auto sees it (engine.choice)."""
+    --deepspeed auto sees it (plan.choice)."""
     if cfg.gpu_memory:
         return int(cfg.gpu_memory * F.GiB * (choice.BUDGET_FRACTION if auto else 1.0))
     device, budget = choice.device_budget(per_host=cfg.gpus)
@@ -111,7 +111,7 @@ def budget_of(cfg: PlanConfig, auto: bool = False) -> int:
 
 
 def lightest(cfg: PlanConfig, shape_of, m: Measured, budget: int) -> tuple[str, dict] | None:
-    """(name, DeepSpeed config) of the first of engine.choice.candidates whose training fits `budget`, chosen as
+    """(name, DeepSpeed config) of the first of plan.choice.candidates whose training fits `budget`, chosen as
     train --deepspeed auto chooses (the precision of --deepspeed's file when one is named)."""
     auto = cfg.deepspeed == choice.AUTO
     base = choice.base_config(torch.bfloat16 if cfg.device == "cuda" else torch.float32) if auto else \
