@@ -62,7 +62,7 @@ def pytest_sessionstart(session):
 
 def pytest_sessionfinish(session):
     """Ranks killed on purpose (the SIGKILL tests) cannot remove their DeepSpeed all-reduce buffer at exit
-    (engine.models.remove_shm_buffer): remove every buffer this session created, 69 MB of RAM each. Only in the
+    (engine.comm.remove_shm_buffer): remove every buffer this session created, 69 MB of RAM each. Only in the
     process that ends last (pytest-xdist's controller, or pytest itself without it): a worker that finished
     early would remove the buffer of a job another worker is still running."""
     if hasattr(session.config, "workerinput"):

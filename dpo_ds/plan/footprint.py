@@ -209,7 +209,7 @@ def two_model(s: Shape, j: Job) -> dict:
 
 def adapter_params(model: str, r: int, targets=None, modules_to_save=None, trust_remote_code: bool = False) -> int:
     """LoRA's parameters on `model`: r·(in + out) per targeted linear layer (default and all-linear: those
-    inside the decoder layers, as engine.adapters chooses), plus the modules trained in full."""
+    inside the decoder layers, as pretrained.adapters chooses), plus the modules trained in full."""
     from transformers import AutoModelForCausalLM
 
     from dpo_ds.pretrained.adapters import default_targets
