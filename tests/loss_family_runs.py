@@ -8,6 +8,7 @@ import os
 
 from dpo_ds import config as C
 from dpo_ds import dist, evaluate, train
+from dpo_ds.report.log import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def main():
                             log_every=5, eval_every=0, save_every=0, report_to=["none"], **loss)
         cfg.check()
         train.run(cfg)
-        last = [r for r in train.read_metrics(os.path.join(out, "metrics.jsonl")) if r["split"] == "train"][-1]
+        last = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["split"] == "train"][-1]
         delta = last.get("bco/delta", 0.0)  # bco_pair: both sides scored at the trained run's δ
         scores = {}
         # WPO's weights come from the policy itself and grow as it grows surer: the loss it descends is the
