@@ -55,11 +55,11 @@ def worker_train(a) -> None:
     from dpo_ds import dist, engine
     from dpo_ds.cache.read import open_verified
     from dpo_ds.config import TrainConfig
+    from dpo_ds.data.order import global_batch, rank_micro_batches
     from dpo_ds.data.prepared import load_split, load_tokenizer
     from dpo_ds.model.batch import lengths as layout_lengths
     from dpo_ds.model.batch import longest_row, pad_and_eos
     from dpo_ds.model.logps import layout_of
-    from dpo_ds.data.order import global_batch, rank_micro_batches
     from dpo_ds.plan.choice import engine_config
     from dpo_ds.pretrained import AdapterSpec
     from dpo_ds.train import train_step

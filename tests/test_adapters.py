@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM
 
 from dpo_ds import config as C
 from dpo_ds.cache.read import open_cache
-from dpo_ds.pretrained.adapters import AdapterSpec, default_targets, wrap
 from dpo_ds.model.batch import collate
 from dpo_ds.model.logps import SequenceLogps
 from dpo_ds.objective.step import batch_losses
+from dpo_ds.pretrained.adapters import AdapterSpec, default_targets, wrap
 from dpo_ds.report.log import read_metrics
 
 
@@ -159,9 +159,9 @@ def test_the_planner_counts_the_adapters_parameters(tiny):
 def test_adapter_directories_and_unknown_targets_are_refused_in_one_line(tiny, tmp_path):
     """An adapter directory is a model for evaluate (merged on load) only: precompute and train need the whole
     model the cache fingerprints. A --lora_target_modules name the model lacks is named, with those it has."""
+    from dpo_ds.errors import UserError
     from dpo_ds.plan.footprint import adapter_params
     from dpo_ds.pretrained.load import check_model_dir
-    from dpo_ds.errors import UserError
 
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")

@@ -18,10 +18,9 @@ from conftest import ROOT, child_env, run_module
 from transformers import AutoModelForCausalLM
 
 from dpo_ds import dist
-from dpo_ds.plan import choice
-from dpo_ds.plan import footprint as F
 from dpo_ds.errors import UserError
-from dpo_ds.plan import Measured, PlanConfig, predict, search
+from dpo_ds.plan import Measured, PlanConfig, choice, predict, search
+from dpo_ds.plan import footprint as F
 from dpo_ds.report.log import read_metrics
 
 FP32_STAGE0 = {"zero_optimization": {"stage": 0}}

@@ -13,9 +13,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
+from dpo_ds.errors import UserError
 from dpo_ds.plan import footprint as F
 from dpo_ds.plan.choice import BATCH_KEYS
-from dpo_ds.errors import UserError
 
 PROBE_LAYERS = (1, 3)
 PROBE_RANKS = 2  # what ranks that talk cost each (gloo, DeepSpeed's shared-memory all-reduce) shows at two

@@ -8,9 +8,9 @@ import copy
 import torch
 
 from dpo_ds import dist
-from dpo_ds.plan import footprint as F
 from dpo_ds.engine.ds_config import ds_dtype, partitions_nothing, read_ds_config, train_ds_config, zero_stage
 from dpo_ds.errors import UserError
+from dpo_ds.plan import footprint as F
 
 AUTO = "auto"
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")

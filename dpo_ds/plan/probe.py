@@ -65,11 +65,11 @@ def main(argv=None) -> None:
     a = parse(argv)
     from dpo_ds import dist
     from dpo_ds.engine.build import ModelSpec, TrainingSpec, inference_engine, training_engine
-    from dpo_ds.engine.ds_config import train_ds_config
-    from dpo_ds.plan.footprint import text_config
     from dpo_ds.engine.comm import remove_shm_buffer
+    from dpo_ds.engine.ds_config import train_ds_config
     from dpo_ds.model.batch import build
     from dpo_ds.model.logps import layout_of, pair_logps
+    from dpo_ds.plan.footprint import text_config
     from dpo_ds.report.memory import peak_rss_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
