@@ -21,6 +21,7 @@ import torch
 
 from dpo_ds.cli import main_guard, parse
 from dpo_ds.config import LOGP_CHUNK_SIZE, opt
+from dpo_ds.errors import UserError
 from dpo_ds.plan import choice
 from dpo_ds.plan import footprint as F
 from dpo_ds.plan.calibrate import (
@@ -30,7 +31,6 @@ from dpo_ds.plan.calibrate import (
     measured_terms,
     threshold,
 )
-from dpo_ds.errors import UserError
 
 PHASES = ("precompute", "train", "evaluate")
 
@@ -90,7 +90,8 @@ def predict(cfg: PlanConfig, shape: F.Shape, m: Measured, train_ds: dict | None 
     out = {"model": cfg.model, "parameters": shape.params, "ranks": cfg.gpus * cfg.nodes,
            "phases": {n: {"terms": t, "predicted_peak_bytes": t["total"]} for n, t in phases.items()},
            "two_model_train": {"terms": two, "predicted_peak_bytes": two["total"]},
-           "saving_bytes": two["total"] - phases["train"]["total"]}
+           "saving_bytes": two["total"] - phases["train"]["total"],
+           "checkpoint": F.checkpoint(shape, job_of(cfg, train_ds, True, 0))}
     if cfg.gpu_memory:
         budget = cfg.gpu_memory * F.GiB
         out["budget_bytes"] = int(budget)
@@ -187,6 +188,11 @@ def show(plan: dict) -> str:
             verdict += f" in {plan['budget_bytes'] / F.GiB:.1f} GiB"
         lines.append(f"    {'predicted peak':<36}{gib(p['predicted_peak_bytes'])}{verdict}")
     lines.append(f"  the cache saves {plan['saving_bytes'] / F.GiB:.2f} GiB per rank in training")
+    ckpt = plan["checkpoint"]
+    size = lambda n: f"{n / F.GiB:.2f} GiB" if n >= F.GiB else f"{n / 2 ** 20:.1f} MiB"  # noqa: E731
+    lines.append(f"  a checkpoint writes {size(ckpt['bytes'])}, {size(ckpt['busiest_rank_bytes'])} from the busiest "
+                 f"rank ({ckpt['busiest_rank_bytes'] / 1e9:.1f} s at 1 GB/s): a stop signal's lead time (Slurm's "
+                 f"--signal=...@T) needs a step and this save")
     if "measured" in plan:
         m = plan["measured"]
         lines.append(f"  measured train peak ({m['figure']}, busiest rank) {gib(m['train'])}; predicted "

@@ -195,6 +195,18 @@ def phase(s: Shape, j: Job, name: str) -> dict:
     return {**terms, "total": sum(counted)}
 
 
+def checkpoint(s: Shape, j: Job) -> dict:
+    """What one training checkpoint writes: the trained parameters' fp32 weights (the master copy under bf16) and
+    Adam's two moments, 12 B each, partitioned across the ranks under ZeRO (stage 0: rank 0 writes them all), plus
+    the bf16 module copy rank 0 writes beside them where the weights train in bf16 outside ZeRO-3. -> {bytes in
+    all, bytes of the busiest rank}: what a stop at a signal must write before the scheduler's SIGKILL."""
+    n = j.adapter or s.params
+    state = n * (FP32 + ADAM_STATE)
+    module = s.params * j.param_bytes if j.param_bytes < FP32 and j.stage < 3 and not j.adapter else 0
+    busiest = state if j.stage == 0 else math.ceil(state / j.world)
+    return {"bytes": state + module, "busiest_rank_bytes": busiest + module}
+
+
 def two_model(s: Shape, j: Job) -> dict:
     """The training phase with the reference resident too, sharded as the policy (no gradients, no optimizer):
     what a two-model trainer holds."""
