@@ -29,7 +29,7 @@ import signal
 import sys
 import typing
 
-from dpo_ds.errors import ConfigError, UserError
+from dpo_ds.errors import ConfigError, Preempted, Stopped, UserError
 
 # the names TRL and the HF Trainer give the same settings: the flag shown first in --help and accepted in job
 # files; the dpo_ds name stays an alias (existing job files, and the config.json of saved runs, use it)
@@ -132,12 +132,8 @@ def load_job_file(cls, path):
     return values
 
 
-class Stopped(BaseException):
-    """SIGTERM (a scheduler's preemption, `kill`), raised in the main thread like Ctrl-C's KeyboardInterrupt."""
-
-
 def _stop(signum, frame):
-    raise Stopped()
+    raise Stopped(signal.Signals(signum).name)
 
 
 # what a phase leaves intact after a fault, and what to run next: set by the phase once it knows its output
@@ -183,18 +179,26 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped at a signal with everything done so far kept; the same command resumes
+
+
 def main_guard(fn):
     """Run a phase's main so that it ends in one `error:` line, never a traceback, for what the user can act on:
-    a setting or input (exit 2), a lost peer rank (3), a storage fault (4), Ctrl-C (130) or SIGTERM (143)."""
+    a setting or input (exit 2), a lost peer rank (3), a storage fault (4), a stop at a signal after saving (75),
+    Ctrl-C (130) or a stop signal with nothing to save (128 + the signal: SIGTERM 143)."""
     signal.signal(signal.SIGTERM, _stop)
     try:
         fn()
     except UserError as e:
         _fail(str(e), 2)
+    except Preempted as e:
+        _fail(str(e), EXIT_STOPPED)
     except (KeyboardInterrupt, Stopped) as e:
         ctrl_c = isinstance(e, KeyboardInterrupt)
         print(flush=True)  # a signal lands anywhere, also between a print's text and its newline
-        _fail(f"{'interrupted (Ctrl-C)' if ctrl_c else 'stopped by SIGTERM'}; {_after()}", 130 if ctrl_c else 143)
+        name = "SIGINT" if ctrl_c else e.signal_name
+        _fail(f"{'interrupted (Ctrl-C)' if ctrl_c else 'stopped by ' + name}; {_after()}",
+              130 if ctrl_c else 128 + signal.Signals[name].value)
     except (OSError, RuntimeError) as e:  # (no torch import here: torch.distributed's errors are RuntimeErrors)
         fault = storage_fault(e)
         if fault:

@@ -1,7 +1,8 @@
 """The only reader of RANK / WORLD_SIZE / LOCAL_RANK: process-group set-up and small collectives.
 
-Launched by `deepspeed`, `torchrun` or as one plain process (then a one-rank group on a free local
-port, so the same DeepSpeed code path runs everywhere). Rank-0 side effects are explicit at call sites:
+Launched by `deepspeed`, `torchrun`, Slurm's `srun` (one task per rank: the ranks and the rendezvous are read
+from the step's SLURM_* variables, see `slurm_task`) or as one plain process (then a one-rank group on a free
+local port, so the same DeepSpeed code path runs everywhere). Rank-0 side effects are explicit at call sites:
 `if dist.is_main(): write(...)` followed by `dist.barrier()` on every rank.
 """
 from __future__ import annotations
@@ -13,24 +14,38 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
+from dpo_ds import slurm
 from dpo_ds.errors import UserError
 
 
+def _launched() -> None:
+    """Before anything reads the ranks: a task that srun started, and that no launcher told its rank, takes
+    Slurm's (once)."""
+    if "RANK" not in os.environ and _SLURM_LINE[0] is None:
+        _SLURM_LINE[0] = slurm.task_environment(os.environ) or ""
+
+
 def rank() -> int:
+    _launched()
     return int(os.environ.get("RANK", 0))
 
 
 def world_size() -> int:
+    _launched()
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def local_rank() -> int:
+    _launched()
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def local_world_size() -> int:
     """Ranks on this host: torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE."""
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world_size()))))
+
+
+_SLURM_LINE: list[str | None] = [None]  # what slurm.task_environment derived, said once by rank 0 (init)
 
 
 def is_main() -> bool:
@@ -101,6 +116,9 @@ def init(timeout_minutes: float = 60.0, sequence_parallel_size: int | None = Non
         if sequence_parallel_size is not None:
             set_sequence_parallel(sequence_parallel_size)
         return
+    _launched()
+    if _SLURM_LINE[0] and rank() == 0:
+        print(_SLURM_LINE[0], flush=True)
     if "RANK" not in os.environ:  # one plain process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))

@@ -19,3 +19,17 @@ class DataError(UserError):
 
 class CacheError(UserError):
     """A reference cache that is incomplete, tampered with, or computed from something else."""
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM: a scheduler's preemption, `kill`; SIGUSR1/2: a time limit's warning) that arrived
+    where there is nothing to save, raised in the main thread like Ctrl-C's KeyboardInterrupt."""
+
+    def __init__(self, signal_name: str = "SIGTERM"):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class Preempted(Exception):
+    """A run stopped at a signal after saving what it had done: the message says which signal, what was saved and
+    how it resumes (exit status 75, the same command continues it)."""

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpo_ds import cache, dist, engine
-from dpo_ds.pretrained import dtype_name, open_model_dir, resolve_dtype
+from dpo_ds import cache, dist, engine, slurm
 from dpo_ds.cli import main_guard, on_fault, parse
 from dpo_ds.config import PrecomputeConfig
 from dpo_ds.data.prepared import load_split, read_report, verify_files
-from dpo_ds.errors import UserError
+from dpo_ds.errors import Preempted, UserError
+from dpo_ds.lifecycle.signals import StopSignals
 from dpo_ds.model.batch import build, dummy_batch, lengths, pad_and_eos, pair_lengths, take
 from dpo_ds.model.logps import is_collective, layout_of, pair_logps
+from dpo_ds.pretrained import dtype_name, open_model_dir, resolve_dtype
 from dpo_ds.report import memory
 from dpo_ds.storage import owner
 from dpo_ds.storage.files import read_json
@@ -70,8 +71,12 @@ class Progress:
         self.examples += len(batch["example_id"])
 
 
-def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_id: int, progress: Progress) -> int:
-    """Compute and write this rank's missing shards of one split; returns the split's shard count."""
+def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_id: int, progress: Progress,
+              stop: StopSignals) -> int:
+    """Compute and write this rank's missing shards of one split; returns the split's shard count. Every rank
+    goes through as many batches (dist.even: under ZeRO-3 each forward is collective; otherwise a rank out of work
+    waits) and agrees on `stop` before each: a stop signal ends the split there, every rank at the same batch, the
+    shard in flight discarded."""
     cache_dir = cfg.output_dir
     shards = shard_plan(ds, cfg.shard_size)
     done = dist.on_main(lambda: cache.complete_shards(cache_dir, split))  # one rank hashes what is on disk
@@ -81,10 +86,13 @@ def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_
             for rows in batches_of(shards[n][np.argsort(-size[shards[n]], kind="stable")], cfg.batch_size)]
     bar = tqdm(total=sum(len(shards[n]) for n in mine), desc=f"precompute {split} (rank 0)", unit="ex",
                disable=not dist.is_main(), mininterval=2.0)
-    parts = {}
-    for item in dist.even(work, is_collective(logps_fn)):
+    parts, collective = {}, is_collective(logps_fn)
+    for item in dist.even(work, True):
+        if stop.check():
+            break
         if item is None:
-            compute_batch(logps_fn, dummy_batch(pad_id, eos_id))
+            if collective:
+                compute_batch(logps_fn, dummy_batch(pad_id, eos_id))
             continue
         n, rows = item
         if n not in parts:
@@ -146,19 +154,23 @@ def check_inputs(cfg: PrecomputeConfig, tokenizer, dtype_name: str) -> tuple[dic
     return cache.fingerprint(cfg.model, tok_fp, report, dtype_name), splits
 
 
+def kept(cache_dir: str) -> str:
+    return f"the {len(glob.glob(os.path.join(cache_dir, '*', 'shard-*.json')))} complete shard(s) in {cache_dir} are kept"
+
+
 def after_fault(cache_dir: str) -> str:
-    shards = len(glob.glob(os.path.join(cache_dir, "*", "shard-*.json")))
-    return f"the {shards} complete shard(s) in {cache_dir} are kept; rerun the same command to compute the rest"
+    return f"{kept(cache_dir)}; rerun the same command to compute the rest"
 
 
 def run(cfg: PrecomputeConfig) -> dict | None:
     on_fault(lambda: after_fault(cfg.output_dir))
+    stop = StopSignals(cfg.stop_signals)
     dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
     with owner.owned(cfg.output_dir, "reference cache", "--output_dir", "precompute"):
-        return _run(cfg)
+        return _run(cfg, stop)
 
 
-def _run(cfg: PrecomputeConfig) -> dict | None:
+def _run(cfg: PrecomputeConfig, stop: StopSignals) -> dict | None:
     tokenizer = open_model_dir(cfg.model, cfg.trust_remote_code)
     dtype = resolve_dtype(cfg.dtype)
     fp, requested = dist.on_main(lambda: check_inputs(cfg, tokenizer, dtype_name(dtype)))
@@ -193,8 +205,15 @@ def _run(cfg: PrecomputeConfig) -> dict | None:
 
     logps_fn = engine.inference_engine(engine.ModelSpec.of(cfg), cfg.dtype, cfg.deepspeed, cfg.batch_size)
     dist.print0(f"precompute: layout {layout_of(logps_fn)}")
-    progress = Progress()
-    n_shards = {s: run_split(logps_fn, cfg, s, datasets_[s], *pad_and_eos(tokenizer), progress) for s in splits}
+    progress, n_shards = Progress(), {}
+    with stop.deferred():
+        for s in splits:
+            n_shards[s] = run_split(logps_fn, cfg, s, datasets_[s], *pad_and_eos(tokenizer), progress, stop)
+            if stop.agreed:
+                stop.ignore()
+                check_finite(progress)  # (collective: what the stopped run wrote is finite, as always)
+                raise Preempted(f"stopped by {stop.name} (the shard in flight discarded): {kept(cfg.output_dir)}; "
+                                f"{dist.on_main(slurm.requeue)}")
     check_finite(progress)
     run_stats = summarise(progress, state == "resume")  # collective; every shard is in place after it
     manifest = dist.on_main(lambda: cache.write_manifest(cfg.output_dir, fp, n_shards, run_stats))

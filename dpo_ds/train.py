@@ -23,10 +23,10 @@ from tqdm import tqdm
 from dpo_ds import dist, engine
 from dpo_ds.cache import Reference, open_verified, precision_warning
 from dpo_ds.cli import main_guard, on_fault, parse
-from dpo_ds.config import TrainConfig, to_dict
+from dpo_ds.config import TrainConfig
 from dpo_ds.data.order import global_batch, rank_micro_batches
 from dpo_ds.errors import UserError
-from dpo_ds.lifecycle import Run, RunState, intact
+from dpo_ds.lifecycle import Run, RunState, StopSignals, intact
 from dpo_ds.model.batch import build, longest_row, pad_and_eos, take
 from dpo_ds.model.batch import lengths as layout_lengths
 from dpo_ds.model.logps import layout_of
@@ -35,8 +35,8 @@ from dpo_ds.objective.step import batch_losses, split_metrics
 from dpo_ds.plan.choice import engine_config, planned_dtype
 from dpo_ds.pretrained import AdapterSpec, dtype_name, open_model_dir
 from dpo_ds.report import card as model_card
-from dpo_ds.report import memory, trackers
-from dpo_ds.report.log import MetricsLog, eval_at, format_metrics
+from dpo_ds.report import memory
+from dpo_ds.report.log import MetricsLog, eval_at, format_metrics, open_log
 from dpo_ds.report.plot import plot
 from dpo_ds.storage.files import read_json
 
@@ -45,10 +45,10 @@ if TYPE_CHECKING:
 
 
 def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: int, step: int,
-               bco_delta: float = 0.0) -> MetricSums:
+               bco_delta: float = 0.0, stop: StopSignals | None = None) -> MetricSums:
     """One optimizer step of the training engine `policy` over this rank's micro-batches -> their metric
     sums. `reference(batch)` gives the reference's Pair: the cache's, or a live reference model
-    (scripts/bench_workers.py)."""
+    (scripts/bench_workers.py). `stop`: the ranks agree on a stop signal in the step's one reduction."""
     sums, nonfinite = MetricSums(), torch.zeros((), dtype=torch.bool)
     for i, rows in enumerate(micro_batches):  # labelled ranges name the parts of a step in a profile (bench)
         with record_function("dpo_ds.data"):
@@ -59,7 +59,10 @@ def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: i
             nonfinite = nonfinite.to(loss.device) | ~torch.isfinite(loss.detach())  # on the device: no wait
         if i == len(micro_batches) - 1:  # once per step, before the update is applied (every rank: collective)
             with record_function("dpo_ds.finite_check"):
-                if dist.all_reduce([float(nonfinite)])[0] > 0:
+                flags = dist.all_reduce([float(nonfinite), stop.pending() if stop else 0.0], op="max")
+                if stop:
+                    stop.agree(flags[1])
+                if flags[0] > 0:
                     raise UserError(f"non-finite loss at step {step + 1}; stopped before applying it. The last "
                                     f"checkpoint in {cfg.output_dir}/checkpoints is intact: lower "
                                     f"--learning_rate, check the data, or use fp32/bf16 rather than fp16")
@@ -120,14 +123,6 @@ class Job:
         return metrics
 
 
-def open_log(cfg: TrainConfig, start: int) -> MetricsLog | None:
-    """Rank 0's metrics.jsonl and --report_to trackers; a tracker that fails to start stops every rank."""
-    opened = []
-    dist.on_main(lambda: opened.append(MetricsLog(cfg.output_dir, start, trackers.open_all(
-        trackers.chosen(cfg.report_to), cfg.output_dir, cfg.run_name, to_dict(cfg), start))))
-    return opened[0] if opened else None
-
-
 def set_up(cfg: TrainConfig, run: Run) -> Job:
     """Data and cache (verified once), the DeepSpeed configuration, the engine, and the state to continue from."""
     launched = psutil.Process().create_time()
@@ -175,7 +170,7 @@ def train_loop(job: Job) -> None:
         rows = global_batch(step, len(job.train_ds), job.global_size, cfg.seed)
         micro_batches = rank_micro_batches(rows, lengths, cfg.micro_batch_size, cfg.grad_accum)
         step_sums = train_step(policy, job.train_ds, job.train_reference, micro_batches, cfg, job.pad_id, step,
-                               state.bco.mean)
+                               state.bco.mean, job.run.stop)
         state.window.add(step_sums)
         if "bco_pair" in cfg.loss_type:  # δ for the next step (collective)
             state.bco.update(step_sums.all_reduce())
@@ -185,10 +180,15 @@ def train_loop(job: Job) -> None:
             tqdm.write(f"train: first step done {time.time() - job.launched:.1f} s after launch")
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             log_train(job, lr, bar)
-        if done == cfg.max_steps or (cfg.eval_every and done % cfg.eval_every == 0):
+        evaluates, saves = done == cfg.max_steps or bool(cfg.eval_every and done % cfg.eval_every == 0), \
+            job.run.save_due(done)
+        if evaluates:
             job.evaluate(done)
-        if job.run.save_due(done):
+        if saves:
             job.run.save(policy, state)
+        if job.run.stop.agreed or ((evaluates or saves) and job.run.stop.check()):  # (a signal during either)
+            bar.close()
+            raise job.run.stopped(policy, state, saves)
     bar.close()
 
 
@@ -232,10 +232,12 @@ def finish(job: Job) -> dict:
 
 def run(cfg: TrainConfig) -> dict:
     on_fault(lambda: intact(cfg.output_dir))
+    stop = StopSignals(cfg.stop_signals)  # until the loop, a stop signal stops at once: nothing to save yet
     dist.init(cfg.dist_timeout_minutes, cfg.sequence_parallel_size)
-    with Run.claimed(cfg) as claimed:
+    with Run.claimed(cfg, stop) as claimed:
         job = set_up(cfg, claimed)
-        train_loop(job)
+        with stop.deferred():
+            train_loop(job)
         return finish(job)
 
 

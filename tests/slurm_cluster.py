@@ -12,6 +12,20 @@ AuthInfo=socket=... points the daemons and the clients at this munged (libmunge 
 There is no accounting, so no sacct: `job_info`/`job_state` read `scontrol show job -o`, and a finished job
 stays listed for MinJobAge (an hour).
 
+Real network hosts: `SlurmCluster(nodes=2, netns=True)` runs each node's slurmd in a network namespace of its own
+(`ip netns add`, as scripts/two_hosts.sh does), so node i is a host of its own at `cluster.node_addrs[i]`
+(10.232.<k>.<i+1>, k picked free per cluster) on an interface named `cluster.ifname` ("slurm0") in every node:
+one GLOO_SOCKET_IFNAME=slurm0 serves all nodes (without it gloo advertises 127.0.0.1 and the other host cannot
+connect). The nodes' links meet on a bridge in a hub namespace, and this (root) namespace joins that bridge too,
+at 10.232.<k>.254 (`cluster.ctld_addr`, on interface `cluster.host_ifname`): munged and slurmctld run here, the
+head node, and every client (sbatch, srun, scontrol, ... with `env=cluster.environ()`, `cluster.run`) works from
+this namespace unchanged, as from a login node. A job gets SLURM_CONF from the submitter's environment, so
+`scontrol show node NAME -o` (NodeAddr=...) works inside it; node names resolve to no address. Killing every
+process of `cluster.namespaces[i]` (`ip netns pids`) is a node dying, the controller untouched. Daemons in a
+namespace are started with `nsenter --net=/run/netns/NS` (`cluster.on_node(i)`; `ip netns exec` remounts /sys and
+slurmd then finds no cgroup filesystem). `stop()` also kills what is left in its namespaces and deletes them;
+namespaces that a dead process of this module left behind are deleted at the next netns start.
+
 Tuned for tests of batch jobs: --requeue (JobRequeue=1), --signal=B:SIG@T, --time limits (OverTimeLimit=0;
 KillWait=2 s from SIGTERM to SIGKILL), --dependency with --kill-on-invalid-dep, `scontrol requeue`, a main
 scheduling loop every second. Slurm's own granularity still applies (measured on 22.05):
@@ -23,6 +37,7 @@ scheduling loop every second. Slurm's own granularity still applies (measured on
     that, and the job runs again within ~1 s.
 """
 import atexit
+import itertools
 import os
 import re
 import shlex
@@ -37,6 +52,11 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("srun", "sbatch", "scontrol", "sinfo", "squeue", "scancel")
 APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")  # what the slurm-wlm metapackage depends on
 CRED_EXPIRE = 5  # seconds a requeued job waits before it may start again (Slurm rejects less, using 120)
+NETNS_TOOLS = ("ip", "nsenter")
+NETNS_IFNAME = "slurm0"  # each node's interface, the same name in every node namespace
+NETNS_SUBNET = "10.232"  # 10.232.<k>.0/24 per cluster (scripts/two_hosts.sh uses 10.231.<k>.0/24)
+NETNS_PREFIX = "slurmns"  # namespaces: slurmns<pid>-<seq>-<node index|hub>
+_netns_seq = itertools.count()
 
 # Each daemon runs under this supervisor: `python -c REAPER PARENT_PID ARGV...`. It
 #  - dies with its parent (PR_SET_PDEATHSIG): a test process killed outright leaves no daemon behind;
@@ -116,6 +136,10 @@ class SlurmError(RuntimeError):
     pass
 
 
+class NetnsUnavailable(SlurmError):
+    """Network namespaces (or the veth pairs and the bridge between them) cannot be made here."""
+
+
 FINAL = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
          "PREEMPTED")
 
@@ -123,14 +147,30 @@ FINAL = ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEM
 class SlurmCluster:
     """munged + slurmctld + one slurmd per node, in a temp dir: `start(tmpdir)` returns self; `stop()` (also on
     leaving a `with` block, and at exit) cancels the cluster's jobs and stops the daemons; calling it twice is
-    fine. `pids`: the supervisor PIDs by daemon ("munged", "slurmctld", "slurmd:<node>")."""
+    fine. `pids`: the supervisor PIDs by daemon ("munged", "slurmctld", "slurmd:<node>").
+
+    netns=True: each node's slurmd in a network namespace of its own (see the module's docstring). Then
+    `namespaces` (per node), `node_addrs` (per node), `ifname` (the nodes' interface, "slurm0"), `ctld_addr` and
+    `host_ifname` (this namespace's address and interface on the nodes' link), `on_node(i)` (the argv prefix that
+    runs a command as on node i). Without netns: node_addrs all 127.0.0.1, ifname "lo", on_node(i) []."""
 
     def __init__(self, cpus: int = 2, nodes: int = 1, kill_wait: int = 2, cred_expire: int = CRED_EXPIRE,
-                 start_timeout: float = 30, extra_conf: str = ""):
+                 start_timeout: float = 30, extra_conf: str = "", netns: bool = False):
         self.cpus, self.kill_wait, self.cred_expire = cpus, kill_wait, cred_expire
         self.start_timeout, self.extra_conf = start_timeout, extra_conf
         self.host = socket.gethostname().split(".")[0]
         self.nodes = [self.host] if nodes == 1 else [f"{self.host}{i}" for i in range(nodes)]
+        self.netns = netns
+        if netns and not 1 <= nodes <= 250:
+            raise ValueError("netns=True takes 1 to 250 nodes (one /24)")
+        self.ifname = NETNS_IFNAME if netns else "lo"
+        self.ctld_addr = "127.0.0.1"
+        self.node_addrs = ["127.0.0.1"] * len(self.nodes)
+        self.host_ifname = None
+        seq = next(_netns_seq)
+        self.namespaces = [f"{NETNS_PREFIX}{os.getpid()}-{seq}-{i}" for i in range(nodes)] if netns else []
+        self._hub = f"{NETNS_PREFIX}{os.getpid()}-{seq}-hub" if netns else None
+        self._netns_made: list[str] = []  # what stop() deletes
         self.procs: dict[str, subprocess.Popen] = {}
         self.dir = self.conf = self.munge_socket = None
         self.env: dict[str, str] = {}
@@ -155,6 +195,13 @@ class SlurmCluster:
         if not os.path.exists(key):
             with os.fdopen(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400), "wb") as f:
                 f.write(os.urandom(1024))
+        atexit.register(self.stop)
+        if self.netns:
+            try:
+                self._netns_up()
+            except BaseException:
+                self.stop()
+                raise
         ports = set()
         while len(ports) < 1 + len(self.nodes):
             ports.add(_free_port())
@@ -165,7 +212,6 @@ class SlurmCluster:
         with open(os.path.join(d, "cgroup.conf"), "w") as f:  # slurmd initialises a cgroup plugin regardless
             f.write("CgroupPlugin=autodetect\nIgnoreSystemd=yes\n")
         self.env = {"SLURM_CONF": self.conf}
-        atexit.register(self.stop)
         self._deadline = time.monotonic() + self.start_timeout
         try:
             self._spawn("munged", ["munged", "-F", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
@@ -175,8 +221,8 @@ class SlurmCluster:
             self._spawn("slurmctld", ["slurmctld", "-D", "-f", self.conf])
             self._wait(lambda: "UP" in self.run(["scontrol", "ping"], check=False, timeout=10).stdout,
                        "slurmctld answering `scontrol ping`")
-            for node in self.nodes:
-                self._spawn(f"slurmd:{node}", ["slurmd", "-D", "-f", self.conf, "-N", node])
+            for i, node in enumerate(self.nodes):
+                self._spawn(f"slurmd:{node}", [*self.on_node(i), "slurmd", "-D", "-f", self.conf, "-N", node])
             self._wait(self._nodes_idle, f"node(s) {','.join(self.nodes)} idle in sinfo")
             n = min(max(2, len(self.nodes)), self.cpus * len(self.nodes))
             r = self.run(["srun", "-N", str(len(self.nodes)), "-n", str(n), "-t", "1", "hostname"], check=False,
@@ -192,8 +238,12 @@ class SlurmCluster:
         return self
 
     def stop(self) -> None:
-        """scancel every job, wait for them to end, then SIGTERM the daemons (SIGKILL after 10 s); idempotent."""
+        """scancel every job, wait for them to end, then SIGTERM the daemons, the slurmds first, then slurmctld,
+        then munged (each SIGKILLed after 10 s); with netns, kill what is left in the cluster's namespaces and delete
+        them; idempotent."""
         if not self.procs:
+            self._netns_down()
+            atexit.unregister(self.stop)
             return
         procs = self.procs
         try:
@@ -201,29 +251,47 @@ class SlurmCluster:
                 jobs = self._jobs()
                 if jobs:
                     self.run(["scancel", *jobs], check=False, timeout=10)
-                    deadline = time.monotonic() + self.kill_wait + 15
-                    while self._jobs() and time.monotonic() < deadline:
+                    t0 = time.monotonic()
+                    swept = not self._netns_made
+                    while self._jobs() and time.monotonic() < t0 + self.kill_wait + 15:
+                        if not swept and time.monotonic() > t0 + self.kill_wait + 3:
+                            # a process that outlived its step (`setsid CMD &`) and holds its output keeps the job
+                            # COMPLETING: kill it, the daemons still up to report the step's end
+                            self._netns_sweep(procs)
+                            swept = True
                         time.sleep(0.2)
         except (OSError, subprocess.SubprocessError):
             pass
+        if self._netns_made:
+            self._netns_sweep(procs)
         self.procs = {}
-        order = [k for k in procs if k.startswith("slurmd:")] + ["slurmctld", "munged"]
-        for name in order:
-            if name in procs and procs[name].poll() is None:
-                procs[name].terminate()
-        for name in order:
-            p = procs.get(name)
-            if p is None:
-                continue
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            p.stdout_file.close()
+        stages = [[k for k in procs if k.startswith("slurmd:")], ["slurmctld"], ["munged"]]  # slurmd talks to
+        for names in stages:  # slurmctld as it stops, both through munged
+            for name in names:
+                if name in procs and procs[name].poll() is None:
+                    procs[name].terminate()
+            for name in names:
+                p = procs.get(name)
+                if p is None:
+                    continue
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:  # the daemon first: its supervisor reaps it
+                    for pid in _children(p.pid):
+                        try:
+                            os.kill(pid, 9)
+                        except OSError:
+                            pass
+                    try:
+                        p.wait(5)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+                p.stdout_file.close()
         if self._socket_dir:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
+        self._netns_down()
         atexit.unregister(self.stop)
 
     def __enter__(self):
@@ -235,6 +303,10 @@ class SlurmCluster:
     @property
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.procs.items()}
+
+    def on_node(self, i: int) -> list[str]:
+        """The argv prefix that runs a command in node i's network namespace (as on that host); [] without netns."""
+        return ["nsenter", f"--net=/run/netns/{self.namespaces[i]}"] if self.netns else []
 
     def log(self, daemon: str, node: str | None = None) -> str:
         """The daemon's log file (slurmd: the first node's unless `node`); its stdout/stderr: the same, .out."""
@@ -294,11 +366,11 @@ class SlurmCluster:
 
     def _slurm_conf(self) -> str:
         d = self.dir
-        nodes = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus} "
-                          f"State=UNKNOWN" for n, p in zip(self.nodes, self.slurmd_ports))
+        nodes = "\n".join(f"NodeName={n} NodeHostname={self.host} NodeAddr={a} Port={p} CPUs={self.cpus} "
+                          f"State=UNKNOWN" for n, a, p in zip(self.nodes, self.node_addrs, self.slurmd_ports))
         return f"""# written by tests/slurm_cluster.py
 ClusterName=dpotest
-SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldHost={self.host}({self.ctld_addr})
 SlurmctldPort={self.ctld_port}
 SlurmdPort={self.slurmd_ports[0]}
 SlurmUser=root
@@ -385,11 +457,146 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         r = self.run(["squeue", "-h", "-o", "%i"], check=False, timeout=10)
         return r.stdout.split() if r.returncode == 0 else []
 
+    # -- network namespaces (netns=True) ---------------------------------------------------------------------
 
-def unavailable_reason() -> str | None:
-    """Why no cluster can be started here (one line), or None: it needs root, and Slurm (installed if missing)."""
+    def _netns_up(self) -> None:
+        """The hub namespace with a bridge; per node a namespace and a veth pair, `slurm0` in the node, its peer
+        on the bridge; and this namespace's end on the bridge, `slurmh<k>`, which also claims the subnet k (an
+        interface name exists once). Raises NetnsUnavailable."""
+        missing = [t for t in NETNS_TOOLS if shutil.which(t) is None]
+        if missing:
+            raise NetnsUnavailable(f"network namespaces need {' and '.join(missing)}, not found")
+        _netns_collect()
+        for ns in [self._hub, *self.namespaces]:
+            _ip("netns", "add", ns)
+            self._netns_made.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", self._hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self._hub, "link", "set", "br0", "up")
+        for i, ns in enumerate(self.namespaces):
+            _ip("link", "add", "name", self.ifname, "netns", ns, "type", "veth", "peer", "name", f"n{i}",
+                "netns", self._hub)
+            _ip("-n", self._hub, "link", "set", f"n{i}", "master", "br0", "up")
+        used = subprocess.run(["ip", "-4", "-o", "route", "show", "table", "all"], capture_output=True,
+                              text=True).stdout + subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True,
+                                                                 text=True).stdout
+        first = os.getpid() % 200 + 20
+        for k in [(first + j) % 256 for j in range(256)]:
+            if f"{NETNS_SUBNET}.{k}." in used:
+                continue
+            r = subprocess.run(["ip", "link", "add", "name", f"slurmh{k}", "type", "veth", "peer", "name", "host",
+                                "netns", self._hub], capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            if "exists" not in r.stderr:
+                raise NetnsUnavailable(f"`ip link add name slurmh{k} type veth ...` failed: {r.stderr.strip()}")
+        else:
+            raise NetnsUnavailable(f"no free subnet {NETNS_SUBNET}.<k>.0/24 here")
+        self.host_ifname = f"slurmh{k}"
+        net = f"{NETNS_SUBNET}.{k}"
+        self.ctld_addr = f"{net}.254"
+        self.node_addrs = [f"{net}.{i + 1}" for i in range(len(self.nodes))]
+        _ip("-n", self._hub, "link", "set", "host", "master", "br0", "up")
+        _ip("addr", "add", f"{self.ctld_addr}/24", "dev", self.host_ifname)
+        _ip("link", "set", self.host_ifname, "up")
+        for ns, addr in zip(self.namespaces, self.node_addrs):
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", self.ifname)
+            _ip("-n", ns, "link", "set", self.ifname, "up")
+
+    def _netns_sweep(self, procs) -> None:
+        """Kill what jobs left in the namespaces, not the daemons, while their supervisors live to reap it (PID 1
+        here does not)."""
+        daemons = {c for p in procs.values() for c in _children(p.pid) if _comm(c) in DAEMONS}
+        self._netns_kill(keep=daemons, rounds=3)
+
+    def _netns_kill(self, keep=frozenset(), rounds: int = 10) -> None:
+        """SIGKILL every process in the cluster's namespaces but `keep`, until none is left (one may fork)."""
+        for _ in range(rounds):
+            left = [pid for ns in self._netns_made for pid in _netns_pids(ns) if pid not in keep]
+            if not left:
+                return
+            for pid in left:
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+            time.sleep(0.2)
+
+    def _netns_down(self) -> None:
+        """Kill what is left in the cluster's namespaces, then delete them (the veth pairs and the bridge go with
+        them, this namespace's end too); idempotent."""
+        if not self._netns_made:
+            return
+        self._netns_kill()
+        if self.host_ifname:  # at once: a deleted namespace's devices go a moment later (the kernel's cleanup)
+            subprocess.run(["ip", "link", "del", self.host_ifname], capture_output=True)
+        for ns in reversed(self._netns_made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._netns_made = []
+        self.host_ifname = None
+
+
+def _ip(*args) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise NetnsUnavailable(f"`ip {' '.join(args)}` failed: {(r.stderr or r.stdout).strip()}")
+
+
+def _netns_pids(ns: str) -> list[int]:
+    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split() if p.isdigit()]
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return {int(c) for c in f.read().split()}
+    except OSError:
+        return set()
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _netns_collect() -> None:
+    """Delete the namespaces (killing what is left in them) that this module made in a process that is gone: one
+    killed outright (SIGKILL) cannot run its stop()."""
+    try:
+        names = os.listdir("/run/netns")
+    except OSError:
+        return
+    for ns in names:
+        m = re.fullmatch(rf"{NETNS_PREFIX}(\d+)-\d+-(?:\d+|hub)", ns)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its maker lives (or its PID was reused: left alone)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        for pid in _netns_pids(ns):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def unavailable_reason(netns: bool = False) -> str | None:
+    """Why no cluster can be started here (one line), or None: it needs root, and Slurm (installed if missing);
+    netns=True: also `ip` and `nsenter`."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "a Slurm test cluster needs root (slurmd runs the jobs)"
+    missing = [t for t in NETNS_TOOLS if shutil.which(t) is None] if netns else []
+    if missing:
+        return f"a Slurm test cluster of network namespaces needs {' and '.join(missing)}, not found"
     return ensure_installed()
 
 
@@ -400,15 +607,16 @@ def slurm_or_skip(tmp_path_factory, **kw) -> SlurmCluster:
             cluster = slurm_or_skip(tmp_path_factory)
             yield cluster
             cluster.stop()
-    With SLURM_CLUSTER_REQUIRED=1 in the environment, daemons that do not start fail the test instead."""
+    With SLURM_CLUSTER_REQUIRED=1 in the environment, daemons that do not start fail the test instead (network
+    namespaces that cannot be made, netns=True, still skip it)."""
     import pytest
-    why = unavailable_reason()
+    why = unavailable_reason(kw.get("netns", False))
     if why:
         pytest.skip(why)
     cluster = SlurmCluster(**kw)
     try:
         return cluster.start(tmp_path_factory.mktemp("slurm"))
     except (SlurmError, OSError, subprocess.SubprocessError) as e:
-        if os.environ.get("SLURM_CLUSTER_REQUIRED") == "1":
+        if os.environ.get("SLURM_CLUSTER_REQUIRED") == "1" and not isinstance(e, NetnsUnavailable):
             raise
         pytest.skip(f"the Slurm test cluster did not start: {str(e).splitlines()[0][:300]}")

@@ -63,10 +63,12 @@ def same_trajectory(a, b, first: int, stages: bool = False) -> None:
 
 @pytest.fixture(scope="session")
 def zero3_whole(tiny, prepared, cache, tmp_path_factory) -> Path:
-    """The uninterrupted run the ZeRO-3 resumes below continue: 2 ranks, 12 steps, a checkpoint every 2, all kept
-    (--save_total_limit 0), so that each test can go back to the step it needs. Made once per test run."""
+    """The uninterrupted run the ZeRO-3 resumes below (and the Slurm jobs of tests/test_slurm.py) continue or
+    equal: 2 ranks under the deepspeed launcher, 12 steps, a checkpoint every 2, all kept (--save_total_limit 0),
+    so that each test can go back to the step it needs. Made once per test run."""
     return Path(once(tmp_path_factory, "elastic_zero3", lambda out: run_module(
-        "dpo_ds.train", *args(tiny, prepared, cache, out, save_every=2, save_total_limit=0), launcher=2)))
+        "dpo_ds.train", *args(tiny, prepared, cache, out, save_every=2, save_total_limit=0), launcher=2,
+        deepspeed=True)))
 
 
 @pytest.fixture(scope="session")
@@ -220,8 +222,8 @@ def test_a_conversion_killed_half_way_is_done_again_and_a_stage_0_checkpoint_con
     """A start killed while converting leaves TAG_universal.tmp (never TAG_universal): the next start removes it
     and converts again. A stage-0 checkpoint (module + torch's AdamW state by index) becomes one folder per
     parameter, the tied weight's second name dropped, every value the checkpoint's, readable by ZeRO-1/2 and 3."""
-    from dpo_ds.engine.unpickle import safe_load
     from dpo_ds.engine.universal import to_universal
+    from dpo_ds.engine.unpickle import safe_load
 
     tag = tmp_path / "step-0000004"
     tag.mkdir()

@@ -95,10 +95,11 @@ def remount(path, options):
     subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
 
 
-def interrupted_then_full(module, args, marker, disk_dir, leave_bytes, *expected):
+def interrupted_then_full(module, args, marker, disk_dir, leave_bytes, *expected, term=143):
     """On one output directory of a tmpfs: SIGINT, then SIGTERM (each at `marker`), then a run on a disk full
-    but `leave_bytes`: each ends in one line with `expected` in it. -> a function that makes room again."""
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+    but `leave_bytes`: each ends in one line with `expected` in it. -> a function that makes room again. `term`:
+    the exit status of SIGTERM there (75 where the phase saves what it did and stops: train's loop, precompute's)."""
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, term)):
         rc, text, sent = launch(module, *args, signal_at=marker, sig=sig)
         if sent:  # (a machine fast enough to finish first has nothing to interrupt)
             assert rc == code
@@ -158,8 +159,8 @@ def same_cache(out, prepared, cache):
 def test_precompute_faults(tiny, prepared, cache, disk):
     d = disk("d")
     args = precompute_args(tiny, prepared, d / "cache")
-    make_room = interrupted_then_full("dpo_ds.precompute", args, "precompute: layout", d, 20 * 1024,
-                                      "complete shard(s) in", "are kept; rerun the same command")
+    make_room = interrupted_then_full("dpo_ds.precompute", args, "precompute train (rank 0)", d, 20 * 1024,
+                                      "complete shard(s) in", "are kept; rerun the same command", term=75)
     make_room()
     run_module("dpo_ds.precompute", *args)
     assert same_cache(d / "cache", prepared, cache)
@@ -188,7 +189,7 @@ def test_train_faults(tiny, prepared, cache, tmp_path, disk):
     args = train_args(tiny, prepared, cache, d / "run")
     # the full disk fails while a checkpoint is written (~10 MB each; one more fits in 14 MB)
     make_room = interrupted_then_full("dpo_ds.train", args, "train: first step done", d, 14 * MiB,
-                                      "rerun the same command to ")
+                                      "rerun the same command to ", term=75)
     make_room()
     run_module("dpo_ds.train", *args)
     got = metrics_but_timing(d / "run")

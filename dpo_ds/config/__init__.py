@@ -80,6 +80,11 @@ class ModelConfig:
                                             "collective, before it stops with an error (a node whose processes "
                                             "die is noticed within seconds; a hung or never-started one after "
                                             "this). Raise it when ranks may work apart longer")
+    stop_signals: list = opt(None, "signals that stop the phase where it costs nothing, exit 75, the same command "
+                                   "(or Slurm's requeue) resuming it: train saves a checkpoint at the next step "
+                                   "boundary, precompute keeps its complete shards (default: SIGTERM SIGUSR1 SIGUSR2:"
+                                   " a preemption, scancel or requeue, and Slurm's --signal warning before a time "
+                                   "limit; none for none)")
     local_rank: int = opt(-1, "set by the deepspeed launcher; ignored (LOCAL_RANK is read instead)")
 
 

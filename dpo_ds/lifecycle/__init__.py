@@ -6,41 +6,45 @@ restored with the state they carry.
     policy       whether and how a saved run continues with the settings given now
     state        what a checkpoint carries besides the engine (RunState)
     checkpoints  a checkpoint saved, the newest restored
+    signals      stop signals noted and agreed by every rank at a step boundary (StopSignals)
 """
 from __future__ import annotations
 
 import contextlib
 import os
 
-from dpo_ds import dist
+from dpo_ds import dist, slurm
 from dpo_ds.config import TrainConfig
+from dpo_ds.errors import Preempted
 from dpo_ds.lifecycle.checkpoints import restore, save
 from dpo_ds.lifecycle.policy import check_resumable, continue_as_started, keep_global_batch, universal_config
 from dpo_ds.lifecycle.record import newest, saved_config, saved_record, saved_run, write_record
+from dpo_ds.lifecycle.signals import StopSignals
 from dpo_ds.lifecycle.state import RunState
 from dpo_ds.storage import owner
 
-__all__ = ["Run", "RunState", "intact"]
+__all__ = ["Run", "RunState", "StopSignals", "intact"]
 
 
 class Run:
-    """One start of a training run in cfg.output_dir: `Run.claimed(cfg)`, then `settle` once the DeepSpeed
-    configuration is known, `restore` once the engine is built, `save` when `save_due`."""
+    """One start of a training run in cfg.output_dir: `Run.claimed(cfg, stop)`, then `settle` once the DeepSpeed
+    configuration is known, `restore` once the engine is built, `save` when `save_due`, and `stopped` when the
+    ranks agreed to stop at a signal (`stop`: the process's StopSignals)."""
 
-    def __init__(self, cfg: TrainConfig, record: dict | None, moved: str | None):
-        self.cfg, self.record, self.moved = cfg, record, moved
+    def __init__(self, cfg: TrainConfig, record: dict | None, moved: str | None, stop: StopSignals):
+        self.cfg, self.record, self.moved, self.stop = cfg, record, moved, stop
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoints")
         self.resuming = False
 
     @classmethod
     @contextlib.contextmanager
-    def claimed(cls, cfg: TrainConfig):
+    def claimed(cls, cfg: TrainConfig, stop: StopSignals):
         """OUT held by this run alone while it lasts (storage.owner), and the Run that continues what it holds."""
         with owner.owned(cfg.output_dir, "training run", "--output_dir", "train"):
-            yield cls.open(cfg)
+            yield cls.open(cfg, stop)
 
     @classmethod
-    def open(cls, cfg: TrainConfig) -> "Run":
+    def open(cls, cfg: TrainConfig, stop: StopSignals) -> "Run":
         """What OUT holds, read once by every rank (OUT must be storage they all see: checked), and what it changes
         in `cfg` before anything is built: the global batch kept on other ranks or K (--grad_accum derived again,
         said in `moved`), the dropout of a run saved before --disable_dropout."""
@@ -48,7 +52,7 @@ class Run:
         record = saved_record(cfg)
         moved = keep_global_batch(cfg, record)
         continue_as_started(cfg, record)
-        return cls(cfg, record, moved)
+        return cls(cfg, record, moved, stop)
 
     @property
     def saved_config(self) -> dict | None:
@@ -80,6 +84,17 @@ class Run:
     def save(self, policy, state: RunState) -> None:
         """A checkpoint of `policy` with `state` (collective); the newest --save_total_limit kept."""
         save(policy, self.ckpt_dir, state, self.cfg.save_total_limit)
+
+    def stopped(self, policy, state: RunState, saved: bool) -> Preempted:
+        """Every rank agreed to stop at a signal: this step's checkpoint (unless `saved` already), later signals
+        ignored, a Slurm job submitted with --requeue requeued (rank 0) -> the Preempted to raise: which signal,
+        which step was saved, what resumes it."""
+        if not saved:
+            self.save(policy, state)
+        self.stop.ignore()
+        then = dist.on_main(slurm.requeue)
+        return Preempted(f"stopped by {self.stop.name} after step {state.step}: checkpoint step-{state.step:07d} "
+                         f"saved in {self.ckpt_dir}; {then}")
 
 
 def intact(out_dir: str) -> str:

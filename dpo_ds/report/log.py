@@ -75,3 +75,16 @@ def eval_at(path: str, step: int) -> dict:
     """The metrics of the eval line logged at `step` in the metrics.jsonl at `path` (the last one), {} if none."""
     evals = [r for r in read_metrics(path) if r["split"] == "eval" and r["step"] == step]
     return {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {}
+
+
+def open_log(cfg, start: int) -> MetricsLog | None:
+    """A training run's metrics.jsonl and --report_to trackers (`cfg`: its TrainConfig), on rank 0 (None elsewhere);
+    a tracker that fails to start stops every rank."""
+    from dpo_ds import dist  # here, not above: `dpo-ds report` reads metrics without torch
+    from dpo_ds.config import to_dict
+    from dpo_ds.report import trackers
+
+    opened = []
+    dist.on_main(lambda: opened.append(MetricsLog(cfg.output_dir, start, trackers.open_all(
+        trackers.chosen(cfg.report_to), cfg.output_dir, cfg.run_name, to_dict(cfg), start))))
+    return opened[0] if opened else None
