@@ -39,8 +39,9 @@ def tasks_per_node(spec: str) -> list[int]:
 def task_environment(env) -> str | None:
     """A task srun started (SLURM_STEP_ID and SLURM_PROCID set) with no RANK of its own: RANK, WORLD_SIZE,
     LOCAL_RANK, LOCAL_WORLD_SIZE from the step's task variables, MASTER_ADDR the step's first host (its address
-    from `scontrol show node` when its name does not resolve), MASTER_PORT derived from the job id so that every
-    task of the step (and the step of a requeued job) finds the same one; MASTER_ADDR/MASTER_PORT given in the
+    from `scontrol show node` when its name does not resolve), MASTER_PORT derived from the job id, the step and
+    the job's restart count, so that every task of the step finds the same one and a requeued job, or the next step
+    of the script, a fresh one (its predecessor's may still be held); MASTER_ADDR/MASTER_PORT given in the
     environment win. Sets them in `env` -> the line that says so; None outside srun. The batch script itself (no
     step) is not a task: a plain `python -m dpo_ds.train` there runs as one process."""
     if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env or "RANK" in env:
@@ -55,8 +56,10 @@ def task_environment(env) -> str | None:
         env["MASTER_ADDR"] = _address(hosts[0])
     port_from = "given"
     if "MASTER_PORT" not in env:
-        env["MASTER_PORT"], port_from = str(20000 + int(re.sub(r"\D", "", env.get("SLURM_JOB_ID", "0")) or 0) % 20000), \
-            f"from job {env.get('SLURM_JOB_ID', '?')}"
+        job, step, restart = (int(re.sub(r"\D", "", env.get(k, "")) or 0) for k in
+                              ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT"))
+        env["MASTER_PORT"] = str(20000 + (job + 211 * step + 1009 * restart) % 20000)
+        port_from = f"from job {job}, step {step}, start {restart}"
     return (f"dist: srun task {env['RANK']} of {world} (node {node}, local rank {env['LOCAL_RANK']} of "
             f"{env['LOCAL_WORLD_SIZE']}): rendezvous at {env['MASTER_ADDR']}:{env['MASTER_PORT']} (the step's first "
             f"host {hosts[0]}; port {port_from})")

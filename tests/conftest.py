@@ -54,6 +54,23 @@ def pytest_collection_modifyitems(config, items):
     # the tests that start processes (the long ones) first: pytest-xdist's workers then end on short in-process
     # tests, not one waiting for the other's last multi-rank job
     items.sort(key=lambda item: item.get_closest_marker("integration") is None)
+    _xdist_groups(config, items)
+
+
+def _xdist_groups(config, items):
+    """pytest-xdist 3.8's --dist loadgroup sends a group's tests to one worker by suffixing their node ids with the
+    group's name, through an attribute pytest 9 no longer reads (`_nodeid`; pytest 9.2 keeps `_id`): the groups
+    were ignored, and the two SmolLM2 trainings and the Slurm tests ran on two workers at once. The same suffix,
+    where pytest 9 reads it (in each worker, as xdist does)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
 
 
 def pytest_sessionstart(session):

@@ -39,6 +39,7 @@ scheduling loop every second. Slurm's own granularity still applies (measured on
 import atexit
 import itertools
 import os
+import random
 import re
 import shlex
 import shutil
@@ -157,6 +158,9 @@ class SlurmCluster:
     def __init__(self, cpus: int = 2, nodes: int = 1, kill_wait: int = 2, cred_expire: int = CRED_EXPIRE,
                  start_timeout: float = 30, extra_conf: str = "", netns: bool = False):
         self.cpus, self.kill_wait, self.cred_expire = cpus, kill_wait, cred_expire
+        # job ids of their own: two clusters at once (the test workers) would otherwise both number from 1, and
+        # what derives from a job id (dpo_ds's rendezvous port) would meet on this one machine
+        self.first_job_id = random.randrange(100, 90000)
         self.start_timeout, self.extra_conf = start_timeout, extra_conf
         self.host = socket.gethostname().split(".")[0]
         self.nodes = [self.host] if nodes == 1 else [f"{self.host}{i}" for i in range(nodes)]
@@ -370,6 +374,7 @@ class SlurmCluster:
                           f"State=UNKNOWN" for n, a, p in zip(self.nodes, self.node_addrs, self.slurmd_ports))
         return f"""# written by tests/slurm_cluster.py
 ClusterName=dpotest
+FirstJobId={self.first_job_id}
 SlurmctldHost={self.host}({self.ctld_addr})
 SlurmctldPort={self.ctld_port}
 SlurmdPort={self.slurmd_ports[0]}

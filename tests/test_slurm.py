@@ -204,7 +204,8 @@ def test_two_nodes_in_two_network_namespaces_equal_one_node(tiny, prepared, cach
         log = log_of(tmp_path, "dpo-train", job)
         assert info["JobState"] == "COMPLETED", (info, log[-3000:])
         assert (f"dist: srun task 0 of 2 (node 0, local rank 0 of 1): rendezvous at {cluster.node_addrs[0]}:"
-                f"{20000 + int(job) % 20000} (the step's first host {cluster.nodes[0]}; port from job {job})") in log
+                f"{20000 + int(job) % 20000} (the step's first host {cluster.nodes[0]}; port from job {job}, step 0, "
+                f"start 0)") in log
         same_trajectory(zero3_whole, out, 1)
     finally:
         cluster.stop()
@@ -228,7 +229,10 @@ def test_a_task_takes_its_rank_and_rendezvous_from_the_step():
         == {"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "localhost",
             "MASTER_PORT": "24812"}
     assert line == ("dist: srun task 9 of 16 (node 1, local rank 1 of 8): rendezvous at localhost:24812 (the step's "
-                    "first host localhost; port from job 4812)")
+                    "first host localhost; port from job 4812, step 0, start 0)")
+    requeued = {**step, "SLURM_STEP_ID": "1", "SLURM_RESTART_COUNT": "2"}  # a fresh port: the last may be held
+    task_environment(requeued)
+    assert requeued["MASTER_PORT"] == str(20000 + (4812 + 211 + 2 * 1009) % 20000)
     given = {**step, "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29500"}  # what the environment says wins
     assert "rendezvous at 10.0.0.9:29500" in task_environment(given) and "port given" in task_environment(
         {**step, "MASTER_PORT": "29500"})
