@@ -155,14 +155,15 @@ def set_up(cfg: TrainConfig, run: Run) -> Job:
 
 
 def train_loop(job: Job) -> None:
-    """Steps `job.start` .. max_steps: train lines every --log_every, evals every --eval_every and at the end,
-    checkpoints every --save_every and at the end (after the final eval, so a finished run has nothing left
-    to redo but the export)."""
+    """Steps `job.start` .. max_steps: a train line every --log_every, evals every --eval_every, checkpoints every
+    --save_every, both at the end too (the checkpoint after the eval); an agreed stop signal ends it (lifecycle)."""
     cfg, policy, state = job.cfg, job.policy, job.state
     lengths = layout_lengths(job.train_ds, layout_of(policy))
     if job.start == 0 and cfg.eval_every:
         job.evaluate(0)  # the SFT model's own point on the eval curves: loss ln 2, rewards 0
     policy.train()
+    if job.run.stop.check():  # a warning that came during the start-up
+        raise job.run.stopped(policy, state, False, first=True)
     bar = tqdm(total=cfg.max_steps, initial=job.start, desc="train", unit="step", disable=not dist.is_main(),
                mininterval=2.0)
     for step in range(job.start, cfg.max_steps):
@@ -220,7 +221,7 @@ def finish(job: Job) -> dict:
         engine.export(job.policy.module, cfg.model, final_dir, lambda: model_card.render(cfg, saved), cfg.merge_adapter)
     dist.barrier()  # rank 0's MetricsLog has rewritten metrics.jsonl (a finished run's rerun exports nothing)
     final = dist.on_main(lambda: eval_at(os.path.join(cfg.output_dir, "metrics.jsonl"), cfg.max_steps))
-    peaks = memory.per_rank()
+    peaks = memory.per_rank()  # (collective)
     if job.log:
         job.log.close()
         print(f"train: {'already complete' if finished_before else 'done'}. final eval: {format_metrics(final)}\n"

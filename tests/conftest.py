@@ -51,9 +51,10 @@ def pytest_collection_modifyitems(config, items):
         name = getattr(getattr(item, "function", None), "__name__", "")
         if name in starters[path] or set(getattr(item, "fixturenames", ())) & starters[path]:
             item.add_marker(pytest.mark.integration)
-    # the tests that start processes (the long ones) first: pytest-xdist's workers then end on short in-process
-    # tests, not one waiting for the other's last multi-rank job
-    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
+    # the longest first, so that pytest-xdist's workers end on short tests rather than one waiting for another's
+    # last long job: the groups (each one worker's, one test after another), then the tests that start processes
+    items.sort(key=lambda item: (item.get_closest_marker("xdist_group") is None,
+                                 item.get_closest_marker("integration") is None))
     _xdist_groups(config, items)
 
 

@@ -154,13 +154,14 @@ def test_a_requeued_precompute_job_keeps_its_shards_and_ends_with_the_same_cache
 
 def test_a_time_limit_ends_a_run_with_a_checkpoint_and_a_resubmission_continues_it(slurm, tiny, prepared, cache,
                                                                                   tmp_path):
-    """--time=1 with --signal=B:USR1@30 (the template's signal, nearer: Slurm checks limits every 30 s, so it comes
-    30-60 s before the limit, after the start-up): the batch script passes SIGUSR1 on, the ranks save at the next
-    step boundary and stop (exit 75; submitted with --no-requeue, they say to resubmit); the same submission resumes
-    from that checkpoint, and scancel's SIGTERM stops that one with a checkpoint too."""
+    """--time=2 with --signal=B:USR1@30 (the template's signal, nearer): Slurm checks limits every 30 s, so the
+    warning comes 30-60 s before the limit, 60-90 s after the start, well after the start-up; the batch script passes
+    SIGUSR1 on, the ranks save at the next step boundary and stop (exit 75; submitted with --no-requeue, they say to
+    resubmit); the same submission resumes from that checkpoint, and scancel's SIGTERM stops that one with a
+    checkpoint too."""
     out = tmp_path / "run"
     train = ["train", *args(tiny, prepared, cache, out, max_steps=100000, save_every=0, log_every=50)]
-    job = submit(slurm, tmp_path, "-J", "dpo-train", "--time=1", "--signal=B:USR1@30", "--no-requeue",
+    job = submit(slurm, tmp_path, "-J", "dpo-train", "--time=2", "--signal=B:USR1@30", "--no-requeue",
                  phase_args=train)
     info = slurm.wait_job(job, timeout=200)
     log = log_of(tmp_path, "dpo-train", job)
@@ -250,13 +251,16 @@ def test_stop_signals_stop_at_once_outside_the_loop_and_are_agreed_inside(monkey
     assert parse(["usr1", "SIGHUP"]) == [signal.SIGUSR1, signal.SIGHUP]
     with pytest.raises(ConfigError, match="SIGKILL cannot stop a run"):
         parse(["KILL"])
-    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     try:
-        stop = StopSignals(["USR1", "USR2"])
-        with pytest.raises(Stopped) as stopped:
-            signal.raise_signal(signal.SIGUSR2)
-        assert stopped.value.signal_name == "SIGUSR2"
+        stop = StopSignals(["TERM", "USR1", "USR2"])
+        with pytest.raises(Stopped) as stopped:  # SIGTERM in the start-up: at once, nothing to save yet
+            signal.raise_signal(signal.SIGTERM)
+        assert stopped.value.signal_name == "SIGTERM"
         stop.received = 0
+        signal.raise_signal(signal.SIGUSR2)  # a warning in the start-up: honoured at the loop's first agreement
+        assert stop.pending() == signal.SIGUSR2 and stop.check() == signal.SIGUSR2
+        stop.received = stop.agreed = 0
         with stop.deferred():
             signal.raise_signal(signal.SIGUSR1)  # noted, not raised
             assert stop.pending() == signal.SIGUSR1 and stop.agreed == 0

@@ -85,14 +85,17 @@ class Run:
         """A checkpoint of `policy` with `state` (collective); the newest --save_total_limit kept."""
         save(policy, self.ckpt_dir, state, self.cfg.save_total_limit)
 
-    def stopped(self, policy, state: RunState, saved: bool) -> Preempted:
-        """Every rank agreed to stop at a signal: this step's checkpoint (unless `saved` already), later signals
-        ignored, a Slurm job submitted with --requeue requeued (rank 0) -> the Preempted to raise: which signal,
-        which step was saved, what resumes it."""
-        if not saved:
+    def stopped(self, policy, state: RunState, saved: bool, first: bool = False) -> Preempted:
+        """Every rank agreed to stop at a signal: this step's checkpoint (unless `saved` already, or, `first`, no
+        step of this start was taken), later signals ignored, a Slurm job submitted with --requeue requeued (rank 0)
+        -> the Preempted to raise: which signal, which step was saved, what resumes it."""
+        if not (saved or first):
             self.save(policy, state)
         self.stop.ignore()
         then = dist.on_main(slurm.requeue)
+        if first:
+            return Preempted(f"stopped by {self.stop.name} before its first step ({intact(self.cfg.output_dir)}); "
+                             f"{then}")
         return Preempted(f"stopped by {self.stop.name} after step {state.step}: checkpoint step-{state.step:07d} "
                          f"saved in {self.ckpt_dir}; {then}")
 

@@ -1,9 +1,12 @@
 """Stop signals honoured where they cost nothing. A scheduler stops a job with SIGTERM (preemption, scancel,
 `scontrol requeue`, the end of a time limit, followed by SIGKILL after its KillWait) and can warn ahead of a time
-limit with another signal (Slurm's --signal=USR1@T). Outside a phase's work loop one raises Stopped at once: there
-is nothing to save. Inside (`deferred`), it is only noted, and every rank learns of it at the next agreement — the
-step's own reduction (train: with the finiteness check, no extra collective) or `check` (after an eval or a save,
-per batch in precompute) — so a signal that reached some ranks stops every rank at the same point.
+limit with another signal (Slurm's --signal=USR1@T). A signal is noted, and every rank learns of it at the next
+agreement — the step's own reduction (train: with the finiteness check, no extra collective) or `check` (before
+the first step, after an eval or a save; per batch in precompute) — so a signal that reached some ranks stops every
+rank at the same point. Only SIGTERM outside a phase's work loop (`deferred`) raises Stopped at once: there is
+nothing to save yet, and what sends it (scancel, a preemption, a requeue) ends or requeues the job itself; a
+warning (SIGUSR1/2) that comes during the start-up is honoured at the loop's first agreement, where the job is
+requeued as at any other stop.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dpo_ds import dist
 from dpo_ds.errors import ConfigError, Stopped
 
 DEFAULT = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)  # a scheduler's warning, with time left: never acted on mid-start-up
 ALLOWED = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT", "SIGQUIT")
 
 
@@ -44,12 +48,12 @@ class StopSignals:
 
     def _noted(self, signum, frame) -> None:
         self.received = self.received or signum
-        if not self._deferring:
+        if not self._deferring and signum not in WARNINGS:
             raise Stopped(signal.Signals(signum).name)
 
     @contextlib.contextmanager
     def deferred(self):
-        """Within: a stop signal is noted for the next agreement instead of raising."""
+        """Within: SIGTERM too is noted for the next agreement instead of raising."""
         self._deferring = True
         try:
             yield self
