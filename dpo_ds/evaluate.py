@@ -14,6 +14,7 @@ from dpo_ds.cli import main_guard, on_fault, parse
 from dpo_ds.config import EvalConfig
 from dpo_ds.errors import UserError
 from dpo_ds.model.batch import pad_and_eos
+from dpo_ds.objective.metrics import tie_rule
 from dpo_ds.objective.step import split_metrics
 from dpo_ds.pretrained import dtype_name, open_model_dir, resolve_dtype
 from dpo_ds.report import memory
@@ -36,9 +37,11 @@ def run(cfg: EvalConfig) -> dict:
     if tokenizer_fingerprint(tokenizer) != cache.report["tokenizer_fingerprint"]:
         raise UserError(f"--model {cfg.model} has another tokenizer than --data {cfg.data} was prepared with")
     reference = cache.reference(cfg.split, cfg.length_desensitised)
-    warning = precision_warning(cache, cfg.split, dtype_name(resolve_dtype(cfg.dtype)), cfg.beta)
-    if warning:
-        dist.print0(warning)
+    dtype = dtype_name(resolve_dtype(cfg.dtype))
+    cached = cache.manifest["fingerprint"]["dtype"]
+    for line in (precision_warning(cache, cfg.split, dtype, cfg.beta), tie_rule(dtype, cached)):
+        if line:
+            dist.print0(line)
     ds = cache.data[cfg.split]
     model = engine.inference_engine(engine.ModelSpec.of(cfg), cfg.dtype, cfg.deepspeed, cfg.batch_size, stats=True)
     metrics = {"split": cfg.split, "model": cfg.model, "examples": len(ds),

@@ -30,7 +30,7 @@ from dpo_ds.lifecycle import Run, RunState, StopSignals, intact
 from dpo_ds.model.batch import build, longest_row, pad_and_eos, take
 from dpo_ds.model.batch import lengths as layout_lengths
 from dpo_ds.model.logps import layout_of
-from dpo_ds.objective.metrics import MetricSums
+from dpo_ds.objective.metrics import MetricSums, tie_rule
 from dpo_ds.objective.step import batch_losses, split_metrics
 from dpo_ds.plan.choice import engine_config, planned_dtype
 from dpo_ds.pretrained import AdapterSpec, dtype_name, open_model_dir
@@ -77,15 +77,15 @@ def train_step(policy, ds, reference, micro_batches, cfg: TrainConfig, pad_id: i
 def load_data(cfg: TrainConfig, dtype):
     """(train split, its Reference, eval split or None, its Reference or None, the cache's fingerprint). Rank 0
     alone hashes the data, the cache and the model's weights; the other ranks read what it verified. Warns when
-    the training `dtype` is not the cache's."""
+    the training `dtype` is not the cache's, and says what counts as a tie where either is not fp32."""
     cache = open_verified(cfg.ref_cache, cfg.data, cfg.model, ("train", "eval"), cfg.trust_remote_code,
                           optional=("eval",))
     shared = cfg.length_desensitised
     data = cache.data
     fp = cache.manifest["fingerprint"]
-    warning = precision_warning(cache, "train", dtype_name(dtype), cfg.beta)
-    if warning:
-        dist.print0(warning)
+    for line in (precision_warning(cache, "train", name := dtype_name(dtype), cfg.beta), tie_rule(name, fp["dtype"])):
+        if line:
+            dist.print0(line)
     if "eval" not in data:
         dist.print0(f"train: {cfg.data} has no eval split (prepared with --eval_fraction 0): no evaluation")
         return data["train"], cache.reference("train", shared), None, None, fp

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, child_env, run_module
+from conftest import ROOT, child_env, once, run_module
 
 from dpo_ds import cli, precompute, prepare, train
 from dpo_ds import config as C
@@ -293,24 +293,50 @@ def test_owner_private_names_are_its_own():
 
 def test_margins_within_rounding_noise_are_ties():
     from dpo_ds.model.pair import Pair
-    from dpo_ds.objective.metrics import wins
+    from dpo_ds.objective.metrics import TIE_RELATIVE, tie_precision, wins
 
     ref = torch.tensor([-30.0, -30.0, -30.0, -30.0])
     policy_chosen = ref + torch.tensor([1.5e-7, -1.5e-7, 1e-3, 0.0])  # rounding, rounding, a preference, exact
     assert wins(Pair.of(policy_chosen, ref), Pair.of(ref, ref), beta=0.1).tolist() == [False, False, True, False]
+    # 2^-11 of the four sums (120 here) is within bf16's bound (2^-9), above fp16's (2^-12); 2^-19 above fp32's
+    policy_chosen = ref + torch.tensor([120 * 2.0 ** -11, 0.5, 120 * 2.0 ** -19, 0.0])
+    pair, base = Pair.of(policy_chosen, ref), Pair.of(ref, ref)
+    assert wins(pair, base, beta=0.1, precision="bf16").tolist() == [False, True, False, False]
+    assert wins(pair, base, beta=0.1, precision="fp16").tolist() == [True, True, False, False]
+    assert wins(pair, base, beta=0.1).tolist() == [True, True, True, False]
+    assert tie_precision("fp32", "bf16") == tie_precision("bf16", "fp16") == "bf16"
+    assert TIE_RELATIVE["fp32"] < TIE_RELATIVE["fp16"] < TIE_RELATIVE["bf16"]
 
 
-def test_sft_model_against_its_own_cache_ties_in_every_layout(tiny, prepared, cache, capsys):
-    """The cache was written in the shared-prompt + packed layout; the plain layout rounds otherwise (margins of
-    ~1e-7), which counted as wins for about half the pairs before ties were counted as ties."""
+@pytest.fixture(scope="session")
+def bf16_cache(tiny, prepared, tmp_path_factory):
+    """The tiny model's reference cache computed in bf16 (as precompute --dtype auto does on a GPU)."""
+    from dpo_ds import precompute
+
+    return once(tmp_path_factory, "cache_bf16", lambda out: precompute.run(C.PrecomputeConfig(
+        model=tiny[0], data=prepared, output_dir=out, batch_size=8, shard_size=64, dtype="bf16")))
+
+
+def test_sft_model_against_its_own_cache_ties_in_every_precision_and_layout(tiny, prepared, cache, bf16_cache,
+                                                                            capsys):
+    """The cache was written in the shared-prompt + packed layout, 8 pairs a batch; the plain layout and other
+    batch sizes round otherwise (margins of ~1e-7 in fp32, ~1e-4 of the sums in bf16), which counted as wins for
+    about half the pairs before ties were counted as ties at the precision's own noise. Every precision the model
+    and the cache can be in, either layout, batches of 3: accuracy 0, and the rule is said where not fp32."""
     from dpo_ds import evaluate
 
-    for layout in ({}, {"share_prompt": False, "packing": False}):
-        m = evaluate.run(C.EvalConfig(model=tiny[0], data=prepared, ref_cache=cache, split="train", **layout))
-        assert m["rewards/accuracies"] == 0.0 and abs(m["rewards/margins"]) < 1e-5, layout
-    evaluate.run(C.EvalConfig(model=tiny[0], data=prepared, ref_cache=cache, dtype="bf16"))
-    said = capsys.readouterr().out
-    assert "warning: the cache holds fp32 log-probs and the model runs in bf16: reward margins within about ±" in said
+    for ref, dtype, layout in [(ref, dtype, layout) for ref in (cache, bf16_cache) for dtype in ("fp32", "bf16")
+                               for layout in ({}, {"share_prompt": False, "packing": False})]:
+        m = evaluate.run(C.EvalConfig(model=tiny[0], data=prepared, ref_cache=ref, split="train", dtype=dtype,
+                                      batch_size=3, **layout))
+        said = capsys.readouterr().out
+        assert m["rewards/accuracies"] == 0.0 and abs(m["rewards/margins"]) < 1e-3, (ref, dtype, layout)
+        cached = "bf16" if ref == bf16_cache else "fp32"
+        assert ("warning: the cache holds fp32 log-probs and the model runs in bf16: reward margins within about ±"
+                in said) == ((cached, dtype) == ("fp32", "bf16"))
+        assert (f"rewards/accuracies: a margin within 2^-9 of beta*(|log pi_w| + |log pi_l| + |ref_w| + |ref_l|) is "
+                f"a tie, bf16's rounding (the policy runs in {dtype}, the cache holds {cached})" in said) == \
+            ("bf16" in (dtype, cached))
 
 
 def test_storage_without_locks_warns_and_storage_faults_are_named(tmp_path, monkeypatch, capsys):

@@ -28,6 +28,7 @@ from dpo_ds.cache.format import (
 from dpo_ds.data.prepared import load_split, load_tokenizer, read_report, verify_files
 from dpo_ds.errors import CacheError, UserError
 from dpo_ds.model.pair import Logps, Pair
+from dpo_ds.objective.metrics import TIE_RELATIVE, tie_precision
 from dpo_ds.storage.files import read_json
 from dpo_ds.storage.fingerprint import model_fingerprint, sha256_file, tokenizer_fingerprint
 
@@ -39,9 +40,11 @@ def read_shard(path: str) -> pa.Table:
 
 class Reference:
     """One split's cached reference log-probs, looked up by example_id: `reference(batch)` -> a Pair of the
-    reference's Logps (no token counts, no head statistics), each [B] fp32, in the batch's order."""
+    reference's Logps (no token counts, no head statistics), each [B] fp32, in the batch's order. `precision`: the
+    dtype they were computed in (fp32, bf16, fp16)."""
 
-    def __init__(self, table: pa.Table):
+    def __init__(self, table: pa.Table, precision: str = "fp32"):
+        self.precision = precision
         ids = table.column("example_id").to_numpy()
         order = np.argsort(ids)
         self.ids = torch.from_numpy(ids[order])
@@ -74,7 +77,7 @@ class RefCache:
             raise CacheError(f"{self.cache_dir} is a format-{version} cache, without the shared-length reference "
                              f"log-probs LD-DPO (--ld_alpha) needs: rerun dpo_ds.precompute into a new --output_dir "
                              f"(format {FORMAT_VERSION}), or train without --ld_alpha")
-        return Reference(self.tables[split])
+        return Reference(self.tables[split], self.manifest["fingerprint"]["dtype"])
 
     def values(self, split: str, example_ids) -> dict:
         """Every column of `split` for `example_ids`, in that order (tests and inspection; the loss reads
@@ -180,22 +183,20 @@ def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) 
     return table
 
 
-ROUNDING = {"fp32": 2.0 ** -24, "fp16": 2.0 ** -11, "bf16": 2.0 ** -8}  # unit roundoff of each dtype
-
-
 def precision_warning(cache: RefCache, split: str, dtype: str, beta: float) -> str | None:
     """One line when the model is scored in another precision than the cache was computed in: the margins
-    then carry that precision's rounding (an estimate of their size is given), which is not preference."""
+    then carry that precision's rounding, up to about the tie bound (objective.metrics.TIE_RELATIVE) of their
+    size, which is not preference."""
     cached = cache.manifest["fingerprint"]["dtype"]
     if cached == dtype:
         return None
     table = cache.tables[split]
-    size = float(np.mean(np.abs(table.column("ref_chosen_logps").to_numpy()) +
-                         np.abs(table.column("ref_rejected_logps").to_numpy())))
-    floor = 2 * beta * max(ROUNDING[dtype], ROUNDING[cached]) * size
+    size = 2 * float(np.mean(np.abs(table.column("ref_chosen_logps").to_numpy()) +
+                             np.abs(table.column("ref_rejected_logps").to_numpy())))  # the policy's ~ the reference's
+    floor = TIE_RELATIVE[tie_precision(dtype, cached)] * beta * size
     return (f"warning: the cache holds {cached} log-probs and the model runs in {dtype}: reward margins within "
-            f"about ±{floor:.2g} are rounding of the precisions, not preference (the SFT model against its own "
-            f"cache scores near 0.5 reward accuracy so); use --dtype {cached} to compare exactly")
+            f"about ±{floor:.2g} are rounding of the precisions, not preference (rewards/accuracies counts them as "
+            f"ties); use --dtype {cached} to compare exactly")
 
 
 def summary(cache: RefCache) -> str:

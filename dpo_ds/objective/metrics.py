@@ -2,25 +2,48 @@
 one tensor per batch, crossing to the host only when a line is logged."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dpo_ds import dist
 from dpo_ds.model.pair import Pair
 from dpo_ds.objective.loss import weighted
 
-# A reward margin within this fraction of β·(|π_w| + |π_l| + |ref_w| + |ref_l|) is a tie, not a win: fp32 sums of
-# log-probs carry rounding of a few 2^-24 of their size, and layouts and batchings round differently (the SFT
-# model against its own cache has margins of ±1e-7 that would otherwise count as wins half the time).
-TIE_RELATIVE = 2.0 ** -20
+# A reward margin within TIE_RELATIVE[precision] of β·(|π_w| + |π_l| + |ref_w| + |ref_l|) is a tie, not a win: the
+# four sums carry their precision's rounding, and layouts and batchings round differently, so the SFT model
+# against its own cache has margins of that size that would otherwise count as wins about half the time. Measured
+# (tiny model, |margin| / the sum over every layout, batch size 1-16 and split; tests/test_train.py holds them):
+# fp32 2^-23.9 at most, fp16 2^-16.5, bf16 2^-13.2 (bf16 against an fp32 cache; 2^-13.9 against its own): each
+# bound is 2^4 = 16 times that, or more. The coarser of the policy's and the cache's precisions decides.
+TIE_RELATIVE = {"fp32": 2.0 ** -20, "fp16": 2.0 ** -12, "bf16": 2.0 ** -9}
 
 
-def wins(policy: Pair, ref: Pair, beta: float, ld_alpha: float | None = None) -> torch.Tensor:
-    """[B] bool: the pair's reward margin exceeds its rounding noise (TIE_RELATIVE)."""
+def tie_precision(*precisions: str) -> str:
+    """The coarsest of the precisions ("fp32", "fp16", "bf16") a margin was computed in: its noise decides."""
+    return max(precisions, key=TIE_RELATIVE.__getitem__)
+
+
+def tie_rule(policy: str, cache: str) -> str | None:
+    """One line: what counts as a tie for a policy computed in `policy` against a cache computed in `cache`;
+    None where both are fp32 (the default, said in the README)."""
+    which = tie_precision(policy, cache)
+    if which == "fp32":
+        return None
+    return (f"rewards/accuracies: a margin within 2^{round(math.log2(TIE_RELATIVE[which]))} of "
+            f"beta*(|log pi_w| + |log pi_l| + |ref_w| + |ref_l|) is a tie, {which}'s rounding (the policy runs in "
+            f"{policy}, the cache holds {cache})")
+
+
+def wins(policy: Pair, ref: Pair, beta: float, ld_alpha: float | None = None, precision: str = "fp32"
+         ) -> torch.Tensor:
+    """[B] bool: the pair's reward margin exceeds the rounding noise of `precision` (TIE_RELATIVE), the coarsest
+    the margin's terms were computed in (tie_precision)."""
     chosen, rejected, ref_chosen, ref_rejected = weighted(policy, ref, ld_alpha)
     chosen, rejected = chosen.detach(), rejected.detach()
     margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected)).double()
     size = (chosen.abs() + rejected.abs() + ref_chosen.abs() + ref_rejected.abs()).double()
-    return margin > TIE_RELATIVE * beta * size
+    return margin > TIE_RELATIVE[precision] * beta * size
 
 
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -48,10 +71,10 @@ class MetricSums:
             torch.as_tensor(values, dtype=torch.float64).clone()
 
     @classmethod
-    def of_batch(cls, losses, policy: Pair, ref: Pair, beta: float, ld_alpha: float | None = None, tokens: int = 0
-                 ) -> "MetricSums":
+    def of_batch(cls, losses, policy: Pair, ref: Pair, beta: float, ld_alpha: float | None = None, tokens: int = 0,
+                 precision: str = "fp32") -> "MetricSums":
         """`policy` (with head statistics) and `ref` the Pairs the losses read, on one device; rewards on the
-        log-probs the losses see (`weighted`), logps/ on the raw sums."""
+        log-probs the losses see (`weighted`), logps/ on the raw sums; ties at `precision`'s noise (`wins`)."""
         pw, pl, rw, rl = weighted(policy, ref, ld_alpha)
         chosen_rewards = beta * (pw.detach() - rw).double()
         rejected_rewards = beta * (pl.detach() - rl).double()
@@ -61,7 +84,7 @@ class MetricSums:
             "loss": losses.detach().sum(),
             "rewards/chosen": chosen_rewards.sum(),
             "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": wins(policy, ref, beta, ld_alpha).sum(),
+            "rewards/accuracies": wins(policy, ref, beta, ld_alpha, precision).sum(),
             "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
             "logps/chosen": chosen.sum(),
             "logps/rejected": rejected.sum(),

@@ -17,7 +17,7 @@ from dpo_ds.config import LossConfig
 from dpo_ds.model.batch import build, dummy_batch, lengths, take
 from dpo_ds.model.logps import is_collective, layout_of, pair_logps
 from dpo_ds.objective.loss import preference_losses, wpo_weights
-from dpo_ds.objective.metrics import MetricSums
+from dpo_ds.objective.metrics import MetricSums, tie_precision
 
 
 def batch_losses(logps_fn, batch: dict, reference, loss_cfg: LossConfig, bco_delta: float = 0.0):
@@ -30,7 +30,16 @@ def batch_losses(logps_fn, batch: dict, reference, loss_cfg: LossConfig, bco_del
         weights = wpo_weights(policy.chosen.stats.wpo / policy.chosen.tokens.clamp(min=1),
                               policy.rejected.stats.wpo / policy.rejected.tokens.clamp(min=1))
     losses = preference_losses(policy, ref, loss_cfg, bco_delta, weights)
-    return losses, MetricSums.of_batch(losses, policy, ref, loss_cfg.beta, loss_cfg.ld_alpha, tokens=batch["tokens"])
+    precision = tie_precision(precision_of(logps_fn), getattr(reference, "precision", "fp32"))
+    return losses, MetricSums.of_batch(losses, policy, ref, loss_cfg.beta, loss_cfg.ld_alpha, batch["tokens"],
+                                       precision)
+
+
+def precision_of(logps_fn) -> str:
+    """The precision the policy computes in: its floating parameters' dtype (a DeepSpeed engine's module is
+    cast to its config's bf16/fp16; a quantized base keeps its integer storage, skipped)."""
+    dtype = next((p.dtype for p in logps_fn.parameters() if p.is_floating_point()), torch.float32)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 @torch.no_grad()
