@@ -203,3 +203,13 @@ def cache(tiny, prepared, tmp_path_factory):
 
     return once(tmp_path_factory, "cache", lambda out: precompute.run(
         C.PrecomputeConfig(model=tiny[0], data=prepared, output_dir=out, batch_size=8, shard_size=64)))
+
+
+@pytest.fixture(scope="session")
+def bf16_cache(tiny, prepared, tmp_path_factory):
+    """The tiny model's reference cache computed in bf16 (as precompute --dtype auto does on a GPU)."""
+    from dpo_ds import config as C
+    from dpo_ds import precompute
+
+    return once(tmp_path_factory, "cache_bf16", lambda out: precompute.run(C.PrecomputeConfig(
+        model=tiny[0], data=prepared, output_dir=out, batch_size=8, shard_size=64, dtype="bf16")))

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, child_env, once, run_module
+from conftest import ROOT, child_env, run_module
 
 from dpo_ds import cli, precompute, prepare, train
 from dpo_ds import config as C
@@ -306,15 +306,6 @@ def test_margins_within_rounding_noise_are_ties():
     assert wins(pair, base, beta=0.1).tolist() == [True, True, True, False]
     assert tie_precision("fp32", "bf16") == tie_precision("bf16", "fp16") == "bf16"
     assert TIE_RELATIVE["fp32"] < TIE_RELATIVE["fp16"] < TIE_RELATIVE["bf16"]
-
-
-@pytest.fixture(scope="session")
-def bf16_cache(tiny, prepared, tmp_path_factory):
-    """The tiny model's reference cache computed in bf16 (as precompute --dtype auto does on a GPU)."""
-    from dpo_ds import precompute
-
-    return once(tmp_path_factory, "cache_bf16", lambda out: precompute.run(C.PrecomputeConfig(
-        model=tiny[0], data=prepared, output_dir=out, batch_size=8, shard_size=64, dtype="bf16")))
 
 
 def test_sft_model_against_its_own_cache_ties_in_every_precision_and_layout(tiny, prepared, cache, bf16_cache,

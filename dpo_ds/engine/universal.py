@@ -3,7 +3,7 @@ fp32 weights and Adam moments, which any number of ranks and any ZeRO stage can 
 
     to_universal     the newest checkpoint converted once, atomically, into TAG_universal beside it
     needs_universal  whether a resume with this configuration must go through it
-    load_into_stage0 a universal checkpoint into a stage-0 engine (DeepSpeed reads it under ZeRO only)
+    load_into_stage0 a universal checkpoint into a stage-0 engine, fp32 or bf16 (DeepSpeed reads it under ZeRO only)
 
 DeepSpeed's converter reads ZeRO checkpoints only and writes what its own readers need per stage (ZeRO-3: bare
 tensors and the step in zero/optimizer_state.pt; ZeRO-1/2: {"param": ...} files and step.pt); a stage-0
@@ -89,22 +89,34 @@ def _parameter_names(module: dict, buffers: list) -> list[str]:
     return names
 
 
-def _from_stage0(src: str, out: str) -> None:
-    """A stage-0 checkpoint (fp32: the module's weights are the master weights, `optimizer` torch's AdamW state)
-    as per-parameter folders."""
-    saved = safe_load(os.path.join(src, MODEL_STATES[0]), map_location="cpu")
+def _stage0_optimizer(saved: dict, src: str) -> tuple[dict, list | None]:
+    """(torch's AdamW state, the fp32 master weights in its order or None) of a stage-0 checkpoint: fp32 runs
+    torch's AdamW on the module's own weights; bf16 runs DeepSpeed's unfused bf16 optimizer, AdamW over per-
+    parameter fp32 masters (`fp32_groups`) whose bf16 copies the module holds, gradients in bf16, no loss scale."""
     optimizer = saved.get("optimizer") or {}
-    if set(optimizer) != {"state", "param_groups"}:
-        raise UserError(f"{src}: a stage-0 checkpoint holding DeepSpeed's mixed-precision (bf16/fp16) optimizer, "
-                        f"which dpo_ds cannot convert: resume it with the run's own --deepspeed configuration")
+    if set(optimizer) == {"state", "param_groups"}:
+        return optimizer, None
+    if set(optimizer) >= {"fp32_groups", "optimizer_state_dict"} and not optimizer.get("dynamic_loss_scale") \
+            and optimizer.get("cur_scale", 1.0) == 1.0:
+        return optimizer["optimizer_state_dict"], [w for group in optimizer["fp32_groups"] for w in group]
+    raise UserError(f"{src}: a stage-0 checkpoint holding DeepSpeed's fp16 optimizer (a loss scale), which dpo_ds "
+                    f"cannot convert: resume it with the run's own --deepspeed configuration")
+
+
+def _from_stage0(src: str, out: str) -> None:
+    """A stage-0 checkpoint (one file: the module, and torch's AdamW state by index, over the module's weights in
+    fp32 or over fp32 masters under bf16) as per-parameter folders."""
+    saved = safe_load(os.path.join(src, MODEL_STATES[0]), map_location="cpu")
+    optimizer, masters = _stage0_optimizer(saved, src)
     names = _parameter_names(saved["module"], saved.get("buffer_names") or [])
     order = [i for group in optimizer["param_groups"] for i in group["params"]]
-    if len(names) != len(order):
+    if len(names) != len(order) or (masters is not None and len(masters) != len(order)):
         raise UserError(f"{src}: {len(names)} parameters in the module but {len(order)} in the optimizer: the "
                         f"checkpoint is not one dpo_ds wrote; resume with the run's own --deepspeed configuration")
     step = torch.tensor(0.0)
-    for name, index in zip(names, order):
-        weight, state = saved["module"][name].float(), optimizer["state"].get(index, {})
+    for position, (name, index) in enumerate(zip(names, order)):
+        weight = (saved["module"][name] if masters is None else masters[position]).float()
+        state = optimizer["state"].get(index, {})
         step = state.get("step", step)
         os.makedirs(os.path.join(out, "zero", name))
         for key, value in (("fp32", weight), *((m, state.get(m, torch.zeros_like(weight))) for m in MOMENTS)):
@@ -158,14 +170,12 @@ def _version() -> str:
 
 
 def load_into_stage0(engine, ckpt_dir: str) -> dict:
-    """The universal checkpoint `latest_universal` names into a stage-0 fp32 `engine`: weights, AdamW's moments
-    and step, its hyper-parameters, the lr schedule and DeepSpeed's counters. -> the client state."""
+    """The universal checkpoint `latest_universal` names into a stage-0 `engine`: weights, AdamW's moments and
+    step, its hyper-parameters, the lr schedule and DeepSpeed's counters. Under bf16 the fp32 values go to the
+    optimizer's fp32 masters and the module gets their bf16 copies. -> the client state."""
     with open(os.path.join(ckpt_dir, "latest_universal")) as f:
         folder = os.path.join(ckpt_dir, f.read().strip())
-    optimizer = engine.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer) or engine.bfloat16_enabled() or engine.fp16_enabled():
-        raise UserError(f"{folder}: continuing a ZeRO run as stage 0 needs fp32 without a DeepSpeed mixed-precision "
-                        f"optimizer: resume with a ZeRO --deepspeed configuration")
+    optimizer, pairs = _stage0_parameters(engine, folder)
     common = safe_load(os.path.join(folder, MODEL_STATES[0]), map_location="cpu")
     saved = safe_load(os.path.join(folder, "zero", "optimizer_state.pt"), map_location="cpu")
     names = {p: n for n, p in engine.module.named_parameters()}
@@ -174,17 +184,33 @@ def load_into_stage0(engine, ckpt_dir: str) -> dict:
         return safe_load(os.path.join(folder, "zero", name, f"{key}.pt"), map_location="cpu")["param"] \
             .view_as(like).to(like.device, torch.float32).clone()
 
-    for group, was in zip(optimizer.param_groups, saved["param_groups"]):
+    for group, was, params in zip(optimizer.param_groups, saved["param_groups"], pairs):
         group.update({k: v for k, v in was.items() if k != "params"})
-        for p in group["params"]:
-            if not p.requires_grad:  # adapters under a config's own optimizer: the SFT weights are not saved
+        for module_param, p in params:
+            if not module_param.requires_grad:  # adapters under a config's own optimizer: the SFT weights unsaved
                 continue
+            name = names[module_param]
             with torch.no_grad():
-                p.copy_(read(names[p], "fp32", p))
-            step = safe_load(os.path.join(folder, "zero", names[p], "step.pt"))
+                p.copy_(read(name, "fp32", p))
+                module_param.copy_(p)  # the bf16 copy (the same tensor in fp32)
+            step = safe_load(os.path.join(folder, "zero", name, "step.pt"))
             optimizer.state[p] = {"step": torch.as_tensor(step, dtype=torch.float32, device=p.device),
-                                  **{m: read(names[p], m, p) for m in MOMENTS}}
+                                  **{m: read(name, m, p) for m in MOMENTS}}
     engine.lr_scheduler.load_state_dict(common["lr_scheduler"])
     engine.global_steps, engine.global_samples = common["global_steps"], common["global_samples"]
     engine.skipped_steps = common.get("skipped_steps", 0)
     return common
+
+
+def _stage0_parameters(engine, folder: str) -> tuple[torch.optim.Optimizer, list]:
+    """(torch's AdamW the stage-0 `engine` steps, per param group [(the module's parameter, the tensor AdamW
+    updates)]): the same tensor in fp32; under bf16 DeepSpeed's unfused optimizer pairs each bf16 parameter with
+    its fp32 master. fp16 (a loss scale) is refused."""
+    optimizer = engine.optimizer
+    if isinstance(optimizer, torch.optim.Optimizer) and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return optimizer, [[(p, p) for p in group["params"]] for group in optimizer.param_groups]
+    if engine.bfloat16_enabled() and hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups"):
+        return optimizer.optimizer, [list(zip(low, high)) for low, high in zip(optimizer.fp16_groups,
+                                                                               optimizer.fp32_groups)]
+    raise UserError(f"{folder}: continuing a ZeRO run as stage 0 needs fp32 or bf16 (DeepSpeed's fp16 optimizer "
+                    f"keeps a loss scale): resume with a ZeRO --deepspeed configuration")

@@ -61,7 +61,7 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
     """True when a checkpoint exists and may be continued with `now` (a `saved_run`); refuses, naming each old
     and new value, a run that cannot: other settings, inputs, precision, or a global batch another number of
     ranks or K cannot keep (keep_global_batch). Another ZeRO stage or offload continues through the universal
-    format (engine.universal), from or to stage 0 in fp32 only."""
+    format (engine.universal), from or to stage 0 in fp32 and bf16."""
     if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
         return False
     if cfg.resume == "never":
@@ -97,8 +97,8 @@ def check_resumable(cfg: TrainConfig, ckpt_dir: str, now: dict) -> bool:
     if was != new:  # the moments and master weights are kept, not re-derived from another precision
         changed.append(f"precision {was} -> {new} (--deepspeed)")
     stages = zero_stage(saved["deepspeed"]), zero_stage(now["deepspeed"])
-    if stages[0] != stages[1] and 0 in stages and was == new != torch.float32:
-        changed.append(f"ZeRO stage {stages[0]} -> {stages[1]} under {new} (stage 0 converts in fp32 only)")
+    if stages[0] != stages[1] and 0 in stages and was == new == torch.float16:
+        changed.append(f"ZeRO stage {stages[0]} -> {stages[1]} under {new} (stage 0 converts in fp32 and bf16)")
     was = global_batch(old, saved.get("world_size", now["world_size"]))
     new = global_batch(to_dict(cfg), now["world_size"])
     if moved and was != new:

@@ -37,8 +37,10 @@ def batch_losses(logps_fn, batch: dict, reference, loss_cfg: LossConfig, bco_del
 
 def precision_of(logps_fn) -> str:
     """The precision the policy computes in: its floating parameters' dtype (a DeepSpeed engine's module is
-    cast to its config's bf16/fp16; a quantized base keeps its integer storage, skipped)."""
-    dtype = next((p.dtype for p in logps_fn.parameters() if p.is_floating_point()), torch.float32)
+    cast to its config's bf16/fp16; a quantized base keeps its integer storage, skipped). fp32 for a callable
+    without parameters."""
+    params = logps_fn.parameters() if hasattr(logps_fn, "parameters") else ()
+    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
