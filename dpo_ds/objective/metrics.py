@@ -13,9 +13,10 @@ from dpo_ds.objective.loss import weighted
 # A reward margin within TIE_RELATIVE[precision] of β·(|π_w| + |π_l| + |ref_w| + |ref_l|) is a tie, not a win: the
 # four sums carry their precision's rounding, and layouts and batchings round differently, so the SFT model
 # against its own cache has margins of that size that would otherwise count as wins about half the time. Measured
-# (tiny model, |margin| / the sum over every layout, batch size 1-16 and split; tests/test_train.py holds them):
-# fp32 2^-23.9 at most, fp16 2^-16.5, bf16 2^-13.2 (bf16 against an fp32 cache; 2^-13.9 against its own): each
-# bound is 2^4 = 16 times that, or more. The coarser of the policy's and the cache's precisions decides.
+# (tiny model, |margin| / the sum, over both layouts, batch sizes 1-16 and both splits): fp32 2^-23.9 at most,
+# fp16 2^-16.5, bf16 2^-13.2 (bf16 against an fp32 cache; 2^-13.9 against its own): each bound is 2^4 = 16 times
+# that, or more (tests/test_trust.py: the SFT model scores 0 in each). The coarser precision of the policy's and
+# the cache's decides.
 TIE_RELATIVE = {"fp32": 2.0 ** -20, "fp16": 2.0 ** -12, "bf16": 2.0 ** -9}
 
 
