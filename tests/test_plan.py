@@ -129,6 +129,23 @@ def test_deepspeed_auto_takes_the_lightest_that_fits_and_a_resumed_run_keeps_its
     monkeypatch.setattr(choice, "device_budget", lambda: ("cpu", need["stage 3"] - 1))
     with pytest.raises(UserError, match=r"no configuration fits .* rows up to 300 tokens\): lower --micro_batch"):
         choice.lightest(cfg, 300)
+
+    # bf16 (a GPU's auto): where fp32 would choose otherwise, the line says so and why
+    def planned(dtype):
+        return {name: F.phase(SHAPE, F.Job(ds=ds, world=4, micro_batch=2, max_length=300, device="cuda"),
+                              "train")["total"] for name, ds in choice.candidates(choice.base_config(dtype), "cuda")}
+    bf16, fp32 = planned(torch.bfloat16), planned(torch.float32)
+    assert fp32["stage 3"] < bf16["stage 2"] < fp32["stage 2"] < fp32["stage 0"] < bf16["stage 0"]  # 7B, 4 ranks
+    monkeypatch.setattr(choice, "auto_dtype", lambda: torch.bfloat16)
+    for budget, expected, said in (
+            (fp32["stage 0"] + 1, "stage 2", "; in fp32 it would be stage 0: a bf16 stage 0 holds 20 bytes per "
+                                             "parameter"),
+            (bf16["stage 2"] + 1, "stage 2", "; in fp32 it would be stage 3: bf16 halves the weights"),
+            (10 * bf16["stage 0"], "stage 0", None)):
+        monkeypatch.setattr(choice, "device_budget", lambda b=budget: ("cuda", b))
+        name, _, line = choice.lightest(cfg, 300)
+        assert name == expected and "(4 rank(s), bf16;" in line, line
+        assert (said in line) if said else "in fp32" not in line, line
     monkeypatch.undo()
 
     saved = {"train_batch_size": 32, "zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}

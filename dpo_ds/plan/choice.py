@@ -89,15 +89,32 @@ def lightest(cfg, longest: int) -> tuple[str, dict, str]:
                                checkpointing=cfg.gradient_checkpointing, chunk=cfg.logp_chunk_size, device=device,
                                adapter=adapter)
         shape_of = lambda limit: F.Shape.of(cfg.model, limit, trust_remote_code=cfg.trust_remote_code)  # noqa: E731
-        name, ds, need = first_fit(shape_of, job, budget, base_config(auto_dtype()), device)
+        dtype = auto_dtype()
+        name, ds, need = first_fit(shape_of, job, budget, base_config(dtype), device)
         if name is None:
             raise UserError(f"--deepspeed auto: no configuration fits {budget / F.GiB:.1f} GiB per rank ("
                             f"{', '.join(f'{n} {b / F.GiB:.1f}' for n, b in need)} GiB planned, rows up to "
                             f"{longest} tokens): lower --micro_batch_size, use --sequence_parallel_size or "
                             f"--tiled_mlp, or more ranks (dpo-ds plan --search)")
-        return name, ds, (f"train: --deepspeed auto: {name} ({dist.world_size()} rank(s), {dtype_word(ds)}; "
-                          f"planned {need / F.GiB:.2f} of {budget / F.GiB:.1f} GiB per rank, the model's terms)")
+        line = (f"train: --deepspeed auto: {name} ({dist.world_size()} rank(s), {dtype_word(ds)}; planned "
+                f"{need / F.GiB:.2f} of {budget / F.GiB:.1f} GiB per rank, the model's terms)")
+        if dtype != torch.float32:
+            line += unlike_fp32(name, first_fit(shape_of, job, budget, base_config(torch.float32), device)[0])
+        return name, ds, line
     return dist.on_main(choose)
+
+
+def unlike_fp32(name: str, fp32_name: str | None) -> str:
+    """Where the same job in fp32 would run another configuration, why, in a few words (else "")."""
+    if fp32_name == name:
+        return ""
+    order = [n for n, _ in candidates({}, "cuda")]
+    if fp32_name is not None and order.index(fp32_name) < order.index(name):
+        why = ("a bf16 stage 0 holds 20 bytes per parameter (bf16 weights and gradients, fp32 masters and gradient "
+               "copies, Adam's moments), fp32's 16")
+    else:
+        why = "bf16 halves the weights, gradients and activations each rank holds"
+    return f"; in fp32 it would be {fp32_name or 'none that fits'}: {why}"
 
 
 def dtype_word(ds: dict) -> str:
