@@ -11,7 +11,7 @@ import os
 import datasets
 import pytest
 import torch
-from conftest import run_module
+from conftest import ROOT, run_module
 from independent import dpo_loss, naive_sequence_logps
 from test_elastic import back_to
 from test_train import ZERO0, train_args
@@ -126,6 +126,29 @@ def test_lora_zero3_on_two_ranks_equals_one_rank_resumes_and_exports(tiny, prepa
     ids = torch.arange(5, 45).unsqueeze(0)
     with torch.no_grad():
         torch.testing.assert_close(unmerged(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_in_bf16_trains_and_exports(tiny, prepared, bf16_cache, tmp_path):
+    """LoRA under the shipped zero3.json as it ships (bf16) on 2 ranks against the bf16 cache: step 1 at ln 2
+    within bf16's rounding of other batchings (B = 0), the loss falls, the adapter is saved in fp32 (as PEFT keeps
+    adapters beside a bf16 base) and the merged model in bf16, and both score the held-out split as the engine did
+    (evaluate --dtype bf16; 2e-4)."""
+    out = tmp_path / "run"
+    run_module("dpo_ds.train", *flags(lora_args(tiny, prepared, bf16_cache, out, merge_adapter="", save_every=0,
+                                                deepspeed=os.path.join(ROOT, "ds_configs", "zero3.json"))),
+               launcher=2)
+    rows = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"}
+    assert rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-4) and rows[6]["loss"] < rows[1]["loss"] - 1e-3
+
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(out / "final" / "adapter_model.safetensors").values()} == {torch.float32}
+    assert {t.dtype for t in load_file(out / "final" / "merged" / "model.safetensors").values()} == {torch.bfloat16}
+    final = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "eval"][-1]
+    for model_dir in (out / "final", out / "final" / "merged"):
+        scored = tmp_path / f"{model_dir.name}.json"
+        run_module("dpo_ds.evaluate", "--model", model_dir, "--data", prepared, "--ref_cache", bf16_cache,
+                   "--dtype", "bf16", "--output", scored)
+        assert json.load(open(scored))["loss"] == pytest.approx(final["loss"], abs=2e-4), model_dir.name
 
 
 def test_quantized_bases_are_refused_where_bitsandbytes_cannot_run(tiny, prepared, cache, tmp_path):

@@ -309,11 +309,12 @@ def test_margins_within_rounding_noise_are_ties():
 
 
 def test_sft_model_against_its_own_cache_ties_in_every_precision_and_layout(tiny, prepared, cache, bf16_cache,
-                                                                            capsys):
+                                                                            capsys, tmp_path):
     """The cache was written in the shared-prompt + packed layout, 8 pairs a batch; the plain layout and other
     batch sizes round otherwise (margins of ~1e-7 in fp32, ~1e-4 of the sums in bf16), which counted as wins for
     about half the pairs before ties were counted as ties at the precision's own noise. Every precision the model
-    and the cache can be in, either layout, batches of 3: accuracy 0, and the rule is said where not fp32."""
+    and the cache can be in, either layout, batches of 3, and bf16 on 2 ranks: accuracy 0, and the rule is said
+    where not fp32."""
     from dpo_ds import evaluate
 
     for ref, dtype, layout in [(ref, dtype, layout) for ref in (cache, bf16_cache) for dtype in ("fp32", "bf16")
@@ -328,6 +329,11 @@ def test_sft_model_against_its_own_cache_ties_in_every_precision_and_layout(tiny
         assert (f"rewards/accuracies: a margin within 2^-9 of beta*(|log pi_w| + |log pi_l| + |ref_w| + |ref_l|) is "
                 f"a tie, bf16's rounding (the policy runs in {dtype}, the cache holds {cached})" in said) == \
             ("bf16" in (dtype, cached))
+    out = tmp_path / "sft_bf16_two_ranks.json"  # and on 2 ranks, under ZeRO-3 inference
+    run_module("dpo_ds.evaluate", "--model", tiny[0], "--data", prepared, "--ref_cache", bf16_cache, "--dtype", "bf16",
+               "--deepspeed", os.path.join(ROOT, "ds_configs", "zero3_inference.json"), "--split", "train",
+               "--output", out, launcher=2)
+    assert json.load(open(out))["rewards/accuracies"] == 0.0
 
 
 def test_storage_without_locks_warns_and_storage_faults_are_named(tmp_path, monkeypatch, capsys):
