@@ -298,8 +298,9 @@ def test_a_bf16_run_tracks_the_fp32_run(bf16_zero3_whole, zero3_whole):
 
 def test_bf16_runs_move_between_one_and_two_ranks_and_stages(tiny, prepared, bf16_cache, bf16_zero3_whole,
                                                              tmp_path):
-    """The moves a GPU user makes, in bf16: one GPU's stage 0 (--deepspeed auto there) on to ZeRO-3 on a node,
-    and the node's ZeRO-3 back to one GPU's stage 0 or to ZeRO-2 (shipped zero2.json): back at step 8, each
+    """The moves a GPU user makes, in bf16: a run killed and rerun as it was; one GPU's stage 0 (--deepspeed auto
+    there) on to ZeRO-3 on a node, and the node's ZeRO-3 back to one GPU's stage 0 or to ZeRO-2 (shipped
+    zero2.json): back at step 8 (the rerun: 4), each
     continues the uninterrupted run's steps (1e-5; grad_norm 1e-4 where stage 0 meets ZeRO). DeepSpeed's bf16 stage-0
     optimizer keeps fp32 masters beside the bf16 weights: converted both ways by dpo_ds."""
     one = tmp_path / "stage0_one"
@@ -313,6 +314,12 @@ def test_bf16_runs_move_between_one_and_two_ranks_and_stages(tiny, prepared, bf1
     same_trajectory(one, node, 9, stages=True)
 
     whole = bf16_zero3_whole
+    again = tmp_path / "killed"  # killed after its step-4 checkpoint and rerun as it was: no conversion
+    back_to(whole, again, 4)
+    p = run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, again, deepspeed=shipped("zero3.json")),
+                   launcher=2)
+    assert "resuming at step 4" in p.stdout and "converted" not in p.stdout
+    same_trajectory(whole, again, 5)
     for name, ds, said in (("back_to_stage0", bf16_stage0(tmp_path), "stage 0 (offload: none) on 1"),
                            ("as_zero2", shipped("zero2.json"), "stage 2 (offload: none) on 1")):
         back_to(whole, tmp_path / name, 8)
