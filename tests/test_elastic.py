@@ -300,9 +300,9 @@ def test_bf16_runs_move_between_one_and_two_ranks_and_stages(tiny, prepared, bf1
                                                              tmp_path):
     """The moves a GPU user makes, in bf16: a run killed and rerun as it was; one GPU's stage 0 (--deepspeed auto
     there) on to ZeRO-3 on a node, and the node's ZeRO-3 back to one GPU's stage 0 or to ZeRO-2 (shipped
-    zero2.json): back at step 8 (the rerun: 4), each
-    continues the uninterrupted run's steps (1e-5; grad_norm 1e-4 where stage 0 meets ZeRO). DeepSpeed's bf16 stage-0
-    optimizer keeps fp32 masters beside the bf16 weights: converted both ways by dpo_ds."""
+    zero2.json): back at step 8 (the rerun: 4), each continues the uninterrupted run's steps (1e-5; grad_norm
+    1e-4 where stage 0 meets ZeRO). DeepSpeed's bf16 stage-0 optimizer keeps fp32 masters beside the bf16
+    weights: converted both ways by dpo_ds."""
     one = tmp_path / "stage0_one"
     run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, one, deepspeed=bf16_stage0(tmp_path), grad_accum=2))
     node = tmp_path / "on_to_zero3"
