@@ -198,6 +198,11 @@ def test_universal_checkpoint_files_are_read_with_weights_only(tmp_path):
     torch.save({"param": torch.ones(2), "cat_dim": 0}, path)
     with only_weights():
         assert torch.load(path, weights_only=False)["cat_dim"] == 0
+    from deepspeed.utils.tensor_fragment import fragment_address  # what DeepSpeed's bf16 optimizer saves
+
+    torch.save({"param_slice_mappings": [{"w": fragment_address(numel=3, start=0)}]}, path)
+    with only_weights():
+        assert torch.load(path, weights_only=False)["param_slice_mappings"][0]["w"].numel == 3
     assert torch.load is not None and "only_weights" not in repr(torch.load)
 
 

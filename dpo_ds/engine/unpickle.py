@@ -24,11 +24,13 @@ def only_weights():
 
 def checkpoint_types() -> list:
     """The non-tensor types DeepSpeed pickles into a checkpoint (ZeRO's optimizer states carry its stage
-    enum and loss scaler), allowed in `safe_load`."""
+    enum and loss scaler; its bf16 optimizer, ZeRO-1 with fp32 gradient accumulation, the address of each
+    parameter's fragment: two ints), allowed in `safe_load`."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def safe_load(path: str, map_location=None, loader=None):
