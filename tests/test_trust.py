@@ -317,23 +317,29 @@ def test_sft_model_against_its_own_cache_ties_in_every_precision_and_layout(tiny
                                                                             capsys, tmp_path):
     """The cache was written in the shared-prompt + packed layout, 8 pairs a batch; the plain layout and other
     batch sizes round otherwise (margins of ~1e-7 in fp32, ~1e-4 of the sums in bf16), which counted as wins for
-    about half the pairs before ties were counted as ties at the precision's own noise. Every precision the model
-    and the cache can be in, either layout, batches of 3, and bf16 on 2 ranks: accuracy 0, and the rule is said
-    where not fp32."""
+    about half the pairs before ties were counted as ties at the precision's own noise. fp32 and bf16 models
+    against fp32 and bf16 caches, fp16 against fp16, either layout, batches of 3, and bf16 on 2 ranks: accuracy 0,
+    and the rule is said where not fp32."""
     from dpo_ds import evaluate
 
+    from dpo_ds import precompute
+
+    fp16_cache = str(tmp_path / "fp16_cache")
+    precompute.run(C.PrecomputeConfig(model=tiny[0], data=prepared, output_dir=fp16_cache, batch_size=8,
+                                      shard_size=64, dtype="fp16"))
+    plain = {"share_prompt": False, "packing": False}
     for ref, dtype, layout in [(ref, dtype, layout) for ref in (cache, bf16_cache) for dtype in ("fp32", "bf16")
-                               for layout in ({}, {"share_prompt": False, "packing": False})]:
+                               for layout in ({}, plain)] + [(fp16_cache, "fp16", layout) for layout in ({}, plain)]:
         m = evaluate.run(C.EvalConfig(model=tiny[0], data=prepared, ref_cache=ref, split="train", dtype=dtype,
                                       batch_size=3, **layout))
         said = capsys.readouterr().out
         assert m["rewards/accuracies"] == 0.0 and abs(m["rewards/margins"]) < 1e-3, (ref, dtype, layout)
-        cached = "bf16" if ref == bf16_cache else "fp32"
+        cached = {bf16_cache: "bf16", fp16_cache: "fp16"}.get(ref, "fp32")
         assert ("warning: the cache holds fp32 log-probs and the model runs in bf16: reward margins within about ±"
                 in said) == ((cached, dtype) == ("fp32", "bf16"))
-        assert (f"rewards/accuracies: a margin within 2^-9 of beta*(|log pi_w| + |log pi_l| + |ref_w| + |ref_l|) is "
-                f"a tie, bf16's rounding (the policy runs in {dtype}, the cache holds {cached})" in said) == \
-            ("bf16" in (dtype, cached))
+        bound = {"bf16": "2^-9 of", "fp16": "2^-12 of"}.get(cached if cached != "fp32" else dtype)
+        assert (f"rewards/accuracies: a margin within {bound} beta*(|log pi_w| + |log pi_l| + |ref_w| + |ref_l|) is "
+                f"a tie" in said) == (bound is not None), (ref, dtype, said)
     out = tmp_path / "sft_bf16_two_ranks.json"  # and on 2 ranks, under ZeRO-3 inference
     run_module("dpo_ds.evaluate", "--model", tiny[0], "--data", prepared, "--ref_cache", bf16_cache, "--dtype", "bf16",
                "--deepspeed", os.path.join(ROOT, "ds_configs", "zero3_inference.json"), "--split", "train",
