@@ -11,6 +11,7 @@ from dpo_ds import dist
 from dpo_ds.engine.ds_config import ds_dtype, partitions_nothing, read_ds_config, train_ds_config, zero_stage
 from dpo_ds.errors import UserError
 from dpo_ds.plan import footprint as F
+from dpo_ds.pretrained.load import dtype_name
 
 AUTO = "auto"
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
@@ -118,7 +119,7 @@ def unlike_fp32(name: str, fp32_name: str | None) -> str:
 
 
 def dtype_word(ds: dict) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(ds_dtype(ds), "fp32")
+    return dtype_name(ds_dtype(ds))
 
 
 def planned_dtype(path: str, saved: dict | None) -> torch.dtype:
