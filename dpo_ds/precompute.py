@@ -16,6 +16,7 @@ import os
 import time
 
 import numpy as np
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -64,6 +65,7 @@ class Progress:
         self.tokens = self.slots = self.examples = 0
         self.non_finite: list[int] = []
         self.start = time.time()
+        self.launched = psutil.Process().create_time()  # for the start-up line after the first batch
 
     def add(self, batch: dict) -> None:
         self.tokens += batch["tokens"]
@@ -102,6 +104,8 @@ def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_
         batch = build(take(ds, rows), layout_of(logps_fn), pad_id)
         parts[n].append(compute_batch(logps_fn, batch))
         progress.add(batch)
+        if progress.examples == len(rows) and dist.is_main():  # start-up cost: verification, plan, loading
+            tqdm.write(f"precompute: first batch done {time.time() - progress.launched:.1f} s after launch")
         bar.update(len(rows))
         bar.set_postfix(tok_s=f"{progress.tokens / max(1e-9, time.time() - progress.start):.0f}")
         if sum(len(p["example_id"]) for p in parts[n]) == len(shards[n]):

@@ -5,63 +5,98 @@
     python -m dpo_ds.prepare --dataset my_prefs.jsonl --tokenizer SFT_DIR --output_dir X --on_bad_row skip
 
 Writes OUTPUT_DIR/train, OUTPUT_DIR/eval (datasets.save_to_disk) and, last, OUTPUT_DIR/prepare_report.json.
+
+Memory does not grow with the data: the input is read twice as a stream (Arrow-backed where `datasets` reads
+it). The first pass validates every row and counts the usable ones (the seeded eval split needs their number);
+the second renders, tokenizes and writes BATCH rows at a time (--dataset_num_proc processes encode batches in
+turn), each split into its own Arrow file, which becomes the split's `save_to_disk` directory once complete.
 """
 from __future__ import annotations
 
+import collections
+import multiprocessing
 import os
+from typing import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from dpo_ds import cli
 from dpo_ds import config as C
 from dpo_ds.data.encode import Encoder
-from dpo_ds.data.prepared import REPORT, SPLITS, data_fingerprint, load_tokenizer, write_prepared
-from dpo_ds.data.sources import BadRows, read_rows
+from dpo_ds.data.prepared import (
+    REPORT,
+    SPLITS,
+    SplitWriter,
+    data_fingerprint,
+    load_tokenizer,
+    write_prepared,
+)
+from dpo_ds.data.sources import BadRows, normalized_rows
 from dpo_ds.errors import DataError, UserError
 from dpo_ds.storage import owner
 from dpo_ds.storage.fingerprint import tokenizer_fingerprint
 
-
-def assign_eval(rows: list, fraction: float, seed: int) -> list:
-    """Rows without a split of their own ("train") give a seeded `fraction` of themselves to eval."""
-    if any(split == "eval" for _, split, _, _ in rows) or fraction == 0:
-        return rows
-    n_eval = max(1, round(fraction * len(rows)))
-    held_out = set(np.random.default_rng(seed).permutation(len(rows))[:n_eval].tolist())
-    return [(eid, "eval" if i in held_out else split, where, row) for i, (eid, split, where, row) in enumerate(rows)]
+BATCH = 1000  # rows encoded and written at a time
 
 
-def render_prompts(encoder: Encoder, rows: list, bad: BadRows) -> list:
-    """(example_id, split, row with `prompt_text`) for the rows whose prompt the chat template accepts."""
-    out = []
-    for eid, split, where, row in rows:
-        try:
-            out.append((eid, split, {**row, "prompt_text": encoder.render(row["prompt"], where)}))
-        except DataError as e:
-            bad.handle(e)
+def held_out(n_rows: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of `n_rows` usable rows (by position) a seeded `fraction` gives to eval (one bool per row)."""
+    out = np.zeros(n_rows, dtype=bool)
+    if fraction and n_rows:
+        out[np.random.default_rng(seed).permutation(n_rows)[:max(1, round(fraction * n_rows))]] = True
     return out
 
 
-def tokenize(encoder: Encoder, rows: list, split: str, num_proc: int):
-    import datasets
+def batches(cfg: C.PrepareConfig, to_eval: np.ndarray | None) -> Iterator[list]:
+    """[(example_id, split, where, row)] of BATCH usable rows in input order: the second pass (bad rows were
+    handled by the first and are passed over)."""
+    batch, i = [], 0
+    for eid, split, where, row in normalized_rows(cfg.dataset, cfg.data_files, None):
+        if to_eval is not None and to_eval[i]:
+            split = "eval"
+        i += 1
+        batch.append((eid, split, where, row))
+        if len(batch) == BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
-    ds = datasets.Dataset.from_dict({"example_id": [eid for eid, _, _ in rows],
-                                     **{k: [row[k] for _, _, row in rows] for k in ("prompt_text", "chosen", "rejected")}})
-    ds = ds.map(encoder.encode_batch, batched=True, num_proc=num_proc if num_proc > 1 else None,
-                remove_columns=["prompt_text", "chosen", "rejected"], desc=f"tokenize {split}")
-    return ds.cast_column("example_id", datasets.Value("int64"))
+
+_encoder: Encoder | None = None  # a worker's (forked from prepare's process, which sets it first)
 
 
-def drop_identical(ds, where: dict, max_length: int, bad: BadRows):
-    """Pairs whose sides are the same tokens once truncated (they differ only past --max_length) carry no
-    preference and would train with zero gradient: bad rows, like pairs identical as text."""
-    same = [eid for eid, flag in zip(ds["example_id"], ds["identical"]) if flag]
-    for eid in same:
-        bad.handle(DataError(where[eid], "rejected", f"identical to chosen in the first --max_length {max_length} "
-                                                     f"tokens (they differ only after the cut): no preference left"))
-    if same:
-        ds = ds.filter(lambda flags: [not f for f in flags], input_columns="identical", batched=True)
-    return ds.remove_columns("identical")
+def encode(batch: list) -> tuple[list, dict, list]:
+    """One batch -> (its rows' (example_id, split, where), the encoded columns of those the template
+    accepted, [DataError] of those it refused)."""
+    kept, errors, texts = [], [], {"prompt_text": [], "chosen": [], "rejected": []}
+    for eid, split, where, row in batch:
+        try:
+            texts["prompt_text"].append(_encoder.render(row["prompt"], where))
+        except DataError as e:
+            errors.append(e)
+            continue
+        texts["chosen"].append(row["chosen"])
+        texts["rejected"].append(row["rejected"])
+        kept.append((eid, split, where))
+    return kept, _encoder.encode_batch(texts) if kept else {}, errors
+
+
+def encoded(cfg: C.PrepareConfig, to_eval: np.ndarray | None) -> Iterator[tuple[list, dict, list]]:
+    """encode() over every batch, in order: here, or in --dataset_num_proc worker processes with at most two
+    batches a worker in flight (the input is never read far ahead of what is written)."""
+    if cfg.num_proc == 1:
+        yield from map(encode, batches(cfg, to_eval))
+        return
+    with multiprocessing.get_context("fork").Pool(cfg.num_proc) as pool:
+        pending = collections.deque()
+        for batch in batches(cfg, to_eval):
+            pending.append(pool.apply_async(encode, (batch,)))
+            if len(pending) >= 2 * cfg.num_proc:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def after_fault(out_dir: str) -> str:
@@ -77,40 +112,63 @@ def run(cfg: C.PrepareConfig) -> dict:
 
 
 def _run(cfg: C.PrepareConfig) -> dict:
+    global _encoder
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
+    _encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     bad = BadRows(skip=cfg.on_bad_row == "skip")
-    rows = assign_eval(read_rows(cfg.dataset, cfg.data_files, bad), cfg.eval_fraction, cfg.seed)
-    where = {eid: w for eid, _, w, _ in rows}
-    rows = render_prompts(encoder, rows, bad)
-    if not rows:
-        raise UserError(f"{cfg.dataset}: no usable rows ({len(bad.skipped)} skipped)")
-    splits, stats = {}, {}
-    for split in SPLITS:
-        part = [r for r in rows if r[1] == split]
-        if not part:
-            continue
-        ds = drop_identical(tokenize(encoder, part, split, cfg.num_proc), where, cfg.max_length, bad)
-        if not len(ds):
-            continue
-        stats[split] = {"prompt_truncated": int(sum(ds["prompt_truncated"])),
-                        "response_truncated": int(sum(ds["response_truncated"]))}
-        splits[split] = ds.remove_columns(["prompt_truncated", "response_truncated"])
-    if not splits:
-        raise UserError(f"{cfg.dataset}: no usable rows ({len(bad.skipped)} skipped)")
 
-    settings = {k: getattr(cfg, k) for k in ("max_length", "max_prompt_length", "eval_fraction", "seed")}
-    settings["tokenizer"] = tok_fp
-    report = write_prepared(cfg.output_dir, splits, {
-        "source": cfg.dataset, "data_files": cfg.data_files, "tokenizer": cfg.tokenizer,
-        "tokenizer_fingerprint": tok_fp, "chat_template": encoder.chat,
-        "settings": settings, "counts": {s: len(d) for s, d in splits.items()},
-        "truncated": stats, "skipped_count": len(bad.skipped), "skipped": bad.skipped[:1000],
-        "fingerprint": data_fingerprint(splits, settings),
-    })
+    usable, own_eval = 0, False  # the first pass: every row checked, the usable ones counted
+    for _, split, _, _ in tqdm(normalized_rows(cfg.dataset, cfg.data_files, bad), desc="prepare: read",
+                               unit=" rows", mininterval=2.0):
+        usable += 1
+        own_eval |= split == "eval"
+    if not usable:
+        raise UserError(f"{cfg.dataset}: no usable rows ({bad.count} skipped)")
+    to_eval = None if own_eval or not cfg.eval_fraction else held_out(usable, cfg.eval_fraction, cfg.seed)
+
+    writers = {split: SplitWriter(cfg.output_dir, split) for split in SPLITS}
+    try:
+        stats = {split: {"prompt_truncated": 0, "response_truncated": 0} for split in SPLITS}
+        bar = tqdm(total=usable, desc="prepare: tokenize", unit=" rows", mininterval=2.0)
+        for kept, columns, errors in encoded(cfg, to_eval):
+            for e in errors:
+                bad.handle(e)
+            rows = {split: [] for split in SPLITS}
+            for i, (eid, split, where) in enumerate(kept):
+                if columns["identical"][i]:  # the sides differ only past --max_length: no preference left
+                    bad.handle(DataError(where, "rejected", f"identical to chosen in the first --max_length "
+                                                            f"{cfg.max_length} tokens (they differ only after "
+                                                            f"the cut): no preference left"))
+                    continue
+                rows[split].append(i)
+                stats[split]["prompt_truncated"] += bool(columns["prompt_truncated"][i])
+                stats[split]["response_truncated"] += bool(columns["response_truncated"][i])
+            for split, picked in rows.items():
+                if picked:
+                    writers[split].write([kept[i][0] for i in picked], columns, picked)
+            bar.update(len(kept) + len(errors))
+        bar.close()
+        splits = {split: w.close() for split, w in writers.items()}
+        splits = {split: ds for split, ds in splits.items() if ds is not None}
+        if not splits:
+            raise UserError(f"{cfg.dataset}: no usable rows ({bad.count} skipped)")
+        stats = {split: stats[split] for split in splits}
+
+        settings = {k: getattr(cfg, k) for k in ("max_length", "max_prompt_length", "eval_fraction", "seed")}
+        settings["tokenizer"] = tok_fp
+        report = write_prepared(cfg.output_dir, splits, {
+            "source": cfg.dataset, "data_files": cfg.data_files, "tokenizer": cfg.tokenizer,
+            "tokenizer_fingerprint": tok_fp, "chat_template": _encoder.chat,
+            "settings": settings, "counts": {s: len(d) for s, d in splits.items()},
+            "truncated": stats, "skipped_count": bad.count, "skipped": bad.skipped,
+            "fingerprint": data_fingerprint(splits, settings),
+        })
+    finally:
+        for w in writers.values():
+            w.discard()
     print(f"prepared {report['counts']} from {cfg.dataset} -> {cfg.output_dir} "
-          f"(skipped {len(bad.skipped)}, truncated {stats})")
+          f"(skipped {bad.count}, truncated {stats})")
     return report
 
 

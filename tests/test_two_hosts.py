@@ -19,8 +19,11 @@ from dpo_ds import cache as R
 from dpo_ds.report.log import read_metrics
 
 HARNESS = os.path.join(ROOT, "scripts", "two_hosts.sh")
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                                reason="two network hosts need root and `ip` (network namespaces)")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                                 reason="two network hosts need root and `ip` (network namespaces)"),
+              # one worker, early: they take turns anyway (below), and three workers that reached them last
+              # waited on each other's lock at the suite's end (~150 s of a 1,090 s run)
+              pytest.mark.xdist_group("two_hosts")]
 
 
 @pytest.fixture(autouse=True)

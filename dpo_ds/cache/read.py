@@ -171,7 +171,8 @@ def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) 
         parts.append(table)
     table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()  # (a format-1 split is never empty)
     cached = table.column("example_id").to_numpy()
-    want = np.asarray(prepared["example_id"], dtype=np.int64)
+    want = prepared.data.column("example_id").to_numpy() if prepared._indices is None else \
+        np.asarray(prepared["example_id"], dtype=np.int64)  # (a number per pair, without a Python int each)
     uniq, counts = np.unique(cached, return_counts=True)
     if (counts > 1).any():
         raise CacheError(f"{cache_dir}/{split}: example_ids cached more than once: {uniq[counts > 1][:10].tolist()}")

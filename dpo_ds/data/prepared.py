@@ -25,6 +25,51 @@ ID_COLUMNS = ("example_id", "chosen_input_ids", "chosen_labels", "rejected_input
 REPORT = "prepare_report.json"
 
 
+class SplitWriter:
+    """One split's rows streamed, batch by batch, into an Arrow file beside the prepared data
+    (OUTPUT_DIR/.prepare-SPLIT.arrow, the same columns and types `save_to_disk` writes), opened memory-mapped as a
+    datasets.Dataset once complete: write_prepared copies it into place; `discard` removes it."""
+
+    def __init__(self, out_dir: str, split: str):
+        self.path = os.path.join(out_dir, f".prepare-{split}.arrow")
+        self.sink = self.writer = None
+
+    def write(self, example_ids: list, columns: dict, picked: list) -> None:
+        """Rows `picked` of the encoded `columns` (lists per column), with their example_ids."""
+        import pyarrow as pa
+
+        if self.writer is None:
+            self.sink = pa.OSFile(self.path, "wb")
+            self.writer = pa.ipc.new_stream(self.sink, split_schema())
+        batch = {"example_id": example_ids, **{c: [columns[c][i] for i in picked] for c in ID_COLUMNS[1:]}}
+        self.writer.write_batch(pa.RecordBatch.from_pydict(batch, schema=split_schema()))
+
+    def close(self):
+        """The split as a datasets.Dataset (memory-mapped), or None when no row was written."""
+        import datasets
+
+        if self.writer is None:
+            return None
+        self.writer.close()
+        self.sink.close()
+        self.writer = None
+        return datasets.Dataset.from_file(self.path)
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.sink.close()
+            self.writer = None
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def split_schema():
+    import pyarrow as pa
+
+    return pa.schema([("example_id", pa.int64()), *((c, pa.list_(pa.int64())) for c in ID_COLUMNS[1:])])
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

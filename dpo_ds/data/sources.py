@@ -1,7 +1,8 @@
 """Load preference data from the named hub datasets or local files and normalise every row to
 `{"prompt": [messages], "chosen": str, "rejected": str}`.
 
-A bad row raises `DataError` naming file, row (or line) and field; `read_rows` can instead collect it.
+A bad row raises `DataError` naming file, row (or line) and field; `normalized_rows` can instead collect it.
+Rows are streamed: nothing here holds the whole input.
 Hub loading is plain `datasets.load_dataset`; `--data_files` reads local copies in the hub's format.
 """
 from __future__ import annotations
@@ -183,26 +184,31 @@ def split_of_file(spec: str, source: Source) -> tuple[str, str]:
 
 
 def read_json_lines(path: str) -> Iterator[tuple[str, object]]:
-    """(where, row) for a .jsonl or .json file, where = 'file line N'; unparseable lines yield a DataError."""
+    """(where, row) for a .jsonl or .json file, where = 'file line N'; unparseable lines yield a DataError.
+    Line by line (a JSON array is one document: it is read whole)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith((".json", ".json.gz")) and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield f"{path} line {e.lineno}", DataError(f"{path} line {e.lineno}", None, f"not valid JSON ({e.msg})")
-            return
-        for i, row in enumerate(rows):
-            yield f"{path} row {i + 1}", row
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path} line {n}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path} line {n}", DataError(f"{path} line {n}", None, f"not valid JSON ({e.msg})")
+        if path.endswith((".json", ".json.gz")):
+            head = f.read(4096)
+            if head.lstrip().startswith("["):
+                text = head + f.read()
+                try:
+                    rows = json.loads(text)
+                except json.JSONDecodeError as e:
+                    yield f"{path} line {e.lineno}", DataError(f"{path} line {e.lineno}", None,
+                                                               f"not valid JSON ({e.msg})")
+                    return
+                for i, row in enumerate(rows):
+                    yield f"{path} row {i + 1}", row
+                return
+            f.seek(0)
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path} line {n}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path} line {n}", DataError(f"{path} line {n}", None, f"not valid JSON ({e.msg})")
 
 
 def load_file(path: str) -> Iterator[tuple[str, object]]:
@@ -259,29 +265,36 @@ def iter_raw(dataset: str, data_files: list | None) -> Iterator[tuple[str, str, 
 
 
 class BadRows:
-    """What to do with a bad row: stop with its error (the default), or skip it and remember why."""
+    """What to do with a bad row: stop with its error (the default), or skip it, count it and remember why (the
+    first KEPT of them: a report of a million bad rows would hold a million entries)."""
+
+    KEPT = 1000
 
     def __init__(self, skip: bool):
-        self.skip, self.skipped = skip, []
+        self.skip, self.skipped, self.count = skip, [], 0
 
     def handle(self, e: DataError) -> None:
         if not self.skip:
             raise DataError(e.where, e.field, e.reason + " (rerun with --on_bad_row skip to skip such "
                                                          "rows and list them in the report)") from None
-        self.skipped.append({"where": e.where, "field": e.field, "reason": e.reason})
+        self.count += 1
+        if len(self.skipped) < self.KEPT:
+            self.skipped.append({"where": e.where, "field": e.field, "reason": e.reason})
 
 
-def read_rows(dataset: str, data_files: list | None, bad: BadRows) -> list:
-    """Normalised rows as (example_id, split, where, row); bad rows go to `bad`."""
+def normalized_rows(dataset: str, data_files: list | None, bad: BadRows | None) -> Iterator[tuple[int, str, str, dict]]:
+    """(example_id, split, where, normalised row) of each usable row, streamed in input order (the position
+    in the input is the example_id); a bad row goes to `bad` (None: passed over, as a second pass does)."""
     normalize = resolve_source(dataset).normalize
-    rows = []
     for example_id, (split, where, raw) in enumerate(iter_raw(dataset, data_files)):
         try:
             if isinstance(raw, DataError):
                 raise raw
             if not isinstance(raw, dict):
                 raise DataError(where, None, f"expected a JSON object, got {type(raw).__name__}")
-            rows.append((example_id, split, where, normalize(raw, where)))
+            row = normalize(raw, where)
         except DataError as e:
-            bad.handle(e)
-    return rows
+            if bad is not None:
+                bad.handle(e)
+            continue
+        yield example_id, split, where, row

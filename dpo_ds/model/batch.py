@@ -24,25 +24,41 @@ from dpo_ds.data.encode import IGNORE
 from dpo_ds.model.layout import Layout
 
 
+def _in_view(ds, per_row: np.ndarray) -> np.ndarray:
+    """Values for each row of `ds`'s table -> for each row of `ds` (a selected view picks its rows)."""
+    return per_row if ds._indices is None else per_row[ds._indices.column(0).to_numpy()]
+
+
+def side_lengths(ds) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of each pair's chosen and of its rejected sequence, from Arrow's list offsets: no token is read."""
+    import pyarrow.compute as pc
+
+    return tuple(_in_view(ds, pc.list_value_length(ds.data.column(f"{side}_input_ids")).to_numpy().astype(np.int64))
+                 for side in ("chosen", "rejected"))
+
+
+def prompt_lengths(ds, side: str = "chosen", rows_at_once: int = 4096) -> np.ndarray:
+    """Prompt tokens of each pair (the -100 labels of its `side`), counted `rows_at_once` rows at a time: the
+    labels are read (memory-mapped) but never held for the whole split."""
+    import pyarrow.compute as pc
+
+    counts = []
+    for chunk in ds.data.column(f"{side}_labels").chunks:
+        for start in range(0, len(chunk), rows_at_once):
+            part = chunk.slice(start, rows_at_once)
+            ignored = pc.list_parent_indices(part).to_numpy()[pc.list_flatten(part).to_numpy() == IGNORE]
+            counts.append(np.bincount(ignored, minlength=len(part)))
+    return _in_view(ds, np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64))
+
+
 def pair_lengths(ds) -> np.ndarray:
     """Padded length of each pair: max(len(chosen), len(rejected))."""
-    chosen, rejected = (np.fromiter((len(x) for x in ds[f"{side}_input_ids"]), dtype=np.int64, count=len(ds))
-                        for side in ("chosen", "rejected"))
-    return np.maximum(chosen, rejected)
+    return np.maximum(*side_lengths(ds))
 
 
 def longest_row(ds) -> int:
-    """The longest chosen or rejected sequence of `ds` in tokens (Arrow's list lengths, chunk by chunk: no copy
-    of the token columns)."""
-    import pyarrow.compute as pc
-
-    best = 0
-    for side in ("chosen", "rejected"):
-        lengths = pc.list_value_length(ds.data.column(f"{side}_input_ids"))
-        if ds._indices is not None:  # a selected view: its rows of the table
-            lengths = lengths.take(ds._indices.column(0))
-        best = max(best, pc.max(lengths).as_py() or 0)
-    return int(best)
+    """The longest chosen or rejected sequence of `ds` in tokens."""
+    return int(max(side.max(initial=0) for side in side_lengths(ds)))
 
 
 def pad_and_eos(tokenizer) -> tuple[int, int]:
@@ -138,20 +154,12 @@ def segments(row: dict, i: int, B: int, share_prompt: bool) -> list[_Segment]:
 
 def lengths(ds, layout: Layout) -> np.ndarray:
     """Tokens each pair of `ds` puts in a row in `layout`, the key that groups similar pairs into a batch:
-    the longer side in the plain layout, prompt + both responses when the prompt is shared (the prompt is
-    the leading -100 labels; read from Arrow, not row by row)."""
-
+    the longer side in the plain layout, prompt + both responses when the prompt is shared (a few numbers per
+    pair: see side_lengths and prompt_lengths)."""
     if not layout.share_prompt:
         return pair_lengths(ds)
-    if ds._indices is not None:  # a selected/shuffled view: its table is not in row order (in memory: never
-        ds = ds.flatten_indices(keep_in_memory=True)  # a cache file inside a prepared split)
-    labels = ds.data.column("chosen_labels").combine_chunks()
-    offsets = labels.offsets.to_numpy()  # into labels.values
-    ignored = np.concatenate([[0], np.cumsum(labels.values.to_numpy() == IGNORE)])
-    prompt = ignored[offsets[1:]] - ignored[offsets[:-1]]
-    sides = [np.diff(ds.data.column(f"{side}_input_ids").combine_chunks().offsets.to_numpy())
-             for side in ("chosen", "rejected")]
-    return sides[0] + sides[1] - prompt
+    chosen, rejected = side_lengths(ds)
+    return chosen + rejected - prompt_lengths(ds)
 
 
 def _rows(segs: list[_Segment], layout: Layout) -> list[list[_Segment]]:
