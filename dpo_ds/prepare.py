@@ -9,7 +9,8 @@ Writes OUTPUT_DIR/train, OUTPUT_DIR/eval (datasets.save_to_disk) and, last, OUTP
 Memory does not grow with the data: the input is read twice as a stream (Arrow-backed where `datasets` reads
 it). The first pass validates every row and counts the usable ones (the seeded eval split needs their number);
 the second renders, tokenizes and writes BATCH rows at a time (--dataset_num_proc processes encode batches in
-turn), each split into its own Arrow file, which becomes the split's `save_to_disk` directory once complete.
+turn), each split into its own Arrow stream file, hashed as it is read back and then moved into place as the
+split's `save_to_disk` directory (dpo_ds.data.prepared).
 """
 from __future__ import annotations
 
@@ -149,8 +150,7 @@ def _run(cfg: C.PrepareConfig) -> dict:
                     writers[split].write([kept[i][0] for i in picked], columns, picked)
             bar.update(len(kept) + len(errors))
         bar.close()
-        splits = {split: w.close() for split, w in writers.items()}
-        splits = {split: ds for split, ds in splits.items() if ds is not None}
+        splits = {split: w for split, w in writers.items() if w.close()}
         if not splits:
             raise UserError(f"{cfg.dataset}: no usable rows ({bad.count} skipped)")
         stats = {split: stats[split] for split in splits}
@@ -160,9 +160,9 @@ def _run(cfg: C.PrepareConfig) -> dict:
         report = write_prepared(cfg.output_dir, splits, {
             "source": cfg.dataset, "data_files": cfg.data_files, "tokenizer": cfg.tokenizer,
             "tokenizer_fingerprint": tok_fp, "chat_template": _encoder.chat,
-            "settings": settings, "counts": {s: len(d) for s, d in splits.items()},
+            "settings": settings, "counts": {s: w.rows for s, w in splits.items()},
             "truncated": stats, "skipped_count": bad.count, "skipped": bad.skipped,
-            "fingerprint": data_fingerprint(splits, settings),
+            "fingerprint": data_fingerprint({s: w.batches() for s, w in splits.items()}, settings),
         })
     finally:
         for w in writers.values():

@@ -66,6 +66,8 @@ def test_hh_rlhf_script_layout_and_boundaries(tiny, tmp_path):
     ds = datasets.load_from_disk(str(out / "train"))
     assert {"example_id", "chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"} <= set(ds.column_names)
     assert ds.features["example_id"].dtype == "int64"
+    for side in ("chosen", "rejected"):  # the length functions' column: each side's -100 labels
+        assert ds["prompt_length"] == [sum(x == IGNORE for x in labels) for labels in ds[f"{side}_labels"]]
     for (prompt, chosen, rejected), (q, a, b) in zip(decoded_pairs(tok, str(out / "train")), HH):
         assert chosen == a + tok.eos_token and rejected == b + tok.eos_token
         want = tok.apply_chat_template([{"role": "user", "content": "Hello"},

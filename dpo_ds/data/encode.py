@@ -72,12 +72,13 @@ class Encoder:
     def encode_batch(self, batch: dict) -> dict:
         prompts = [self.prompt_prefix + ids for ids in self.ids(batch["prompt_text"], special=False)]
         out = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
-                               "prompt_truncated", "response_truncated", "identical")}
+                               "prompt_length", "prompt_truncated", "response_truncated", "identical")}
         responses = {side: self.ids([self.response_text(r) for r in batch[side]], special=False)
                      for side in ("chosen", "rejected")}
         for i, prompt in enumerate(prompts):
             out["prompt_truncated"].append(len(prompt) > self.max_prompt_length)
             prompt = prompt[-self.max_prompt_length:]  # keep the end: it holds the question being answered
+            out["prompt_length"].append(len(prompt))
             budget = self.max_length - len(prompt)
             cut = False
             for side in ("chosen", "rejected"):

@@ -38,10 +38,13 @@ def side_lengths(ds) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prompt_lengths(ds, side: str = "chosen", rows_at_once: int = 4096) -> np.ndarray:
-    """Prompt tokens of each pair (the -100 labels of its `side`), counted `rows_at_once` rows at a time: the
-    labels are read (memory-mapped) but never held for the whole split."""
+    """Prompt tokens of each pair: the `prompt_length` column prepare writes (both sides share the prompt), or
+    for data prepared before it, the -100 labels of `side` counted `rows_at_once` rows at a time (the labels
+    are read, never held for the whole split)."""
     import pyarrow.compute as pc
 
+    if "prompt_length" in ds.data.column_names:
+        return _in_view(ds, ds.data.column("prompt_length").to_numpy().astype(np.int64))
     counts = []
     for chunk in ds.data.column(f"{side}_labels").chunks:
         for start in range(0, len(chunk), rows_at_once):

@@ -35,7 +35,8 @@ TMP = r"(\.tmp\d*)?"  # files.atomic_write's temporary names, left by a crash mi
 
 # what each kind of output directory may hold: entry names (regular expressions) of its top level
 OWN = {
-    "prepared data": (r"train", r"eval", rf"prepare_report\.json{TMP}"),
+    "prepared data": (r"train", r"eval", rf"prepare_report\.json{TMP}",
+                      r"\.prepare-(train|eval)\.arrow"),  # a split being written (prepare), left by a kill
     "reference cache": (r"train", r"eval", rf"manifest\.json{TMP}", rf"plan\.json{TMP}"),
     "training run": (rf"config\.json{TMP}", rf"metrics\.jsonl{TMP}", r"checkpoints", r"final", r"final\.(tmp|old)",
                      r"tensorboard", r"report\.png", rf"trackers\.json{TMP}", r"wandb", r"mlruns"),
