@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from dpo_ds import cache, dist, engine, slurm
+from dpo_ds.cache import reuse
 from dpo_ds.cli import main_guard, on_fault, parse
 from dpo_ds.config import PrecomputeConfig
 from dpo_ds.data.prepared import load_split, read_report, verify_files
@@ -47,14 +48,19 @@ def batches_of(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def compute_batch(logps_fn, batch: dict) -> dict:
-    """One collated batch -> its shard columns (cache.SCHEMA): chosen and rejected in one forward."""
+def compute_batch(logps_fn, batch: dict, rows: list | None = None) -> dict:
+    """One collated batch of prepared `rows` -> its shard columns (cache.SCHEMA): chosen and rejected in one
+    forward, each row keyed by its tokens (none for the dummy batch, whose values are not kept)."""
     p = pair_logps(logps_fn, batch)
     values = {"example_id": batch["example_id"]}
     for side, logps in zip(("chosen", "rejected"), p):
         values.update({f"ref_{side}_logps": logps.logps, f"ref_{side}_shared_logps": logps.shared_logps,
                        f"{side}_tokens": logps.tokens})
-    return {name: values[name].cpu().numpy() for name in cache.SCHEMA.names}
+    out = {name: values[name].cpu().numpy() for name in cache.SCHEMA.names if name in values}
+    if rows is not None:
+        out["pair_key"] = np.asarray([reuse.pair_key(r) for r in rows], dtype=object)
+        out["source"] = np.zeros(len(rows), dtype=np.int8)  # computed here
+    return out
 
 
 class Progress:
@@ -62,7 +68,7 @@ class Progress:
     not finite (their shards are not written)."""
 
     def __init__(self):
-        self.tokens = self.slots = self.examples = 0
+        self.tokens = self.slots = self.examples = self.reused = 0
         self.non_finite: list[int] = []
         self.start = time.time()
         self.launched = psutil.Process().create_time()  # for the start-up line after the first batch
@@ -74,21 +80,43 @@ class Progress:
 
 
 def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_id: int, progress: Progress,
-              stop: StopSignals) -> int:
-    """Compute and write this rank's missing shards of one split; returns the split's shard count. Every rank
-    goes through as many batches (dist.even: under ZeRO-3 each forward is collective; otherwise a rank out of work
-    waits) and agrees on `stop` before each: a stop signal ends the split there, every rank at the same batch, the
-    shard in flight discarded."""
+              stop: StopSignals, held: reuse.Reuse | None = None) -> int:
+    """Compute and write this rank's missing shards of one split; returns the split's shard count. Pairs that
+    `held` (--reuse) holds are copied, not computed. Every rank goes through as many batches (dist.even: under
+    ZeRO-3 each forward is collective; otherwise a rank out of work waits) and agrees on `stop` before each: a stop
+    signal ends the split there, every rank at the same batch, the shard in flight discarded."""
     cache_dir = cfg.output_dir
     shards = shard_plan(ds, cfg.shard_size)
     done = dist.on_main(lambda: cache.complete_shards(cache_dir, split))  # one rank hashes what is on disk
     mine = [n for n in range(len(shards)) if n % dist.dp_size() == dist.dp_rank() and n not in done]
+    todo, found = {n: shards[n] for n in mine}, {}
+    for n in mine if held is not None else ():
+        keys, ids = reuse.pair_keys(ds, shards[n])
+        hit, columns = held.find(keys)
+        if hit.any():
+            found[n] = {"example_id": ids[hit], **columns,
+                        "pair_key": np.asarray([k for k, h in zip(keys, hit) if h], dtype=object)}
+            todo[n] = shards[n][~hit]
+            progress.reused += int(hit.sum())
     size = lengths(ds, layout_of(logps_fn))  # within a shard, batches group pairs of similar row length
     work = [(n, rows) for n in mine
-            for rows in batches_of(shards[n][np.argsort(-size[shards[n]], kind="stable")], cfg.batch_size)]
-    bar = tqdm(total=sum(len(shards[n]) for n in mine), desc=f"precompute {split} (rank 0)", unit="ex",
+            for rows in batches_of(todo[n][np.argsort(-size[todo[n]], kind="stable")], cfg.batch_size)]
+    bar = tqdm(total=sum(len(todo[n]) for n in mine), desc=f"precompute {split} (rank 0)", unit="ex",
                disable=not dist.is_main(), mininterval=2.0)
     parts, collective = {}, is_collective(logps_fn)
+
+    def open_shard(n: int) -> None:
+        if dist.sp_rank() == 0:  # e.g. renamed but unrecorded when the last run died
+            cache.remove_partial_shard(cache_dir, split, n)
+        parts[n] = [found.pop(n)] if n in found else []
+
+    def save_when_complete(n: int) -> None:
+        if sum(len(p["example_id"]) for p in parts[n]) == len(shards[n]):
+            progress.non_finite += save_shard(cache_dir, split, n, parts.pop(n))
+
+    for n in [n for n in mine if not len(todo[n])]:  # every pair reused: written at once
+        open_shard(n)
+        save_when_complete(n)
     for item in dist.even(work, True):
         if stop.check():
             break
@@ -98,18 +126,16 @@ def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_
             continue
         n, rows = item
         if n not in parts:
-            if dist.sp_rank() == 0:  # e.g. renamed but unrecorded when the last run died
-                cache.remove_partial_shard(cache_dir, split, n)
-            parts[n] = []
-        batch = build(take(ds, rows), layout_of(logps_fn), pad_id)
-        parts[n].append(compute_batch(logps_fn, batch))
+            open_shard(n)
+        pairs = take(ds, rows)
+        batch = build(pairs, layout_of(logps_fn), pad_id)
+        parts[n].append(compute_batch(logps_fn, batch, pairs))
         progress.add(batch)
         if progress.examples == len(rows) and dist.is_main():  # start-up cost: verification, plan, loading
             tqdm.write(f"precompute: first batch done {time.time() - progress.launched:.1f} s after launch")
         bar.update(len(rows))
         bar.set_postfix(tok_s=f"{progress.tokens / max(1e-9, time.time() - progress.start):.0f}")
-        if sum(len(p["example_id"]) for p in parts[n]) == len(shards[n]):
-            progress.non_finite += save_shard(cache_dir, split, n, parts.pop(n))
+        save_when_complete(n)
     bar.close()
     return len(shards)
 
@@ -193,16 +219,21 @@ def _run(cfg: PrecomputeConfig, stop: StopSignals) -> dict | None:
                     f"recomputing exactly those")
         dist.on_main(lambda: cache.reopen(cfg.output_dir, bad))
         state = "resume"
+    sources = dist.on_main(lambda: [reuse.check_source(d, fp) for d in cfg.reuse or ()])  # hashes their shards
     if state == "resume":
-        planned = read_json(os.path.join(cfg.output_dir, cache.PLAN))["shard_size"]
-        if planned != cfg.shard_size:
-            raise UserError(f"{cfg.output_dir} was started with --shard_size {planned}; resume it with the same "
-                            f"value (its complete shards hold those examples)")
+        plan = read_json(os.path.join(cfg.output_dir, cache.PLAN))
+        if plan["shard_size"] != cfg.shard_size:
+            raise UserError(f"{cfg.output_dir} was started with --shard_size {plan['shard_size']}; resume it with "
+                            f"the same value (its complete shards hold those examples)")
+        if plan.get("reuse", []) != [e["cache"] for e in sources]:  # shards name their source by its place
+            raise UserError(f"{cfg.output_dir} was started with --reuse {' '.join(plan.get('reuse', [])) or '(none)'}"
+                            f"; resume it with the same caches, in that order")
     datasets_ = dist.on_every_rank(lambda: {s: load_split(cfg.data, s) for s in splits})  # before any write
     if dist.is_main():
         cache.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
-                                                  "split_names": splits})
+                                                  "split_names": splits, "reuse": [e["cache"] for e in sources]})
     dist.barrier()
+    held = reuse.load(sources)
     dist.print0(f"precompute: {'resuming' if state == 'resume' else 'starting'} {cfg.output_dir} "
                 f"({', '.join(splits)}; {dist.describe()}, {dtype}, "
                 f"{'ZeRO-3 ' + cfg.deepspeed if cfg.deepspeed else 'full copy per rank'})")
@@ -212,7 +243,7 @@ def _run(cfg: PrecomputeConfig, stop: StopSignals) -> dict | None:
     progress, n_shards = Progress(), {}
     with stop.deferred():
         for s in splits:
-            n_shards[s] = run_split(logps_fn, cfg, s, datasets_[s], *pad_and_eos(tokenizer), progress, stop)
+            n_shards[s] = run_split(logps_fn, cfg, s, datasets_[s], *pad_and_eos(tokenizer), progress, stop, held)
             if stop.agreed:
                 stop.ignore()
                 check_finite(progress)  # (collective: what the stopped run wrote is finite, as always)
@@ -220,7 +251,10 @@ def _run(cfg: PrecomputeConfig, stop: StopSignals) -> dict | None:
                                 f"{dist.on_main(slurm.requeue)}")
     check_finite(progress)
     run_stats = summarise(progress, state == "resume")  # collective; every shard is in place after it
-    manifest = dist.on_main(lambda: cache.write_manifest(cfg.output_dir, fp, n_shards, run_stats))
+    manifest = dist.on_main(lambda: cache.write_manifest(cfg.output_dir, fp, n_shards, run_stats,
+                                                         reuse.counted(cfg.output_dir, n_shards, sources)))
+    if sources:
+        dist.print0(f"precompute: {reuse.describe(manifest)}")
     dist.print0(f"precompute: wrote {cfg.output_dir}/manifest.json: "
                 f"{ {s: e['rows'] for s, e in manifest['splits'].items()} } examples, "
                 f"{run_stats['tokens_per_s']:.0f} tokens/s, padding {100 * run_stats['padding_fraction']:.1f}%; "
@@ -230,10 +264,11 @@ def _run(cfg: PrecomputeConfig, stop: StopSignals) -> dict | None:
 
 def summarise(progress: Progress, resumed: bool) -> dict:
     """The run's throughput over every rank (collective), for the manifest."""
-    tokens, slots, examples = dist.all_reduce_data([progress.tokens, progress.slots, progress.examples]).tolist()
+    tokens, slots, examples, reused = dist.all_reduce_data([progress.tokens, progress.slots, progress.examples,
+                                                            progress.reused]).tolist()
     elapsed = float(dist.all_reduce([time.time() - progress.start], op="max")[0])
     return {"world_size": dist.world_size(), "sequence_parallel_size": dist.sp_size(), "seconds": elapsed,
-            "examples": int(examples), "tokens": int(tokens), "slots": int(slots),
+            "examples": int(examples), "reused": int(reused), "tokens": int(tokens), "slots": int(slots),
             "tokens_per_s": tokens / max(elapsed, 1e-9), "examples_per_s": examples / max(elapsed, 1e-9),
             "padding_fraction": 1 - tokens / slots if slots else 0.0, "resumed": resumed, "memory": memory.per_rank()}
 

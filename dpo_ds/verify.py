@@ -1,5 +1,6 @@
 """Verify a reference cache: manifest, hashes, coverage and fingerprint against the prepared data (and the
-model, when given); print a summary.
+model, when given), and (format 3) every row's pair key against its prepared tokens; print a summary, with where
+the values came from when some were reused.
 
     dpo-ds verify CACHE_DIR --data PREPARED_DIR [--model SFT_DIR] [--trust_remote_code]
     python -m dpo_ds.verify ...
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from dpo_ds.cache import open_cache, summary
+from dpo_ds.cache.reuse import check_keys
 from dpo_ds.cli import main_guard
 
 
@@ -23,7 +25,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> str:
-    return summary(open_cache(args.cache_dir, args.data, args.model, trust_remote_code=args.trust_remote_code))
+    verified = open_cache(args.cache_dir, args.data, args.model, trust_remote_code=args.trust_remote_code)
+    return summary(verified) + "\n  " + check_keys(verified)
 
 
 def main(argv=None) -> None:

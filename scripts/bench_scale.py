@@ -9,7 +9,8 @@ sequence, no download), then, each phase as a user runs it (`python -m ...`, a f
   train         start-up: launch to the first optimizer step done (train's line), peak memory until then.
 train reads a cache with placeholder values written here through dpo_ds.cache for the whole split (computing a
 200k-pair reference takes hours on this CPU; the start-up reads the cache's manifest, shards and example_ids,
-never its values). Peak memory is sampled every 50 ms over the process tree (psutil), resident set size.
+never its values). Peak memory is sampled every 50 ms over the process tree: resident set size (psutil) and, in
+brackets, its anonymous part (/proc: RssAnon), which leaves out the pages of files read through a memory map.
 Prints a Markdown table, writes OUT/bench_scale.json and .md.
 """
 from __future__ import annotations
@@ -64,10 +65,12 @@ class Watch:
             lines.append(buf.decode(errors="replace"))
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        proc, seen = psutil.Process(p.pid), 0
+        proc, seen, anon = psutil.Process(p.pid), 0, 0
         while p.poll() is None and time.time() - t0 < timeout:
             try:
-                peak = max(peak, sum(q.memory_info().rss for q in [proc, *proc.children(recursive=True)]))
+                tree = [proc, *proc.children(recursive=True)]
+                peak = max(peak, sum(q.memory_info().rss for q in tree))
+                anon = max(anon, sum(rss_anon(q.pid) for q in tree))
             except psutil.Error:
                 pass
             if until:
@@ -83,7 +86,7 @@ class Watch:
                     q.kill()
         p.wait()
         reader.join(5)
-        self.rc, self.peak, self.lines = p.returncode, peak, lines
+        self.rc, self.peak, self.anon, self.lines = p.returncode, peak, anon, lines
         if until and not self.matched:
             self.matched = next((x for x in lines if re.search(until, x)), None)
         if (until and not self.matched) or (not until and self.rc):
@@ -91,8 +94,19 @@ class Watch:
                                f"{until or 'success'}: {' | '.join(lines[-8:])}")
 
 
+def rss_anon(pid: int) -> int:
+    """Resident anonymous memory (the heap: what a memory limit takes first), without the resident pages of
+    memory-mapped files (page cache the kernel reclaims: Arrow files read through a map count in RSS)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def placeholder_cache(model: str, data: str, out: str) -> None:
-    """A complete cache of `data` for `model` in fp32 with zero values, through dpo_ds.cache's own writer."""
+    """A complete cache of `data` for `model` in fp32 with zero values (and each row's example_id for its key),
+    through dpo_ds.cache's own writer."""
     import numpy as np
 
     from dpo_ds import cache
@@ -116,7 +130,9 @@ def placeholder_cache(model: str, data: str, out: str) -> None:
             zeros = np.zeros(len(ids[rows]), dtype=np.float32)
             cache.write_shard(out, split, 0, n, {"example_id": ids[rows], **{c: zeros for c in cache.REFERENCE_COLUMNS},
                                                  "chosen_tokens": tokens[0][rows].astype(np.int32),
-                                                 "rejected_tokens": tokens[1][rows].astype(np.int32)})
+                                                 "rejected_tokens": tokens[1][rows].astype(np.int32),
+                                                 "pair_key": [int(i).to_bytes(16, "little") for i in ids[rows]],
+                                                 "source": np.zeros(len(zeros), dtype=np.int8)})
             n_shards[split] = n + 1
     cache.write_manifest(out, fp, n_shards, {"placeholder": True})
 
@@ -157,17 +173,22 @@ def main() -> None:
                        os.path.join(w, "train"), "--max_steps", 1, "--micro_batch_size", 2, "--grad_accum", 1,
                        "--eval_every", 0, "--save_every", 0, "--report_to", "none"], until=r"first step done")
         row = {"pairs": n, "prepared_bytes": tokens,
-               "prepare": {"seconds": prep.seconds, "pairs_per_s": n / prep.seconds, "peak_rss_bytes": prep.peak},
-               "precompute_startup": {"seconds": pre.seconds, "peak_rss_bytes": pre.peak, "line": pre.matched},
-               "train_startup": {"seconds": train.seconds, "peak_rss_bytes": train.peak, "line": train.matched}}
+               "prepare": {"seconds": prep.seconds, "pairs_per_s": n / prep.seconds, "peak_rss_bytes": prep.peak,
+                           "peak_anon_bytes": prep.anon},
+               "precompute_startup": {"seconds": pre.seconds, "peak_rss_bytes": pre.peak, "peak_anon_bytes": pre.anon,
+                                      "line": pre.matched},
+               "train_startup": {"seconds": train.seconds, "peak_rss_bytes": train.peak,
+                                 "peak_anon_bytes": train.anon, "line": train.matched}}
         results.append(row)
         print(json.dumps(row), flush=True)
-    head = ("| pairs | prepared | prepare wall | pairs/s | prepare peak | precompute start-up | its peak "
+    head = ("| pairs | prepared | prepare wall | pairs/s | prepare peak RSS (anon) | precompute start-up | its peak "
             "| train start-up | its peak |\n|---|---|---|---|---|---|---|---|---|")
+
+    def mem(r: dict) -> str:
+        return f"{gib(r['peak_rss_bytes']):.2f} GiB ({gib(r['peak_anon_bytes']):.2f})"
     body = [f"| {r['pairs']:,} | {r['prepared_bytes'] / 2 ** 20:.0f} MB | {r['prepare']['seconds']:.1f} s | "
-            f"{r['prepare']['pairs_per_s']:.0f} | {gib(r['prepare']['peak_rss_bytes']):.2f} GiB | "
-            f"{r['precompute_startup']['seconds']:.1f} s | {gib(r['precompute_startup']['peak_rss_bytes']):.2f} GiB | "
-            f"{r['train_startup']['seconds']:.1f} s | {gib(r['train_startup']['peak_rss_bytes']):.2f} GiB |"
+            f"{r['prepare']['pairs_per_s']:.0f} | {mem(r['prepare'])} | {r['precompute_startup']['seconds']:.1f} s | "
+            f"{mem(r['precompute_startup'])} | {r['train_startup']['seconds']:.1f} s | {mem(r['train_startup'])} |"
             for r in results]
     table = "\n".join([head, *body])
     print(table)

@@ -132,7 +132,8 @@ def same_prepared(out, prepared):
 
 def test_prepare_faults(tiny, prepared, disk):
     d = disk("d")
-    make_room = interrupted_then_full("dpo_ds.prepare", prepare_args(tiny, d / "data"), "prepare: tokenize", d, 8 * 1024,
+    make_room = interrupted_then_full("dpo_ds.prepare", prepare_args(tiny, d / "data"), "prepare: tokenize", d,
+                                      8 * 1024,
                                       "holds no usable data until prepare writes prepare_report.json last; rerun")
     make_room()
     run_module("dpo_ds.prepare", *prepare_args(tiny, d / "data"))

@@ -8,6 +8,9 @@ cache holds is not part of it: rerunning precompute with more --splits extends a
 
 Format 2 adds each response's log-prob over the pair's shared length (its first min(|y_w|, |y_l|) tokens),
 which LD-DPO needs for any α chosen at training time; a format-1 cache still serves every other loss.
+Format 3 keys each row by the pair's exact tokens (`pair_key`) and says where its values came from (`source`:
+0 computed by the run that wrote the cache, i the i-th of the manifest's `reused` caches): what lets a later
+precompute over other prepared data reuse them (dpo_ds.cache.reuse); formats 1 and 2 serve as before.
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ import pyarrow as pa
 
 from dpo_ds.storage.fingerprint import model_fingerprint
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # format 1: no shared-length columns
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # format 1: no shared-length columns; 1 and 2: no pair_key, no source
 MANIFEST, PLAN = "manifest.json", "plan.json"
 SHARED_COLUMNS = ("ref_chosen_shared_logps", "ref_rejected_shared_logps")
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps") + SHARED_COLUMNS  # what the loss reads
 SCHEMA = pa.schema([("example_id", pa.int64()), *((name, pa.float32()) for name in REFERENCE_COLUMNS),
-                    ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32())])
+                    ("chosen_tokens", pa.int32()), ("rejected_tokens", pa.int32()),
+                    ("pair_key", pa.binary(16)), ("source", pa.int8())])
 
 
 REPAIR = "; rerun the precompute command that wrote the cache: it recomputes exactly the damaged shards"

@@ -208,6 +208,10 @@ def summary(cache: RefCache) -> str:
         lines.append(f"  {split}: {table.num_rows} examples in {len(cache.manifest['splits'][split]['shards'])} shards; "
                      + ", ".join(f"{name} mean {v.mean():.3f} [min {v.min():.3f}, max {v.max():.3f}]"
                                  for name, v in columns))
+    if cache.manifest.get("reused"):
+        from dpo_ds.cache.reuse import describe
+
+        lines.append(f"  values: {describe(cache.manifest)}")
     s = cache.manifest.get("stats", {})
     if s:
         lines.append(f"  run: {s.get('world_size')} rank(s), {s.get('tokens_per_s', 0):.0f} tokens/s, "

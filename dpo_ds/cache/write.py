@@ -104,8 +104,10 @@ def write_plan(cache_dir: str, fp: dict, plan: dict) -> None:
     atomic_json(os.path.join(cache_dir, PLAN), {"fingerprint": fp, **plan})
 
 
-def write_manifest(cache_dir: str, fp: dict, splits: dict, stats: dict) -> dict:
-    manifest = {"fingerprint": fp, "splits": {}, "stats": stats}
+def write_manifest(cache_dir: str, fp: dict, splits: dict, stats: dict, reused: list | None = None) -> dict:
+    """The manifest, last: every split's shards (all complete), the run's stats, and with --reuse the caches
+    whose values it copied (dpo_ds.cache.reuse.counted)."""
+    manifest = {"fingerprint": fp, "splits": {}, "stats": stats, **({"reused": reused} if reused else {})}
     for split, n_shards in splits.items():
         shards = complete_shards(cache_dir, split)
         missing = sorted(set(range(n_shards)) - set(shards))

@@ -103,6 +103,8 @@ class PrecomputeConfig(InferenceConfig):
     output_dir: str = opt(None, "cache directory (manifest.json + <split>/shard-*.arrow)", required=True)
     shard_size: int = opt(1024, "examples per Arrow shard: the unit of resume")
     splits: list = opt(None, "splits to compute (default: every split of --data)")
+    reuse: list = opt(None, "earlier caches of this --model and --dtype: the pairs they hold (the same tokens, "
+                            "whatever the data around them) are copied from them, not computed")
 
     def check(self):
         positive(self, "batch_size", "shard_size", "logp_chunk_size", "sequence_parallel_size")

@@ -1,0 +1,160 @@
+"""Reference values an earlier cache already holds (`precompute --reuse CACHE_DIR ...`).
+
+A pair's cached reference log-probs depend on the reference model (its weights and config), the dtype they were
+computed in, and the pair's exact tokens (prompt, both responses, the labels' boundary): on nothing else but
+rounding (the batch, its padding and layout change the order of sums; the cache's tolerance against float64
+bounds that). Format-3 caches key each row by its tokens (`pair_key`, 16 bytes of BLAKE2b over the pair's four
+token lists), so the pairs of new prepared data — re-mixed, filtered, another eval fraction — are found in any
+earlier cache of the same model, tokenizer and dtype, whatever their example_ids there. Each row of a cache
+says where its values came from (`source`: 0 computed by this run, i for the i-th cache of the manifest's
+`reused` list); `dpo-ds verify --data` recomputes every row's key from the prepared tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from dpo_ds.cache.format import MANIFEST, REFERENCE_COLUMNS, describe_difference
+from dpo_ds.errors import CacheError
+from dpo_ds.storage.files import read_json
+from dpo_ds.storage.fingerprint import sha256_file
+
+TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+KEYED_SINCE = 3  # the first format whose rows carry pair_key
+
+
+def pair_key(row: dict) -> bytes:
+    """16 bytes that name a pair's exact tokens: its four token lists, each with its length."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in TOKEN_COLUMNS:
+        arr = np.asarray(row[name], dtype=np.int64)
+        h.update(np.int64(arr.size).tobytes() + arr.tobytes())
+    return h.digest()
+
+
+def pair_keys(ds, rows, at_once: int = 1024) -> tuple[list[bytes], np.ndarray]:
+    """(pair_key, example_id) of rows `rows` of a prepared split, read `at_once` rows at a time."""
+    from dpo_ds.model.batch import take
+
+    keys, ids = [], []
+    for i in range(0, len(rows), at_once):
+        for r in take(ds, rows[i:i + at_once]):
+            keys.append(pair_key(r))
+            ids.append(r["example_id"])
+    return keys, np.asarray(ids, dtype=np.int64)
+
+
+class Reuse:
+    """The values of earlier caches by pair_key: `find(keys)` -> (which keys are held, their columns)."""
+
+    def __init__(self, sources: list[dict], index: dict, columns: dict):
+        self.sources = sources   # the manifest's `reused` entries, in --reuse order
+        self.index = index       # pair_key -> row in columns
+        self.columns = columns   # REFERENCE_COLUMNS + tokens + source (1-based: the source's place + 1)
+
+    def find(self, keys: list[bytes]) -> tuple[np.ndarray, dict]:
+        rows = [self.index.get(k, -1) for k in keys]
+        held = np.asarray(rows, dtype=np.int64) >= 0
+        picked = np.asarray(rows, dtype=np.int64)[held]
+        return held, {name: values[picked] for name, values in self.columns.items()}
+
+
+def check_source(cache_dir: str, fp: dict) -> dict:
+    """One --reuse cache: complete, every shard as its manifest records, of this computation's model,
+    tokenizer and dtype, keyed by tokens. Returns its manifest entry for ours."""
+    path = os.path.join(cache_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise CacheError(f"--reuse {cache_dir}: no {MANIFEST}, so not a complete reference cache")
+    manifest = read_json(path)
+    have = manifest["fingerprint"]
+    if have.get("format_version", 1) < KEYED_SINCE:
+        raise CacheError(f"--reuse {cache_dir}: a format-{have.get('format_version', 1)} cache, whose rows are not "
+                         f"keyed by their tokens (format {KEYED_SINCE} and later are): it cannot be reused")
+    differ = [k for k in ("model", "tokenizer", "dtype") if have.get(k) != fp[k]]
+    if differ:
+        raise CacheError(f"--reuse {cache_dir}: computed with another "
+                         f"{describe_difference({k: fp[k] for k in differ}, {k: have.get(k) for k in differ})}: "
+                         f"its values are not this model's in this dtype")
+    for split, entry in manifest["splits"].items():
+        for meta in entry["shards"]:
+            shard = os.path.join(cache_dir, split, meta["file"])
+            if not os.path.isfile(shard) or sha256_file(shard) != meta["sha256"]:
+                raise CacheError(f"--reuse {cache_dir}: shard {split}/{meta['file']} is missing or does not match "
+                                 f"its manifest")
+    return {"cache": os.path.abspath(cache_dir), "data": have["data"],
+            "manifest_sha256": sha256_file(path), "rows": 0}
+
+
+def load(sources: list[dict]) -> Reuse | None:
+    """The values of the caches check_source accepted (its entries, on one rank), keyed; the first cache that
+    holds a key gives its values."""
+    from dpo_ds.cache.read import read_shard
+
+    if not sources:
+        return None
+    index, parts = {}, []
+    for i, d in enumerate(entry["cache"] for entry in sources):
+        manifest = read_json(os.path.join(d, MANIFEST))
+        for split, entry in manifest["splits"].items():
+            for meta in entry["shards"]:
+                table = read_shard(os.path.join(d, split, meta["file"]))
+                base = sum(len(p["source"]) for p in parts)
+                for j, key in enumerate(table.column("pair_key").to_pylist()):
+                    index.setdefault(key, base + j)
+                part = {name: table.column(name).to_numpy() for name in REFERENCE_COLUMNS + ("chosen_tokens",
+                                                                                             "rejected_tokens")}
+                part["source"] = np.full(table.num_rows, i + 1, dtype=np.int8)
+                parts.append(part)
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
+    return Reuse(sources, index, columns)
+
+
+def counted(cache_dir: str, n_shards: dict, sources: list[dict]) -> list[dict] | None:
+    """`sources` with the rows each gave this cache (its shards' `source` column), for the manifest; None
+    without --reuse. Every shard is in place and recorded (write_manifest checks) when this runs."""
+    from dpo_ds.cache.read import read_shard
+    from dpo_ds.cache.write import complete_shards
+
+    if not sources:
+        return None
+    counts = np.zeros(len(sources) + 1, dtype=np.int64)
+    for split, n in n_shards.items():
+        shards = complete_shards(cache_dir, split)
+        for meta in (shards[i] for i in range(n) if i in shards):
+            source = read_shard(os.path.join(cache_dir, split, meta["file"])).column("source").to_numpy()
+            counts += np.bincount(source, minlength=len(counts))[:len(counts)]
+    return [{**entry, "rows": int(counts[i + 1])} for i, entry in enumerate(sources)]
+
+
+def describe(manifest: dict) -> str:
+    """How many of a cache's values each source gave: one line."""
+    total = sum(entry["rows"] for entry in manifest["splits"].values())
+    reused = manifest.get("reused") or []
+    taken = sum(e["rows"] for e in reused)
+    return (f"{taken} of {total} pairs' values reused ("
+            + ", ".join(f"{e['rows']} from {e['cache']}" for e in reused)
+            + f"), {total - taken} computed")
+
+
+def check_keys(cache) -> str:
+    """Every row's pair_key against the key of the prepared pair of its example_id (a verified RefCache): the
+    values of each row, wherever they came from, are those of these exact tokens. One line, or a CacheError."""
+    checked = 0
+    for split, table in cache.tables.items():
+        if "pair_key" not in table.column_names:
+            return f"pair keys: none (a format-{cache.manifest['fingerprint']['format_version']} cache)"
+        ds = cache.data[split]
+        keys, ids = pair_keys(ds, np.arange(len(ds)))
+        want = dict(zip(ids.tolist(), keys))
+        wrong = [eid for eid, key in zip(table.column("example_id").to_pylist(), table.column("pair_key").to_pylist())
+                 if want.get(eid) != key]
+        if wrong:
+            raise CacheError(f"{cache.cache_dir}/{split}: {len(wrong)} row(s) whose values were computed for other "
+                             f"tokens than the prepared pair of their example_id (e.g. {wrong[:5]}){REPAIR_KEYS}")
+        checked += len(want)
+    return f"pair keys: each of the {checked} rows' values belong to the exact tokens of its prepared pair"
+
+
+REPAIR_KEYS = "; recompute the cache (without --reuse of the cache these rows came from)"
