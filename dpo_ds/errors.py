@@ -16,6 +16,9 @@ class DataError(UserError):
         self.where, self.field, self.reason = where, field, reason
         super().__init__(f"{where}: {'field ' + repr(field) + ': ' if field else ''}{reason}")
 
+    def __reduce__(self):  # from a worker process (prepare --dataset_num_proc): its three arguments, not the message
+        return type(self), (self.where, self.field, self.reason)
+
 
 class CacheError(UserError):
     """A reference cache that is incomplete, tampered with, or computed from something else."""

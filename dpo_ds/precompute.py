@@ -95,7 +95,7 @@ def run_split(logps_fn, cfg: PrecomputeConfig, split: str, ds, pad_id: int, eos_
         hit, columns = held.find(keys)
         if hit.any():
             found[n] = {"example_id": ids[hit], **columns,
-                        "pair_key": np.asarray([k for k, h in zip(keys, hit) if h], dtype=object)}
+                        "pair_key": np.asarray([k.tobytes() for k in keys[hit]], dtype=object)}
             todo[n] = shards[n][~hit]
             progress.reused += int(hit.sum())
     size = lengths(ds, layout_of(logps_fn))  # within a shard, batches group pairs of similar row length
@@ -207,27 +207,30 @@ def _run(cfg: PrecomputeConfig, stop: StopSignals) -> dict | None:
     state, splits = dist.on_every_rank(lambda: cache.start(cfg.output_dir, fp, requested))
     dist.barrier()  # every rank has read the directory before rank 0 writes into it
     dist.check_shared_dir(cfg.output_dir, "--output_dir")  # every node must see the shards of the others
+    sources = dist.on_main(lambda: [reuse.check_source(d, fp) for d in cfg.reuse or ()])  # hashes their shards
+    bad = None
     if state == "complete":
         bad = dist.on_main(lambda: cache.damaged(cfg.output_dir))  # one rank hashes every shard
         if not bad:
             dist.print0(f"{cfg.output_dir}: already complete for this model and data; verify with "
                         f"`dpo-ds verify {cfg.output_dir} --data {cfg.data}`")
             return None
-        names = [f"{split}/{name}" for split, files in bad.items() for name in files]
-        dist.print0(f"precompute: {len(names)} shard(s) of {cfg.output_dir} do not match its manifest (changed, "
-                    f"missing or unlisted: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); "
-                    f"recomputing exactly those")
-        dist.on_main(lambda: cache.reopen(cfg.output_dir, bad))
-        state = "resume"
-    sources = dist.on_main(lambda: [reuse.check_source(d, fp) for d in cfg.reuse or ()])  # hashes their shards
-    if state == "resume":
-        plan = read_json(os.path.join(cfg.output_dir, cache.PLAN))
+    plan_path = os.path.join(cfg.output_dir, cache.PLAN)
+    if state != "new" and os.path.isfile(plan_path):  # before a damaged cache is reopened: a refusal changes nothing
+        plan = read_json(plan_path)
         if plan["shard_size"] != cfg.shard_size:
             raise UserError(f"{cfg.output_dir} was started with --shard_size {plan['shard_size']}; resume it with "
                             f"the same value (its complete shards hold those examples)")
         if plan.get("reuse", []) != [e["cache"] for e in sources]:  # shards name their source by its place
             raise UserError(f"{cfg.output_dir} was started with --reuse {' '.join(plan.get('reuse', [])) or '(none)'}"
                             f"; resume it with the same caches, in that order")
+    if bad:
+        names = [f"{split}/{name}" for split, files in bad.items() for name in files]
+        dist.print0(f"precompute: {len(names)} shard(s) of {cfg.output_dir} do not match its manifest (changed, "
+                    f"missing or unlisted: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); "
+                    f"recomputing exactly those")
+        dist.on_main(lambda: cache.reopen(cfg.output_dir, bad))
+        state = "resume"
     datasets_ = dist.on_every_rank(lambda: {s: load_split(cfg.data, s) for s in splits})  # before any write
     if dist.is_main():
         cache.write_plan(cfg.output_dir, fp, {"shard_size": cfg.shard_size, "batch_size": cfg.batch_size,

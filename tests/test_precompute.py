@@ -418,3 +418,19 @@ def test_reuse_refuses_a_cache_of_another_model_or_dtype(tiny, prepared, cache, 
     with pytest.raises(CacheError, match="--reuse .*computed with another dtype"):
         precompute.run(C.PrecomputeConfig(model=tiny[0], data=prepared, output_dir=str(tmp_path / "c"),
                                           reuse=[bf16_cache]))
+
+
+def test_reuse_finds_each_key_exactly_among_keys_that_share_their_first_half():
+    """The lookup searches the keys' first 8 bytes, then compares all 16: two cached keys with the same first
+    half are told apart, a key held twice gives the first cache's values, a query sharing only a half is not held."""
+    from dpo_ds.cache.reuse import Reuse
+
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 256, (1000, 16), dtype=np.uint8)
+    keys[5, :8] = keys[7, :8]
+    keys[9] = keys[3]
+    held = Reuse([], keys, {"v": np.arange(1000, dtype=np.float32)})
+    queries = np.concatenate([keys[[7, 5, 3, 999]], rng.integers(0, 256, (2, 16), dtype=np.uint8)])
+    queries[5, :8] = keys[7, :8]
+    found, columns = held.find(queries)
+    assert found.tolist() == [True] * 4 + [False] * 2 and columns["v"].tolist() == [7, 5, 3, 999]

@@ -243,6 +243,11 @@ def test_chat_template_errors_are_bad_rows(tiny, tmp_path):
         prep(tmp_path, str(tok_dir), f)
     report, _ = prep(tmp_path, str(tok_dir), f, on_bad_row="skip", eval_fraction=0.0)
     assert report["counts"] == {"train": 3} and report["skipped"][0]["where"] == f"{f} line 3"
+    # from --dataset_num_proc workers too (the error crosses a process boundary: it once hung the pool)
+    with pytest.raises(DataError, match=rf"{f} line 3: field 'prompt': the tokenizer's chat template refused it"):
+        prep(tmp_path, str(tok_dir), f, num_proc=2)
+    again, _ = prep(tmp_path, str(tok_dir), f, on_bad_row="skip", eval_fraction=0.0, num_proc=2)
+    assert again["fingerprint"] == report["fingerprint"] and again["skipped"] == report["skipped"]
     p = run_module("dpo_ds.prepare", "--dataset", f, "--tokenizer", tok_dir, "--output_dir", tmp_path / "cli", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "line 3: field 'prompt'" in p.stderr
 

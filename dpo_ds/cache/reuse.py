@@ -34,31 +34,59 @@ def pair_key(row: dict) -> bytes:
     return h.digest()
 
 
-def pair_keys(ds, rows, at_once: int = 1024) -> tuple[list[bytes], np.ndarray]:
-    """(pair_key, example_id) of rows `rows` of a prepared split, read `at_once` rows at a time."""
+def pair_keys(ds, rows, at_once: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """([N, 16] uint8 pair keys, [N] example_ids) of rows `rows` of a prepared split, read `at_once` at a time."""
     from dpo_ds.model.batch import take
 
     keys, ids = [], []
     for i in range(0, len(rows), at_once):
-        for r in take(ds, rows[i:i + at_once]):
-            keys.append(pair_key(r))
-            ids.append(r["example_id"])
-    return keys, np.asarray(ids, dtype=np.int64)
+        pairs = take(ds, rows[i:i + at_once])
+        keys.append(np.frombuffer(b"".join(pair_key(r) for r in pairs), dtype=np.uint8).reshape(-1, 16))
+        ids.append(np.asarray([r["example_id"] for r in pairs], dtype=np.int64))
+    return (np.concatenate(keys) if keys else np.zeros((0, 16), np.uint8),
+            np.concatenate(ids) if ids else np.zeros(0, np.int64))
+
+
+def key_column(table) -> np.ndarray:
+    """A cache table's pair_key column as [N, 16] uint8 (its Arrow buffer: no Python object per key)."""
+    column = table.column("pair_key").combine_chunks()
+    data = np.frombuffer(column.buffers()[1], dtype=np.uint8)
+    return data[column.offset * 16:(column.offset + len(column)) * 16].reshape(-1, 16)
+
+
+def _prefix(keys: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(keys[:, :8]).view(">u8").ravel()
 
 
 class Reuse:
-    """The values of earlier caches by pair_key: `find(keys)` -> (which keys are held, their columns)."""
+    """The values of earlier caches by pair_key: `find(keys)` -> (which keys are held, their columns). The keys
+    are a sorted array, searched (a few numbers per cached pair, no Python object each)."""
 
-    def __init__(self, sources: list[dict], index: dict, columns: dict):
+    def __init__(self, sources: list[dict], keys: np.ndarray, columns: dict):
         self.sources = sources   # the manifest's `reused` entries, in --reuse order
-        self.index = index       # pair_key -> row in columns
+        self.keys = keys         # [N, 16] in --reuse order
         self.columns = columns   # REFERENCE_COLUMNS + tokens + source (1-based: the source's place + 1)
+        prefix = _prefix(keys)
+        self.order = np.argsort(prefix, kind="stable")  # (stable: of equal keys, the first cache's first)
+        self.sorted = prefix[self.order]
 
-    def find(self, keys: list[bytes]) -> tuple[np.ndarray, dict]:
-        rows = [self.index.get(k, -1) for k in keys]
-        held = np.asarray(rows, dtype=np.int64) >= 0
-        picked = np.asarray(rows, dtype=np.int64)[held]
-        return held, {name: values[picked] for name, values in self.columns.items()}
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, dict]:
+        """keys [M, 16] -> (held [M] bool, the held ones' columns in their order)."""
+        want = _prefix(keys)
+        pos = np.searchsorted(self.sorted, want)
+        rows = np.full(len(keys), -1, dtype=np.int64)
+        while True:  # the first entry of equal first 8 bytes whose 16 are equal too (another: the next one)
+            live = (rows < 0) & (pos < len(self.sorted))
+            live[live] = self.sorted[pos[live]] == want[live]
+            if not live.any():
+                break
+            idx = np.flatnonzero(live)
+            candidate = self.order[pos[idx]]
+            same = (self.keys[candidate] == keys[idx]).all(1)
+            rows[idx[same]] = candidate[same]
+            pos[idx[~same]] += 1
+        held = rows >= 0
+        return held, {name: values[rows[held]] for name, values in self.columns.items()}
 
 
 def check_source(cache_dir: str, fp: dict) -> dict:
@@ -94,21 +122,21 @@ def load(sources: list[dict]) -> Reuse | None:
 
     if not sources:
         return None
-    index, parts = {}, []
+    parts = []
     for i, d in enumerate(entry["cache"] for entry in sources):
         manifest = read_json(os.path.join(d, MANIFEST))
         for split, entry in manifest["splits"].items():
             for meta in entry["shards"]:
                 table = read_shard(os.path.join(d, split, meta["file"]))
-                base = sum(len(p["source"]) for p in parts)
-                for j, key in enumerate(table.column("pair_key").to_pylist()):
-                    index.setdefault(key, base + j)
                 part = {name: table.column(name).to_numpy() for name in REFERENCE_COLUMNS + ("chosen_tokens",
                                                                                              "rejected_tokens")}
                 part["source"] = np.full(table.num_rows, i + 1, dtype=np.int8)
+                part["pair_key"] = key_column(table)
                 parts.append(part)
-    columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
-    return Reuse(sources, index, columns)
+    if not parts:
+        return None
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return Reuse(sources, columns.pop("pair_key"), columns)
 
 
 def counted(cache_dir: str, n_shards: dict, sources: list[dict]) -> list[dict] | None:
@@ -139,21 +167,23 @@ def describe(manifest: dict) -> str:
 
 
 def check_keys(cache) -> str:
-    """Every row's pair_key against the key of the prepared pair of its example_id (a verified RefCache): the
-    values of each row, wherever they came from, are those of these exact tokens. One line, or a CacheError."""
+    """Every row's pair_key against the key of the prepared pair of its example_id (a verified RefCache: the same
+    example_ids): the values of each row, wherever they came from, are those of these exact tokens. One line, or a
+    CacheError."""
     checked = 0
     for split, table in cache.tables.items():
         if "pair_key" not in table.column_names:
             return f"pair keys: none (a format-{cache.manifest['fingerprint']['format_version']} cache)"
         ds = cache.data[split]
         keys, ids = pair_keys(ds, np.arange(len(ds)))
-        want = dict(zip(ids.tolist(), keys))
-        wrong = [eid for eid, key in zip(table.column("example_id").to_pylist(), table.column("pair_key").to_pylist())
-                 if want.get(eid) != key]
-        if wrong:
-            raise CacheError(f"{cache.cache_dir}/{split}: {len(wrong)} row(s) whose values were computed for other "
-                             f"tokens than the prepared pair of their example_id (e.g. {wrong[:5]}){REPAIR_KEYS}")
-        checked += len(want)
+        have_ids = table.column("example_id").to_numpy()
+        mine, theirs = np.argsort(ids), np.argsort(have_ids)
+        wrong = ids[mine][~(keys[mine] == key_column(table)[theirs]).all(1)]
+        if wrong.size:
+            raise CacheError(f"{cache.cache_dir}/{split}: {wrong.size} row(s) whose values were computed for other "
+                             f"tokens than the prepared pair of their example_id (e.g. {wrong[:5].tolist()})"
+                             f"{REPAIR_KEYS}")
+        checked += len(ids)
     return f"pair keys: each of the {checked} rows' values belong to the exact tokens of its prepared pair"
 
 

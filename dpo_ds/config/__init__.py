@@ -108,6 +108,8 @@ class PrecomputeConfig(InferenceConfig):
 
     def check(self):
         positive(self, "batch_size", "shard_size", "logp_chunk_size", "sequence_parallel_size")
+        if self.reuse and len(self.reuse) > 100:  # (each row names its source in one byte)
+            raise ConfigError(f"--reuse: {len(self.reuse)} caches, at most 100")
 
 
 @dataclass

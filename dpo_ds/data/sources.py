@@ -189,9 +189,12 @@ def read_json_lines(path: str) -> Iterator[tuple[str, object]]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         if path.endswith((".json", ".json.gz")):
-            head = f.read(4096)
-            if head.lstrip().startswith("["):
-                text = head + f.read()
+            first = f.read(1)
+            while first.isspace():  # the first character that is not white space says array or lines
+                first = f.read(1)
+            if first == "[":
+                f.seek(0)
+                text = f.read()
                 try:
                     rows = json.loads(text)
                 except json.JSONDecodeError as e:
