@@ -215,23 +215,26 @@ def read_json_lines(path: str) -> Iterator[tuple[str, object]]:
 
 
 def load_file(path: str) -> Iterator[tuple[str, object]]:
-    """Rows of one local file through `datasets.load_dataset`; JSON that Arrow cannot read as one table
-    (a broken line, a field whose type changes) is re-read line by line so each row gets its own verdict."""
-    import datasets
-
+    """Rows of one local file, streamed: JSON line by line (each line its own verdict), parquet a row group's
+    batch at a time. (Not through `datasets.load_dataset`: it converts the whole file into an Arrow copy in the
+    cache directory first, and reading that copy back through a memory map put the whole of it in resident
+    memory: 0.17 GB more at 200k pairs than at 2k.)"""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
-    builder = "parquet" if path.endswith(".parquet") else "json"
-    try:
-        ds = datasets.load_dataset(builder, data_files=[os.path.abspath(path)], split="train")
-    except Exception as e:  # noqa: BLE001 - Arrow's parse errors have many types
-        if builder == "parquet":
-            raise UserError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+    if not path.endswith(".parquet"):
         yield from read_json_lines(path)
         return
-    unit = "line" if path.endswith((".jsonl", ".jsonl.gz")) else "row"
-    for i, row in enumerate(ds):
-        yield f"{path} {unit} {i + 1}", row
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1000)
+        n = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                n += 1
+                yield f"{path} row {n}", row
+    except (OSError, ValueError) as e:  # (pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError)
+        raise UserError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
 
 
 def load_hub(source: Source) -> Iterator[tuple[str, str, object]]:
