@@ -6,8 +6,8 @@
 
 Writes OUTPUT_DIR/train, OUTPUT_DIR/eval (datasets.save_to_disk) and, last, OUTPUT_DIR/prepare_report.json.
 
-Memory does not grow with the data: the input is read twice as a stream (Arrow-backed where `datasets` reads
-it). The first pass validates every row and counts the usable ones (the seeded eval split needs their number);
+Memory does not grow with the data: the input is read twice as a stream (a local file by dpo_ds.data.sources
+itself, JSON line by line and parquet a batch at a time; a hub dataset through `datasets`). The first pass validates every row and counts the usable ones (the seeded eval split needs their number);
 the second renders, tokenizes and writes BATCH rows at a time (--dataset_num_proc processes encode batches in
 turn), each split into its own Arrow stream file, hashed as it is read back and then moved into place as the
 split's `save_to_disk` directory (dpo_ds.data.prepared).
