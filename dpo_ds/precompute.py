@@ -184,6 +184,21 @@ def check_inputs(cfg: PrecomputeConfig, tokenizer, dtype_name: str) -> tuple[dic
     return cache.fingerprint(cfg.model, tok_fp, report, dtype_name), splits
 
 
+def check_plan(cfg: PrecomputeConfig, sources: list[dict]) -> None:
+    """A started cache continues only with the --shard_size and --reuse caches it was started with (its complete
+    shards hold those examples; each row names its source by its place in that list)."""
+    path = os.path.join(cfg.output_dir, cache.PLAN)
+    if not os.path.isfile(path):  # a new cache, or a complete one written before plans
+        return
+    plan = read_json(path)
+    if plan["shard_size"] != cfg.shard_size:
+        raise UserError(f"{cfg.output_dir} was started with --shard_size {plan['shard_size']}; resume it with "
+                        f"the same value (its complete shards hold those examples)")
+    if plan.get("reuse", []) != [e["cache"] for e in sources]:
+        raise UserError(f"{cfg.output_dir} was started with --reuse {' '.join(plan.get('reuse', [])) or '(none)'}"
+                        f"; resume it with the same caches, in that order")
+
+
 def kept(cache_dir: str) -> str:
     return f"the {len(glob.glob(os.path.join(cache_dir, '*', 'shard-*.json')))} complete shard(s) in {cache_dir} are kept"
 
@@ -215,15 +230,7 @@ def _run(cfg: PrecomputeConfig, stop: StopSignals) -> dict | None:
             dist.print0(f"{cfg.output_dir}: already complete for this model and data; verify with "
                         f"`dpo-ds verify {cfg.output_dir} --data {cfg.data}`")
             return None
-    plan_path = os.path.join(cfg.output_dir, cache.PLAN)
-    if state != "new" and os.path.isfile(plan_path):  # before a damaged cache is reopened: a refusal changes nothing
-        plan = read_json(plan_path)
-        if plan["shard_size"] != cfg.shard_size:
-            raise UserError(f"{cfg.output_dir} was started with --shard_size {plan['shard_size']}; resume it with "
-                            f"the same value (its complete shards hold those examples)")
-        if plan.get("reuse", []) != [e["cache"] for e in sources]:  # shards name their source by its place
-            raise UserError(f"{cfg.output_dir} was started with --reuse {' '.join(plan.get('reuse', [])) or '(none)'}"
-                            f"; resume it with the same caches, in that order")
+    check_plan(cfg, sources)  # before a damaged cache is reopened: a refusal changes nothing
     if bad:
         names = [f"{split}/{name}" for split, files in bad.items() for name in files]
         dist.print0(f"precompute: {len(names)} shard(s) of {cfg.output_dir} do not match its manifest (changed, "

@@ -54,3 +54,8 @@ def describe_difference(want: dict, have: dict) -> str:
 
 def shard_path(cache_dir: str, split: str, rank: int, n: int) -> str:
     return os.path.join(cache_dir, split, f"shard-{rank:05d}-{n:05d}.arrow")
+
+
+def read_shard(path: str) -> pa.Table:
+    with pa.memory_map(path) as source:
+        return pa.ipc.open_file(source).read_all()

@@ -24,18 +24,15 @@ from dpo_ds.cache.format import (
     REPAIR,
     SCHEMA,
     SHARED_COLUMNS,
+    read_shard,
 )
 from dpo_ds.data.prepared import load_split, load_tokenizer, read_report, verify_files
 from dpo_ds.errors import CacheError, UserError
+from dpo_ds.model.batch import in_view
 from dpo_ds.model.pair import Logps, Pair
 from dpo_ds.objective.metrics import TIE_RELATIVE, tie_precision
 from dpo_ds.storage.files import read_json
 from dpo_ds.storage.fingerprint import model_fingerprint, sha256_file, tokenizer_fingerprint
-
-
-def read_shard(path: str) -> pa.Table:
-    with pa.memory_map(path) as source:
-        return pa.ipc.open_file(source).read_all()
 
 
 class Reference:
@@ -171,8 +168,7 @@ def read_split(cache_dir: str, split: str, entry: dict, prepared, verify: bool) 
         parts.append(table)
     table = pa.concat_tables(parts) if parts else SCHEMA.empty_table()  # (a format-1 split is never empty)
     cached = table.column("example_id").to_numpy()
-    want = prepared.data.column("example_id").to_numpy() if prepared._indices is None else \
-        np.asarray(prepared["example_id"], dtype=np.int64)  # (a number per pair, without a Python int each)
+    want = in_view(prepared, prepared.data.column("example_id").to_numpy())  # (without a Python int per pair)
     uniq, counts = np.unique(cached, return_counts=True)
     if (counts > 1).any():
         raise CacheError(f"{cache_dir}/{split}: example_ids cached more than once: {uniq[counts > 1][:10].tolist()}")

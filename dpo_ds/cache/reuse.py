@@ -11,12 +11,14 @@ says where its values came from (`source`: 0 computed by this run, i for the i-t
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 
 import numpy as np
 
-from dpo_ds.cache.format import MANIFEST, REFERENCE_COLUMNS, describe_difference
+from dpo_ds.cache.format import MANIFEST, REFERENCE_COLUMNS, describe_difference, read_shard
+from dpo_ds.cache.write import damaged
 from dpo_ds.errors import CacheError
 from dpo_ds.storage.files import read_json
 from dpo_ds.storage.fingerprint import sha256_file
@@ -105,12 +107,10 @@ def check_source(cache_dir: str, fp: dict) -> dict:
         raise CacheError(f"--reuse {cache_dir}: computed with another "
                          f"{describe_difference({k: fp[k] for k in differ}, {k: have.get(k) for k in differ})}: "
                          f"its values are not this model's in this dtype")
-    for split, entry in manifest["splits"].items():
-        for meta in entry["shards"]:
-            shard = os.path.join(cache_dir, split, meta["file"])
-            if not os.path.isfile(shard) or sha256_file(shard) != meta["sha256"]:
-                raise CacheError(f"--reuse {cache_dir}: shard {split}/{meta['file']} is missing or does not match "
-                                 f"its manifest")
+    bad = [f"{split}/{name}" for split, names in damaged(cache_dir).items() for name in names]
+    if bad:
+        raise CacheError(f"--reuse {cache_dir}: shard {bad[0]} is missing, does not match its manifest or is not in "
+                         f"it{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}")
     return {"cache": os.path.abspath(cache_dir), "data": have["data"],
             "manifest_sha256": sha256_file(path), "rows": 0}
 
@@ -118,8 +118,6 @@ def check_source(cache_dir: str, fp: dict) -> dict:
 def load(sources: list[dict]) -> Reuse | None:
     """The values of the caches check_source accepted (its entries, on one rank), keyed; the first cache that
     holds a key gives its values."""
-    from dpo_ds.cache.read import read_shard
-
     if not sources:
         return None
     parts = []
@@ -142,17 +140,13 @@ def load(sources: list[dict]) -> Reuse | None:
 def counted(cache_dir: str, n_shards: dict, sources: list[dict]) -> list[dict] | None:
     """`sources` with the rows each gave this cache (its shards' `source` column), for the manifest; None
     without --reuse. Every shard is in place and recorded (write_manifest checks) when this runs."""
-    from dpo_ds.cache.read import read_shard
-    from dpo_ds.cache.write import complete_shards
-
     if not sources:
         return None
     counts = np.zeros(len(sources) + 1, dtype=np.int64)
-    for split, n in n_shards.items():
-        shards = complete_shards(cache_dir, split)
-        for meta in (shards[i] for i in range(n) if i in shards):
-            source = read_shard(os.path.join(cache_dir, split, meta["file"])).column("source").to_numpy()
-            counts += np.bincount(source, minlength=len(counts))[:len(counts)]
+    for split in n_shards:  # each shard by its sidecar (written once it is in place; write_manifest hashes them)
+        for side in glob.glob(os.path.join(cache_dir, split, "shard-*.json")):
+            shard = os.path.join(cache_dir, split, read_json(side)["file"])
+            counts += np.bincount(read_shard(shard).column("source").to_numpy(), minlength=len(counts))
     return [{**entry, "rows": int(counts[i + 1])} for i, entry in enumerate(sources)]
 
 

@@ -24,7 +24,7 @@ from dpo_ds.data.encode import IGNORE
 from dpo_ds.model.layout import Layout
 
 
-def _in_view(ds, per_row: np.ndarray) -> np.ndarray:
+def in_view(ds, per_row: np.ndarray) -> np.ndarray:
     """Values for each row of `ds`'s table -> for each row of `ds` (a selected view picks its rows)."""
     return per_row if ds._indices is None else per_row[ds._indices.column(0).to_numpy()]
 
@@ -33,7 +33,7 @@ def side_lengths(ds) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of each pair's chosen and of its rejected sequence, from Arrow's list offsets: no token is read."""
     import pyarrow.compute as pc
 
-    return tuple(_in_view(ds, pc.list_value_length(ds.data.column(f"{side}_input_ids")).to_numpy().astype(np.int64))
+    return tuple(in_view(ds, pc.list_value_length(ds.data.column(f"{side}_input_ids")).to_numpy().astype(np.int64))
                  for side in ("chosen", "rejected"))
 
 
@@ -44,14 +44,14 @@ def prompt_lengths(ds, side: str = "chosen", rows_at_once: int = 4096) -> np.nda
     import pyarrow.compute as pc
 
     if "prompt_length" in ds.data.column_names:
-        return _in_view(ds, ds.data.column("prompt_length").to_numpy().astype(np.int64))
+        return in_view(ds, ds.data.column("prompt_length").to_numpy().astype(np.int64))
     counts = []
     for chunk in ds.data.column(f"{side}_labels").chunks:
         for start in range(0, len(chunk), rows_at_once):
             part = chunk.slice(start, rows_at_once)
             ignored = pc.list_parent_indices(part).to_numpy()[pc.list_flatten(part).to_numpy() == IGNORE]
             counts.append(np.bincount(ignored, minlength=len(part)))
-    return _in_view(ds, np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64))
+    return in_view(ds, np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64))
 
 
 def pair_lengths(ds) -> np.ndarray:
