@@ -231,6 +231,17 @@ def _exit(code: int) -> None:
 # what gloo says when a peer's connection closes or a collective times out (NCCL's watchdog aborts the
 # process itself)
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "gloo/transport")
+# a scheduler's warning (SIGUSR1/2, time left) that comes while train or precompute still imports its libraries
+# (seconds, longer on a busy node): noted here for the phase's stop signals (lifecycle/signals.py) to take over, not
+# left to the default action, which would end the process before it could save anything
+EARLY_WARNINGS: list[int] = []
+STOPPABLE = ("train", "precompute")
+
+
+def _note_warning(signum, frame) -> None:
+    EARLY_WARNINGS.append(signum)
+
+
 COMMANDS = {"prepare": "dpo_ds.prepare", "precompute": "dpo_ds.precompute", "verify": "dpo_ds.verify",
             "train": "dpo_ds.train", "evaluate": "dpo_ds.evaluate", "report": "dpo_ds.report.plot", "tiny": "dpo_ds.tiny",
             "plan": "dpo_ds.plan"}
@@ -261,9 +272,14 @@ def main(argv=None) -> None:
     at = argv.index(command)
     rest = argv[:at] + argv[at + 1:]
     sys.argv[0] = f"dpo-ds {command}"
+    if command in STOPPABLE:
+        for s in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(s, _note_warning)
     module = importlib.import_module(COMMANDS[command])
     module.main(rest)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m dpo_ds.cli: the module the phases import (its EARLY_WARNINGS), not a copy
+    from dpo_ds.cli import main as dpo_ds_main
+
+    dpo_ds_main()

@@ -5,6 +5,9 @@ them with the CPU settings swapped in (no GPUs, 2 tasks, gloo, zero3_cpu.json), 
 """
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -242,8 +245,6 @@ def test_a_task_takes_its_rank_and_rendezvous_from_the_step():
 
 
 def test_stop_signals_stop_at_once_outside_the_loop_and_are_agreed_inside(monkeypatch):
-    import signal
-
     from dpo_ds.errors import ConfigError, Stopped
     from dpo_ds.lifecycle.signals import StopSignals, parse
 
@@ -270,6 +271,26 @@ def test_stop_signals_stop_at_once_outside_the_loop_and_are_agreed_inside(monkey
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def test_a_warning_while_dpo_ds_imports_is_the_phases_stop(tiny, prepared, cache, tmp_path):
+    """`dpo-ds train` notes SIGUSR1/2 from its first line (its imports take seconds, longer on a busy node; the
+    default action would end the process): the phase's stop signals take the warning over and honour it at the
+    loop's first agreement; one it is told not to stop for (--stop_signals) gets its default action then."""
+    def warned(out, *flags):
+        p = subprocess.Popen([sys.executable, "-m", "dpo_ds.cli", "train", *map(str, args(tiny, prepared, cache, out)),
+                              *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                             env=child_env())
+        caught = lambda: int(re.search(r"SigCgt:\s*(\w+)", open(f"/proc/{p.pid}/status").read()).group(1), 16)  # noqa
+        wait_for(lambda: caught() & (1 << (signal.SIGUSR1 - 1)), "dpo-ds's handler", timeout=30)
+        os.kill(p.pid, signal.SIGUSR1)  # dpo_ds.train and its libraries are still being imported
+        out, _ = p.communicate(timeout=300)
+        return p.returncode, out
+
+    code, out = warned(tmp_path / "warned")
+    assert code == 75 and "error: stopped by SIGUSR1 before its first step" in out, (code, out[-3000:])
+    code, out = warned(tmp_path / "not_a_stop", "--stop_signals", "TERM")
+    assert code == -signal.SIGUSR1 and "train: starting" not in out, (code, out[-3000:])
 
 
 def test_plan_says_what_a_checkpoint_writes(tiny, zero3_whole):

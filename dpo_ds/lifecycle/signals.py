@@ -6,7 +6,7 @@ the first step, after an eval or a save; per batch in precompute) — so a signa
 rank at the same point. Only SIGTERM outside a phase's work loop (`deferred`) raises Stopped at once: there is
 nothing to save yet, and what sends it (scancel, a preemption, a requeue) ends or requeues the job itself; a
 warning (SIGUSR1/2) that comes during the start-up is honoured at the loop's first agreement, where the job is
-requeued as at any other stop.
+requeued as at any other stop (under `dpo-ds`, also one that comes while the phase still imports its libraries).
 """
 from __future__ import annotations
 
@@ -45,6 +45,22 @@ class StopSignals:
         self._deferring = False
         for s in self.signals:
             signal.signal(s, self._noted)
+        self._take_early_warnings()
+
+    def _take_early_warnings(self) -> None:
+        """A warning `dpo-ds` noted while the phase started (cli.EARLY_WARNINGS) is this rank's signal; one it is
+        not told to stop for gets its default action now, as it would have then."""
+        from dpo_ds import cli
+
+        early, cli.EARLY_WARNINGS[:] = list(cli.EARLY_WARNINGS), []
+        for s in WARNINGS:
+            if s not in self.signals and signal.getsignal(s) == cli._note_warning:
+                signal.signal(s, signal.SIG_DFL)
+        for s in early:
+            if s in self.signals:
+                self.received = self.received or s
+            else:
+                signal.raise_signal(s)
 
     def _noted(self, signum, frame) -> None:
         self.received = self.received or signum
