@@ -1,5 +1,5 @@
 """Short ZeRO-3 trainings of one loss configuration after another in one launch (tests/test_loss_family.py):
-for each, the train split's loss of that configuration before and after 5 steps. Rank 0 writes the results.
+for each, the train split's loss of that configuration before and after 3 steps. Rank 0 writes the results.
     deepspeed --num_gpus 2 --module tests.loss_family_runs --model M --data D --ref_cache C --out DIR --runs RUNS.json
 """
 import argparse
@@ -26,7 +26,7 @@ def main():
         out = os.path.join(a.out, name.replace(" ", "_"))
         cfg = C.TrainConfig(model=a.model, data=a.data, ref_cache=a.ref_cache, output_dir=out,
                             deepspeed=os.path.join(ROOT, "ds_configs", "zero3_cpu.json"), learning_rate=a.learning_rate,
-                            lr_schedule="constant", warmup_steps=0, max_steps=5, micro_batch_size=2, grad_accum=2,
+                            lr_schedule="constant", warmup_steps=0, max_steps=3, micro_batch_size=2, grad_accum=2,
                             log_every=5, eval_every=0, save_every=0, report_to=["none"], **loss)
         cfg.check()
         train.run(cfg)

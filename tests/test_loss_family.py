@@ -370,8 +370,8 @@ FAMILY_RUNS = {
 
 
 def test_two_rank_zero3_runs_lower_each_loss(tiny, prepared, cache, tmp_path):
-    """5 steps of each loss family on 2 ranks (ZeRO-3) lower that same loss on the
-    train split (evaluated by dpo_ds.evaluate with the run's settings, before and after)."""
+    """3 steps of each loss family on 2 ranks (ZeRO-3) lower that same loss on the train split (evaluated by
+    dpo_ds.evaluate with the run's settings, before and after; measured: by 0.6 % (sigmoid_norm) to 7.5 %)."""
     runs = tmp_path / "runs.json"
     runs.write_text(json.dumps(FAMILY_RUNS))
     run_module("tests.loss_family_runs", "--model", tiny[0], "--data", prepared, "--ref_cache", cache,

@@ -154,8 +154,8 @@ def test_two_rank_pipeline_keeps_a_working_model(smol, smol_data, smol_cache, tm
     v = run_module("dpo_ds.verify", cache, "--data", smol_data, "--model", smol)
     assert "OK" in v.stdout and "2 rank(s)" in v.stdout
     run_module("dpo_ds.train", "--deepspeed", os.path.join(ROOT, "ds_configs", "zero3_cpu.json"), "--model", smol,
-               "--data", smol_data, "--ref_cache", cache, "--output_dir", out, "--max_steps", 3, "--learning_rate",
-               1e-5, "--micro_batch_size", 2, "--grad_accum", 2, "--log_every", 1, "--eval_every", 0, launcher=2)
+               "--data", smol_data, "--ref_cache", cache, "--output_dir", out, "--max_steps", 2, "--learning_rate",
+               1e-5, "--micro_batch_size", 2, "--grad_accum", 1, "--log_every", 1, "--eval_every", 0, launcher=2)
     metrics = read_metrics(out / "metrics.jsonl")
     assert metrics[0]["loss"] == pytest.approx(0.6931472, abs=1e-4), "the cache is this model's own log-probs"
     final_eval = [r for r in metrics if r["split"] == "eval"][-1]
