@@ -218,7 +218,7 @@ def _fail(message: str, code: int) -> None:
 
 
 def _exit(code: int) -> None:
-    """End a phase's process: exit handlers run (e.g. dpo_ds.engine.comm's /dev/shm cleanup), output is flushed,
+    """End a phase's process: exit handlers run (the libraries' own), output is flushed,
     then the process ends without interpreter finalization. Left to finalization, a finished rank was seen to
     abort in the process group's C++ teardown ("terminate called without an active exception", exit -6; 2 of
     4 full test runs on 2026-11-25, each time after the rank's work was written)."""

@@ -21,8 +21,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 pip_() { "$VENV/bin/python" -m pip "$@"; }
-# DeepSpeed compiles its CPU all-reduce op (deepspeed_shm_comm) on first use, into this directory: one per venv,
-# so that two venvs (another checkout, --latest) never rebuild each other's copy, and built once at install below
+# DeepSpeed compiles its CPU ops (CPU-Adam) on first use, into this directory: one per venv, so that two venvs
+# (another checkout, --latest) never rebuild each other's copy, and built once at install below
 export TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
 stamp="$VENV/.dpo_ds-installed"
 if [ "$INSTALL" = locked ] && [ ! -f "$LOCK" ]; then
@@ -99,11 +99,10 @@ PY
             echo "[setup] floors: $(tr '\n' ' ' < "$floors")"
             resolved_install -c "$floors" ;;
   esac
-  # DeepSpeed's CPU ops, compiled now rather than inside the first job that needs them (40-80 s each): the all-reduce
-  # of CPU ranks and CPU-Adam (optimizer offload), with the venv's ninja as every later use (PATH below)
-  PATH="$VENV/bin:$PATH" "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, \
-ShareMemCommBuilder
-for b in (ShareMemCommBuilder, CPUAdamBuilder): b().load()" >/dev/null
+  # DeepSpeed's CPU-Adam (optimizer offload), compiled now rather than inside the first job that needs it (40-80 s),
+  # with the venv's ninja as every later use (PATH below); its shared-memory all-reduce stays off (engine/comm.py)
+  PATH="$VENV/bin:$PATH" "$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder
+CPUAdamBuilder().load()" >/dev/null
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -1,6 +1,5 @@
 """Shared fixtures: one tiny model + synthetic data per test session, built locally (no hub)."""
 import ast
-import glob
 import os
 import re
 import shutil
@@ -16,9 +15,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_*"
 
 
 # what makes a test an integration test: it starts processes (a launcher, the demo, two hosts, a subprocess)
@@ -72,24 +68,6 @@ def _xdist_groups(config, items):
                         for m in item.iter_markers("xdist_group")})
         if names and "@" not in item.nodeid:
             item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
-
-
-def pytest_sessionstart(session):
-    session.shm_before = set(glob.glob(SHM_BUFFERS))
-
-
-def pytest_sessionfinish(session):
-    """Ranks killed on purpose (the SIGKILL tests) cannot remove their DeepSpeed all-reduce buffer at exit
-    (engine.comm.remove_shm_buffer): remove every buffer this session created, 69 MB of RAM each. Only in the
-    process that ends last (pytest-xdist's controller, or pytest itself without it): a worker that finished
-    early would remove the buffer of a job another worker is still running."""
-    if hasattr(session.config, "workerinput"):
-        return
-    for path in set(glob.glob(SHM_BUFFERS)) - session.shm_before:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
 
 
 def once(tmp_path_factory, name: str, make) -> str:

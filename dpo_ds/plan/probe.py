@@ -66,7 +66,6 @@ def main(argv=None) -> None:
     a = parse(argv)
     from dpo_ds import dist
     from dpo_ds.engine.build import ModelSpec, TrainingSpec, inference_engine, training_engine
-    from dpo_ds.engine.comm import remove_shm_buffer
     from dpo_ds.engine.ds_config import train_ds_config
     from dpo_ds.model.batch import build
     from dpo_ds.model.logps import layout_of, pair_logps
@@ -100,7 +99,6 @@ def main(argv=None) -> None:
                 engine.step()
     sys.stdout.flush()  # each rank's line in one write (ranks share the pipe); the caller takes the largest
     os.write(sys.stdout.fileno(), f"\nprobe_peak_bytes {peak_rss_bytes()}\n".encode())
-    remove_shm_buffer()  # what the atexit hook would do (DeepSpeed's CPU all-reduce buffer, 69 MB a rank)
     os._exit(0)  # no process-group teardown to wait for
 
 
