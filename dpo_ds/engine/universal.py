@@ -141,7 +141,9 @@ def _readable_by_every_stage(out: str) -> None:
         folder = os.path.join(zero, name)
         if not os.path.isdir(folder):
             continue
-        for key in ("fp32", *MOMENTS):
+        # ZeRO-1/2: DeepSpeed's converter writes fp32.pt alone for a module state name no optimizer fragment has (a
+        # tied weight's second name, lm_head.weight beside model.embed_tokens.weight): no moments to complete there
+        for key in ("fp32", *(MOMENTS if os.path.isfile(os.path.join(folder, "exp_avg.pt")) else ())):
             value = safe_load(os.path.join(folder, f"{key}.pt"), map_location="cpu")
             if torch.is_tensor(value):
                 torch.save({"param": value, "cat_dim": 0}, os.path.join(folder, f"{key}.pt"))
