@@ -15,6 +15,7 @@ from conftest import once, run_module
 from safetensors.torch import load_file
 from test_train import train_args
 
+from dpo_ds.plan import choice
 from dpo_ds.report.log import read_metrics
 
 
@@ -259,8 +260,8 @@ def shipped(name: str) -> str:
 
 
 def bf16_stage0(tmp_path) -> str:
-    """--deepspeed auto's choice on one GPU: stage 0 in bf16 (DeepSpeed's unfused bf16 optimizer: AdamW over fp32
-    masters of the bf16 weights, gradients in bf16)."""
+    """Stage 0 in bf16, as a config asks for it (DeepSpeed's unfused bf16 optimizer: AdamW over fp32 masters of the
+    bf16 weights, gradients summed in bf16; --deepspeed auto takes stage 1 with fp32 accumulation instead)."""
     path = tmp_path / "bf16_stage0.json"
     path.write_text(json.dumps({**json.load(open(test_train.ZERO0)), "bf16": {"enabled": True}}))
     return str(path)
@@ -296,15 +297,23 @@ def test_a_bf16_run_tracks_the_fp32_run(bf16_zero3_whole, zero3_whole):
         {torch.bfloat16}
 
 
+@pytest.fixture(scope="session")
+def bf16_stage0_one(tiny, prepared, bf16_cache, tmp_path_factory) -> Path:
+    """One GPU's run in bf16: stage 0 on 1 rank (accumulation 2: the global batch of the 2-rank runs), 12 steps."""
+    def run(out):
+        run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, out, deepspeed=bf16_stage0(Path(out).parent),
+                                         grad_accum=2))
+    return Path(once(tmp_path_factory, "elastic_bf16_stage0", run))
+
+
 def test_bf16_runs_move_between_one_and_two_ranks_and_stages(tiny, prepared, bf16_cache, bf16_zero3_whole,
-                                                             tmp_path):
-    """The moves a GPU user makes, in bf16: a run killed and rerun as it was; one GPU's stage 0 (--deepspeed auto
-    there) on to ZeRO-3 on a node, and the node's ZeRO-3 back to one GPU's stage 0 or to ZeRO-2 (shipped
+                                                             bf16_stage0_one, tmp_path):
+    """The moves a GPU user makes, in bf16: a run killed and rerun as it was; one GPU's stage 0 (a bf16 config of
+    stage 0) on to ZeRO-3 on a node, and the node's ZeRO-3 back to one GPU's stage 0 or to ZeRO-2 (shipped
     zero2.json): back at step 8 (the rerun: 4), each continues the uninterrupted run's steps (1e-5; grad_norm
     1e-4 where stage 0 meets ZeRO). DeepSpeed's bf16 stage-0 optimizer keeps fp32 masters beside the bf16
     weights: converted both ways by dpo_ds."""
-    one = tmp_path / "stage0_one"
-    run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, one, deepspeed=bf16_stage0(tmp_path), grad_accum=2))
+    one = bf16_stage0_one
     node = tmp_path / "on_to_zero3"
     back_to(one, node, 8)
     p = run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, node, deepspeed=shipped("zero3.json")),
@@ -328,3 +337,45 @@ def test_bf16_runs_move_between_one_and_two_ranks_and_stages(tiny, prepared, bf1
         assert f"converted step-0000008_universal to continue ZeRO stage 3 (offload: none) on 2 rank(s) as {said}" \
             in p.stdout and "resuming at step 8" in p.stdout
         same_trajectory(whole, tmp_path / name, 9, stages=True)
+
+
+def bf16_one_gpu(tmp_path) -> str:
+    """--deepspeed auto's choice on one GPU: stage 1 with fp32 gradient accumulation in bf16 (DeepSpeed's
+    BF16_Optimizer: fp32 masters and moments, the micro-batches' gradients summed in fp32)."""
+    path = tmp_path / "bf16_one_gpu.json"
+    path.write_text(json.dumps(dict(choice.candidates(choice.base_config(torch.bfloat16), "cuda"))[choice.BF16_FIRST]))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def bf16_auto_one(tiny, prepared, bf16_cache, tmp_path_factory) -> Path:
+    """One GPU's run as --deepspeed auto makes it in bf16 (stage 1, fp32 gradient accumulation), 1 rank,
+    accumulation 2 (the global batch of the 2-rank runs), 12 steps."""
+    def run(out):
+        run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, out, deepspeed=bf16_one_gpu(Path(out).parent),
+                                         grad_accum=2))
+    return Path(once(tmp_path_factory, "elastic_bf16_auto_one", run))
+
+
+def test_bf16_moves_through_zero2_and_one_gpus_auto(tiny, prepared, bf16_cache, bf16_auto_one, tmp_path):
+    """One GPU's run as --deepspeed auto makes it in bf16 (stage 1, fp32 gradient accumulation) on to a node's
+    ZeRO-3 (zero3.json) and ZeRO-2 (zero2.json), and a node's ZeRO-2 run back to one GPU's auto and on to ZeRO-3:
+    back at step 8, each continues the uninterrupted run's steps (1e-5; grad_norm 1e-4 across stages, whose fp32
+    sums run in other orders). ZeRO-1/2 checkpoints of a tied model (DeepSpeed's BF16_Optimizer and its ZeRO-1/2
+    optimizer) converted."""
+    one = bf16_auto_one
+    for name, ds in (("one_to_zero3", "zero3.json"), ("one_to_zero2", "zero2.json")):
+        back_to(one, tmp_path / name, 8)
+        p = run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, tmp_path / name, deepspeed=shipped(ds),
+                                             save_every=2), launcher=2)
+        assert f"to continue ZeRO stage 1 (offload: none) on 1 rank(s) as stage {ds[4]} (offload: none) on 2" \
+            in p.stdout and "resuming at step 8" in p.stdout, p.stdout[-3000:]
+        same_trajectory(one, tmp_path / name, 9, stages=True)
+    whole = tmp_path / "one_to_zero2"  # a node's ZeRO-2 run from step 8 on: back there at its step 10
+    for name, ds, ranks in (("zero2_to_one", bf16_one_gpu(tmp_path), 1), ("zero2_to_zero3", shipped("zero3.json"), 2)):
+        back_to(whole, tmp_path / name, 10)
+        p = run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, tmp_path / name, deepspeed=ds,
+                                             grad_accum=2 // ranks), launcher=ranks if ranks > 1 else None)
+        assert f"to continue ZeRO stage 2 (offload: none) on 2 rank(s) as stage {3 if ranks == 2 else 1} (offload: " \
+            f"none) on {ranks}" in p.stdout and "resuming at step 10" in p.stdout, p.stdout[-3000:]
+        same_trajectory(whole, tmp_path / name, 11, stages=True)

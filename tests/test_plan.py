@@ -18,6 +18,7 @@ from conftest import ROOT, child_env, run_module
 from transformers import AutoModelForCausalLM
 
 from dpo_ds import dist
+from dpo_ds.engine.long_context import gradient_scale
 from dpo_ds.errors import UserError
 from dpo_ds.plan import Measured, PlanConfig, choice, predict, search
 from dpo_ds.plan import footprint as F
@@ -83,7 +84,7 @@ def test_the_two_model_trainer_adds_the_reference_and_search_finds_the_lightest_
     assert plan["saving_bytes"] >= 2 * SHAPE.params // 8  # the bf16 reference's shard, at least
     assert set(plan["phases"]) == {"precompute", "train", "evaluate"} and all(plan["fits"].values())
     found = search(cfg, SHAPE, Measured())
-    names = [name for name, _ in choice.candidates({}, "cuda")]
+    names = [name for name, _ in choice.candidates({"bf16": {"enabled": True}}, "cuda")]
     lighter = names[:names.index(found["configuration"])]
     for name in lighter:  # every lighter configuration was too large
         ds_ = dict(choice.candidates({"bf16": {"enabled": True}}, "cuda"))[name]
@@ -130,22 +131,38 @@ def test_deepspeed_auto_takes_the_lightest_that_fits_and_a_resumed_run_keeps_its
     with pytest.raises(UserError, match=r"no configuration fits .* rows up to 300 tokens\): lower --micro_batch"):
         choice.lightest(cfg, 300)
 
-    # bf16 (a GPU's auto): where fp32 would choose otherwise, the line says so and why
-    def planned(dtype):
-        return {name: F.phase(SHAPE, F.Job(ds=ds, world=4, micro_batch=2, max_length=300, device="cuda"),
+    # bf16 (a GPU's auto): stage 1 with fp32 gradient accumulation first, not stage 0 (whose gradients DeepSpeed sums
+    # in bf16); where fp32 would choose otherwise, the line says so and why
+    def planned(dtype, world):
+        return {name: F.phase(SHAPE, F.Job(ds=ds, world=world, micro_batch=2, max_length=300, device="cuda"),
                               "train")["total"] for name, ds in choice.candidates(choice.base_config(dtype), "cuda")}
-    bf16, fp32 = planned(torch.bfloat16), planned(torch.float32)
-    assert fp32["stage 3"] < bf16["stage 2"] < fp32["stage 2"] < fp32["stage 0"] < bf16["stage 0"]  # 7B, 4 ranks
     monkeypatch.setattr(choice, "auto_dtype", lambda: torch.bfloat16)
-    for budget, expected, said in (
-            (fp32["stage 0"] + 1, "stage 2", "; in fp32 it would be stage 0: a bf16 stage 0 holds 20 bytes per "
-                                             "parameter"),
-            (bf16["stage 2"] + 1, "stage 2", "; in fp32 it would be stage 3: bf16 halves the weights"),
-            (10 * bf16["stage 0"], "stage 0", None)):
-        monkeypatch.setattr(choice, "device_budget", lambda b=budget: ("cuda", b))
-        name, _, line = choice.lightest(cfg, 300)
-        assert name == expected and "(4 rank(s), bf16;" in line, line
-        assert (said in line) if said else "in fp32" not in line, line
+    first = choice.BF16_FIRST
+    assert list(planned(torch.bfloat16, 4))[0] == first
+    assert dict(choice.candidates(choice.base_config(torch.bfloat16), "cuda"))[first] == {
+        **choice.base_config(torch.bfloat16), "zero_optimization": {"stage": 1},
+        "data_types": {"grad_accum_dtype": "fp32"}}
+    # not with sequence parallelism: DeepSpeed's BF16_Optimizer fails there (refused in one line when asked for)
+    assert choice.candidates(choice.base_config(torch.bfloat16), "cuda", sp=2)[0][0] == "stage 0"
+    with pytest.raises(UserError, match="sequence_parallel_size 2 with ZeRO stage 1 and fp32 gradient accumulation"):
+        gradient_scale(dict(choice.candidates(choice.base_config(torch.bfloat16), "cuda"))[first], 2)
+    why_fp32_s0 = "; in fp32 it would be stage 0: bf16's stage 1 holds 8 + 12 / ranks bytes per parameter"
+    for world in (4, 1):
+        monkeypatch.setattr(dist, "world_size", lambda w=world: w)
+        bf16, fp32 = planned(torch.bfloat16, world), planned(torch.float32, world)
+        if world == 4:  # 7B: fp32's stage 3 fits where bf16's stage 2 just does
+            assert fp32["stage 3"] < bf16["stage 2"] < fp32["stage 2"] < bf16[first] < fp32["stage 0"]
+            cases = ((10 * bf16[first], first, None), (fp32["stage 0"] + 1, first, None),
+                     (bf16["stage 2"] + 1, "stage 2", "; in fp32 it would be stage 3: bf16 halves the weights"))
+        else:  # one rank: bf16's stage 1 holds 20 bytes per parameter, fp32's stage 0 16
+            assert fp32["stage 0"] < bf16["stage 2"] < bf16[first]
+            cases = ((10 * bf16[first], first, None), (bf16["stage 2"] + 1, "stage 2", why_fp32_s0),
+                     (fp32["stage 0"] + 1, "stage 3 + optimizer offload", why_fp32_s0))
+        for budget, expected, said in cases:
+            monkeypatch.setattr(choice, "device_budget", lambda b=budget: ("cuda", b))
+            name, _, line = choice.lightest(cfg, 300)
+            assert name == expected and f"({world} rank(s), bf16;" in line, (world, budget, line)
+            assert (said in line) if said else "in fp32" not in line, line
     monkeypatch.undo()
 
     saved = {"train_batch_size": 32, "zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}

@@ -16,13 +16,18 @@ from dpo_ds.pretrained.load import dtype_name
 AUTO = "auto"
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")
 BUDGET_FRACTION = 0.9  # of the device: its context, the allocator's fragmentation and the planner's error
+BF16_FIRST = "stage 1 + fp32 gradient accumulation"  # bf16's lightest (candidates)
 
 
-def candidates(base: dict, device: str) -> list[tuple[str, dict]]:
+def candidates(base: dict, device: str, sp: int = 1) -> list[tuple[str, dict]]:
     """(name, DeepSpeed config) from lightest to heaviest in time: stage 0, 2, 3, 3 + optimizer offload, 3 +
     parameter offload (on CUDA only: on the CPU the host is the device, so offloading frees nothing); the
-    precision and batch keys of `base`, ZeRO settings as the shipped ds_configs/ for that device."""
-    keep = {k: v for k, v in base.items() if k not in ("zero_optimization", "optimizer")}
+    precision and batch keys of `base`, ZeRO settings as the shipped ds_configs/ for that device. Under bf16 the
+    first is stage 1 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer) instead of stage 0, whose bf16
+    optimizer (DeepSpeed's unfused one) sums the micro-batches' gradients in bf16: its trajectory strays from
+    ZeRO-2/3's in bf16 more than theirs from fp32 (README "bf16"); not with sequence parallelism (`sp` > 1), where
+    DeepSpeed 0.19.8's BF16_Optimizer fails at its first step (a rank with no gradient to take the norm of)."""
+    keep = {k: v for k, v in base.items() if k not in ("zero_optimization", "optimizer", "data_types")}
     cuda = device == "cuda"
     stage3 = {"stage": 3, "overlap_comm": cuda, "contiguous_gradients": True,
               "stage3_param_persistence_threshold": 1e6 if cuda else 1e5,
@@ -39,7 +44,10 @@ def candidates(base: dict, device: str) -> list[tuple[str, dict]]:
         zeros += [("stage 3 + optimizer offload", {**stage3, "offload_optimizer": offload}, adam),
                   ("stage 3 + parameter offload", {**stage3, "offload_optimizer": offload, "offload_param": offload},
                    adam)]
-    return [(name, {**copy.deepcopy(keep), "zero_optimization": z, **({"optimizer": o} if o else {})})
+    if ds_dtype(base) == torch.bfloat16 and sp == 1:
+        zeros[0] = (BF16_FIRST, {"stage": 1}, None)
+    return [(name, {**copy.deepcopy(keep), "zero_optimization": z, **({"optimizer": o} if o else {}),
+                    **({"data_types": {"grad_accum_dtype": "fp32"}} if name == BF16_FIRST else {})})
             for name, z, o in zeros]
 
 
@@ -63,12 +71,12 @@ def device_budget(per_host: int | None = None) -> tuple[str, int]:
     return "cpu", int(BUDGET_FRACTION * psutil.virtual_memory().total / (per_host or dist.local_world_size()))
 
 
-def first_fit(shape_of, job, budget: int, base: dict, device: str):
+def first_fit(shape_of, job, budget: int, base: dict, device: str, sp: int = 1):
     """(name, DeepSpeed config, planned bytes) of the first candidate whose training step fits `budget`, else
     (None, None, [(name, bytes) tried]); `shape_of(threshold)` is the model's footprint.Shape for a ZeRO-3
     persistence threshold, `job(ds)` a candidate's footprint.Job. Train's auto and dpo-ds plan choose here."""
     tried, shapes = [], {}
-    for name, ds in candidates(base, device):
+    for name, ds in candidates(base, device, sp):
         limit = float(ds["zero_optimization"].get("stage3_param_persistence_threshold", 1e5))
         if limit not in shapes:
             shapes[limit] = shape_of(limit)
@@ -91,7 +99,8 @@ def lightest(cfg, longest: int) -> tuple[str, dict, str]:
                                adapter=adapter)
         shape_of = lambda limit: F.Shape.of(cfg.model, limit, trust_remote_code=cfg.trust_remote_code)  # noqa: E731
         dtype = auto_dtype()
-        name, ds, need = first_fit(shape_of, job, budget, base_config(dtype), device)
+        sp = cfg.sequence_parallel_size
+        name, ds, need = first_fit(shape_of, job, budget, base_config(dtype), device, sp)
         if name is None:
             raise UserError(f"--deepspeed auto: no configuration fits {budget / F.GiB:.1f} GiB per rank ("
                             f"{', '.join(f'{n} {b / F.GiB:.1f}' for n, b in need)} GiB planned, rows up to "
@@ -100,19 +109,20 @@ def lightest(cfg, longest: int) -> tuple[str, dict, str]:
         line = (f"train: --deepspeed auto: {name} ({dist.world_size()} rank(s), {dtype_word(ds)}; planned "
                 f"{need / F.GiB:.2f} of {budget / F.GiB:.1f} GiB per rank, the model's terms)")
         if dtype != torch.float32:
-            line += unlike_fp32(name, first_fit(shape_of, job, budget, base_config(torch.float32), device)[0])
+            line += unlike_fp32(name, first_fit(shape_of, job, budget, base_config(torch.float32), device, sp)[0])
         return name, ds, line
     return dist.on_main(choose)
 
 
 def unlike_fp32(name: str, fp32_name: str | None) -> str:
     """Where the same job in fp32 would run another configuration, why, in a few words (else "")."""
-    if fp32_name == name:
+    if fp32_name == name or (name, fp32_name) == (BF16_FIRST, "stage 0"):  # each precision's lightest
         return ""
     order = [n for n, _ in candidates({}, "cuda")]
-    if fp32_name is not None and order.index(fp32_name) < order.index(name):
-        why = ("a bf16 stage 0 holds 20 bytes per parameter (bf16 weights and gradients, fp32 masters and gradient "
-               "copies, Adam's moments), fp32's 16")
+    rank = lambda n: order.index("stage 0" if n == BF16_FIRST else n)  # noqa: E731
+    if fp32_name is not None and rank(fp32_name) < rank(name):
+        why = ("bf16's stage 1 holds 8 + 12 / ranks bytes per parameter (bf16 weights and gradients and their fp32 "
+               "sum on every rank, fp32 masters and Adam's moments partitioned), fp32's stage 0 16")
     else:
         why = "bf16 halves the weights, gradients and activations each rank holds"
     return f"; in fp32 it would be {fp32_name or 'none that fits'}: {why}"

@@ -118,7 +118,7 @@ def lightest(cfg: PlanConfig, shape_of, m: Measured, budget: int) -> tuple[str, 
     base = choice.base_config(torch.bfloat16 if cfg.device == "cuda" else torch.float32) if auto else \
         F.read_ds(cfg.deepspeed)
     job = lambda ds: job_of(cfg, ds, True, m.runtime, m.factor - 1)  # noqa: E731
-    name, ds, _ = choice.first_fit(shape_of, job, budget, base, cfg.device)
+    name, ds, _ = choice.first_fit(shape_of, job, budget, base, cfg.device, cfg.sequence_parallel_size)
     return (name, ds) if name else None
 
 
