@@ -157,14 +157,16 @@ def test_a_requeued_precompute_job_keeps_its_shards_and_ends_with_the_same_cache
 
 def test_a_time_limit_ends_a_run_with_a_checkpoint_and_a_resubmission_continues_it(slurm, tiny, prepared, cache,
                                                                                   tmp_path):
-    """--time=2 with --signal=B:USR1@30 (the template's signal, nearer): Slurm checks limits every 30 s, so the
-    warning comes 30-60 s before the limit, 60-90 s after the start, well after the start-up; the batch script passes
+    """--time=2 with --signal=B:USR1@45 (the template's signal, nearer): Slurm checks limits every 30 s, so the
+    warning comes 45-75 s before the limit, 45-75 s after the start, after the start-up; the batch script passes
     SIGUSR1 on, the ranks save at the next step boundary and stop (exit 75; submitted with --no-requeue, they say to
     resubmit); the same submission resumes from that checkpoint, and scancel's SIGTERM stops that one with a
-    checkpoint too."""
+    checkpoint too. One task (it trains until the warning, 45-75 s: CPU the suite does not have twice); the ranks'
+    agreement on a signal is the requeue tests'."""
     out = tmp_path / "run"
     train = ["train", *args(tiny, prepared, cache, out, max_steps=100000, save_every=0, log_every=50)]
-    job = submit(slurm, tmp_path, "-J", "dpo-train", "--time=2", "--signal=B:USR1@30", "--no-requeue",
+    one = "--ntasks-per-node=1"
+    job = submit(slurm, tmp_path, "-J", "dpo-train", one, "--time=2", "--signal=B:USR1@45", "--no-requeue",
                  phase_args=train)
     info = slurm.wait_job(job, timeout=200)
     log = log_of(tmp_path, "dpo-train", job)
@@ -172,7 +174,7 @@ def test_a_time_limit_ends_a_run_with_a_checkpoint_and_a_resubmission_continues_
                       rf"{job} was submitted without --requeue: resubmit it \(or rerun the same command\) to resume", log)
     assert saved and info["JobState"] == "FAILED" and info["ExitCode"] == "75:0", (info, log[-3000:])
     step = int(saved.group(1))
-    again = submit(slurm, tmp_path, "-J", "dpo-train", "--no-requeue", phase_args=train)
+    again = submit(slurm, tmp_path, "-J", "dpo-train", one, "--no-requeue", phase_args=train)
     wait_for(lambda: os.path.isfile(tmp_path / f"dpo-train-{again}.out") and
              f"resuming at step {step};" in log_of(tmp_path, "dpo-train", again), "the resumed start", timeout=200)
     slurm.run(["scancel", again])  # scancel's SIGTERM is a stop too: it saves again
