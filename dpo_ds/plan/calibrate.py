@@ -120,17 +120,21 @@ def measured_terms(cfg, ds: dict, inference: bool = True) -> Measured:
 
 
 def calibrate(cfg, ds: dict, mode: str) -> tuple[int, float]:
-    """(runtime bytes, per-layer factor) from probe_peak at 1 and 3 layers on probe_world's ranks: the runtime is
-    the one-layer peak less the arithmetic for that same job, the factor what two more layers cost against what
-    the arithmetic says they cost."""
+    """(runtime bytes, per-layer factor) from probe_peak at 1 and 3 layers (a model of fewer: at 1 and all of them,
+    never built larger than it is) on probe_world's ranks: the runtime is the one-layer peak less the arithmetic
+    for that same job, the factor what the further layers cost against what the arithmetic says they cost (1 for
+    a one-layer model)."""
     training = mode == "train"
     ranks, k = probe_world(cfg, training or bool(cfg.inference_deepspeed) or cfg.sequence_parallel_size > 1)
     probe_cfg = dataclasses.replace(cfg, gpus=ranks, nodes=1, sequence_parallel_size=k)
+    whole = F.Shape.of(cfg.model, threshold(ds)).layers
     arith, peak = [], []
-    for layers in PROBE_LAYERS:
+    for layers in sorted({min(n, whole) for n in PROBE_LAYERS}):
         cut = F.Shape.of(cfg.model, threshold(ds), layers=layers)
         arith.append(F.phase(cut, job_of(probe_cfg, ds, training, 0), "train" if training else "precompute")["total"])
         peak.append(probe_peak(cfg, ds if training or cfg.inference_deepspeed else None, layers, mode))
+    if len(peak) == 1:
+        return max(0, peak[0] - arith[0]), 1.0
     return max(0, peak[0] - arith[0]), max(1.0, (peak[1] - peak[0]) / max(arith[1] - arith[0], 1))
 
 
