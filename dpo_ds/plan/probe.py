@@ -1,9 +1,10 @@
 """dpo_ds.plan's measurement on the CPU: two training steps of the real engine (the same `training_engine`,
 DeepSpeed config, layout and chunked log-probs as train) around the model cut to a few layers, at its real
 width and vocabulary, on a batch of the planned size, in a fresh process. From the peaks at one layer and at
-three, the planner takes the runtime (the one-layer peak less what footprint's arithmetic gives that model:
-the interpreter, torch's kernels and caches, DeepSpeed's engine and buffers) and what one more layer really
-costs on this machine against what the arithmetic says (allocator slack, the optimizer's temporaries).
+three (or all of a model's fewer), the planner takes the runtime (the one-layer peak less what footprint's
+arithmetic gives that model: the interpreter, torch's kernels and caches, DeepSpeed's engine and buffers) and what
+one more layer really costs on this machine against what the arithmetic says (allocator slack, the optimizer's
+temporaries).
 
     python -m dpo_ds.plan.probe DS_CONFIG_JSON [--mode train|infer] [--model DIR_OR_CONFIG --micro B
         --length T --checkpointing 0|1 --tiled 0|1 --chunk C --layers N --share 0|1|-1 --pack 0|1|-1 --sp K]
