@@ -107,6 +107,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_local_ranks(cmd: list, n: int, env: dict, cwd: str | None = None, grace: float = 10.0,
+                    timeout: float | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """`cmd` as ranks 0..n-1 of one job on this host, each told its rank as a launcher tells it (the
+    LAUNCHER_VARIABLES), started here without one: the deepspeed launcher and its launch.py import DeepSpeed
+    each (~7 s of CPU). A rank that fails gets the others stopped after `grace` seconds (gloo would keep them
+    waiting for it), as does the end of `timeout` (then subprocess.TimeoutExpired), this process's own end or
+    Ctrl-C. -> (the first non-zero exit status or 0, each rank's (stdout, stderr))."""
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    port, procs, logs = free_port(), [], []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for rank in range(n):
+            told = {"RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(n),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))
+            procs.append(subprocess.Popen(cmd, stdout=logs[-1][0], stderr=logs[-1][1], text=True, cwd=cwd,
+                                          start_new_session=True, env={**env, **told}))
+        failed_at = None
+        while any(p.poll() is None for p in procs):
+            if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+                failed_at = time.monotonic()
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            if failed_at is not None and time.monotonic() > failed_at + grace:
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    texts = []
+    for out, err in logs:
+        out.seek(0)
+        err.seek(0)
+        texts.append((out.read(), err.read()))
+        out.close()
+        err.close()
+    return next((p.returncode for p in procs if p.returncode), 0), texts
+
+
 def init(timeout_minutes: float = 60.0, sequence_parallel_size: int | None = None) -> None:
     """Join (or, for one plain process, create) the process group: nccl on CUDA, gloo on the CPU. A rank waits
     `timeout_minutes` for the others to join, and as long in any collective, then stops with an error (a peer

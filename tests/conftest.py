@@ -3,13 +3,12 @@ import ast
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from dpo_ds.dist import LAUNCHER_VARIABLES, free_port  # noqa: F401  (free_port: for the tests)
+from dpo_ds.dist import LAUNCHER_VARIABLES, free_port, run_local_ranks  # noqa: F401  (free_port: for the tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -126,39 +125,11 @@ def run_module(module, *args, launcher=None, deepspeed=False, check=True, env=No
 
 
 def run_ranks(cmd, n, check=True, env=None, timeout=600, grace=30):
-    """`cmd` as ranks 0..n-1 of one job on this host -> a CompletedProcess: every rank's output (rank 0's first),
-    and the first non-zero exit status. A rank that fails gets the others stopped after `grace` seconds, as the
-    deepspeed launcher stops them (gloo would otherwise leave them waiting for it)."""
-    import tempfile
-    import time
-
-    port, procs, logs = free_port(), [], []
-    for rank in range(n):
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        ranks = {"RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(n),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env={**child_env(env), **ranks},
-                                      cwd=ROOT, start_new_session=True))
-        logs.append((out, err))
-    deadline, failed_at = time.time() + timeout, None
-    while any(p.poll() is None for p in procs):
-        if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
-            failed_at = time.time()
-        if time.time() > deadline or (failed_at and time.time() > failed_at + grace):
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-            if time.time() > deadline:
-                raise subprocess.TimeoutExpired(cmd, timeout)
-        time.sleep(0.05)
-    text = []
-    for out, err in logs:
-        out.seek(0)
-        err.seek(0)
-        text.append((out.read(), err.read()))
-    code = next((p.returncode for p in procs if p.returncode), 0)
-    p = subprocess.CompletedProcess(cmd, code, "".join(o for o, _ in text), "".join(e for _, e in text))
+    """`cmd` as ranks 0..n-1 of one job on this host (dpo_ds.dist.run_local_ranks, as `dpo-ds plan` starts its
+    probes) -> a CompletedProcess: every rank's output (rank 0's first), and the first non-zero exit status. A rank
+    that fails gets the others stopped after `grace` seconds, as the deepspeed launcher stops them."""
+    code, texts = run_local_ranks(cmd, n, child_env(env), cwd=ROOT, grace=grace, timeout=timeout)
+    p = subprocess.CompletedProcess(cmd, code, "".join(o for o, _ in texts), "".join(e for _, e in texts))
     if check and code != 0:
         raise AssertionError(f"{' '.join(cmd)} on {n} ranks failed ({code}):\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
     return p

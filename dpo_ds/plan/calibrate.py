@@ -8,11 +8,8 @@ import dataclasses
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 
 from dpo_ds.errors import UserError
@@ -43,7 +40,7 @@ def probe_peak(cfg, ds: dict | None, layers: int, mode: str = "train") -> int:
     """The busiest rank's peak resident bytes in dpo_ds/plan/probe.py: two real training steps (or precompute's
     two forwards: mode infer, `ds` its inference config or None) on the model cut to `layers`, with this
     config, batch and layout, on probe_world's ranks."""
-    from dpo_ds.dist import LAUNCHER_VARIABLES
+    from dpo_ds.dist import LAUNCHER_VARIABLES, run_local_ranks
 
     ranks, k = probe_world(cfg, mode == "train" or bool(ds) or cfg.sequence_parallel_size > 1)
     tri = lambda v: -1 if v is None else int(v)  # noqa: E731
@@ -58,54 +55,13 @@ def probe_peak(cfg, ds: dict | None, layers: int, mode: str = "train") -> int:
         f.flush()
         args = [f.name if ds else "-", *(str(x) for name, v in flags.items() for x in (f"--{name}", v))]
         env = {k_: v for k_, v in os.environ.items() if k_ not in LAUNCHER_VARIABLES}  # whatever launched this
-        code, out, err = run_ranks([sys.executable, "-m", "dpo_ds.plan.probe", *args], ranks,
-                                   {**env, "PYTHONWARNINGS": "ignore"})
+        code, texts = run_local_ranks([sys.executable, "-m", "dpo_ds.plan.probe", *args], ranks,
+                                      {**env, "PYTHONWARNINGS": "ignore"})
+    out, err = "".join(o for o, _ in texts), "".join(e for _, e in texts)
     peaks = [int(n) for n in re.findall(r"^probe_peak_bytes (\d+)$", out, re.M)]
     if code or not peaks:
         raise UserError(f"measuring the runtime on this machine failed: {(err or out).strip()[-300:]}")
     return max(peaks)
-
-
-def run_ranks(cmd: list, n: int, env: dict, grace: float = 10.0) -> tuple[int, str, str]:
-    """`cmd` as ranks 0..n-1 of one job on this host, each told its rank as a launcher tells it (RANK, WORLD_SIZE,
-    LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT), started here: the deepspeed launcher and its launch.py
-    import DeepSpeed each (~7 s of CPU a probe). A rank that fails gets the others stopped after `grace`
-    seconds (gloo would keep them waiting for it); so do this process's own end and Ctrl-C.
-    -> (the first non-zero exit status or 0, the ranks' stdout one after another, their stderr)."""
-    from dpo_ds.dist import free_port
-
-    if n == 1:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        return p.returncode, p.stdout, p.stderr
-    port, procs, logs = free_port(), [], []
-    try:
-        for rank in range(n):
-            told = {"RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(n),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))
-            procs.append(subprocess.Popen(cmd, stdout=logs[-1][0], stderr=logs[-1][1], text=True,
-                                          start_new_session=True, env={**env, **told}))
-        failed_at = None
-        while any(p.poll() is None for p in procs):
-            if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() > failed_at + grace:
-                break
-            time.sleep(0.05)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    text = []
-    for out, err in logs:
-        out.seek(0)
-        err.seek(0)
-        text.append((out.read(), err.read()))
-        out.close()
-        err.close()
-    code = next((p.returncode for p in procs if p.returncode), 0)
-    return code, "".join(o for o, _ in text), "".join(e for _, e in text)
 
 
 def measured_terms(cfg, ds: dict, inference: bool = True) -> Measured:

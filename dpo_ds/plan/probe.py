@@ -9,7 +9,7 @@ temporaries).
     python -m dpo_ds.plan.probe DS_CONFIG_JSON [--mode train|infer] [--model DIR_OR_CONFIG --micro B
         --length T --checkpointing 0|1 --tiled 0|1 --chunk C --layers N --share 0|1|-1 --pack 0|1|-1 --sp K]
 
-prints each rank's peak resident bytes (on several ranks, as calibrate.run_ranks starts them: one line each).
+prints each rank's peak resident bytes (on several ranks, as dist.run_local_ranks starts them: one line each).
 Without a model: a negligible one (hidden 32, one layer) and a 1-token batch. --share and --pack: -1 for the
 layout's default (model.layout.resolve). --mode infer runs precompute's engine (DS_CONFIG_JSON the inference
 config, or -).
