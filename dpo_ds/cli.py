@@ -238,7 +238,7 @@ EARLY_WARNINGS: list[int] = []
 STOPPABLE = ("train", "precompute")
 
 
-def _note_warning(signum, frame) -> None:
+def note_warning(signum, frame) -> None:
     EARLY_WARNINGS.append(signum)
 
 
@@ -274,7 +274,7 @@ def main(argv=None) -> None:
     sys.argv[0] = f"dpo-ds {command}"
     if command in STOPPABLE:
         for s in (signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(s, _note_warning)
+            signal.signal(s, note_warning)
     module = importlib.import_module(COMMANDS[command])
     module.main(rest)
 

@@ -85,13 +85,14 @@ def gradient_scale(ds: dict | None, size: int) -> int:
     DeepSpeed 0.19.8): K; stages 0-2 divide by world / K (engine.py, stage_1_and_2.py): 1. ZeRO-3 without
     reduce-scatter mixes both per parameter (stage3.py: by bucket size) and quantized gradients take a path of
     their own: refused. tests/test_sequence_parallel.py checks the gradient norm against one rank's."""
-    zero = (ds or {}).get("zero_optimization", {})
-    if zero_stage(ds or {}) == 1 and (ds or {}).get("bf16", {}).get("enabled") and \
+    ds = ds or {}
+    zero = ds.get("zero_optimization", {})
+    if zero_stage(ds) == 1 and ds.get("bf16", {}).get("enabled") and \
             str((ds.get("data_types") or {}).get("grad_accum_dtype")) in ("fp32", "float32"):
         raise UserError(f"--sequence_parallel_size {size} with ZeRO stage 1 and fp32 gradient accumulation under "
                         f"bf16 (DeepSpeed's BF16_Optimizer) fails at its first step in DeepSpeed 0.19.8: use "
                         f"ds_configs/zero2.json or zero3.json")
-    if zero_stage(ds or {}) != 3:
+    if zero_stage(ds) != 3:
         return 1
     if not zero.get("reduce_scatter", True) or zero.get("zero_quantized_gradients", False):
         raise UserError(f"--sequence_parallel_size {size} with ZeRO-3 needs its default gradient reduce-scatter: "

@@ -54,7 +54,7 @@ class StopSignals:
 
         early, cli.EARLY_WARNINGS[:] = list(cli.EARLY_WARNINGS), []
         for s in WARNINGS:
-            if s not in self.signals and signal.getsignal(s) == cli._note_warning:
+            if s not in self.signals and signal.getsignal(s) == cli.note_warning:
                 signal.signal(s, signal.SIG_DFL)
         for s in early:
             if s in self.signals:
