@@ -297,23 +297,15 @@ def test_a_bf16_run_tracks_the_fp32_run(bf16_zero3_whole, zero3_whole):
         {torch.bfloat16}
 
 
-@pytest.fixture(scope="session")
-def bf16_stage0_one(tiny, prepared, bf16_cache, tmp_path_factory) -> Path:
-    """One GPU's run in bf16: stage 0 on 1 rank (accumulation 2: the global batch of the 2-rank runs), 12 steps."""
-    def run(out):
-        run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, out, deepspeed=bf16_stage0(Path(out).parent),
-                                         grad_accum=2))
-    return Path(once(tmp_path_factory, "elastic_bf16_stage0", run))
-
-
 def test_bf16_runs_move_between_one_and_two_ranks_and_stages(tiny, prepared, bf16_cache, bf16_zero3_whole,
-                                                             bf16_stage0_one, tmp_path):
+                                                             tmp_path):
     """The moves a GPU user makes, in bf16: a run killed and rerun as it was; one GPU's stage 0 (a bf16 config of
     stage 0) on to ZeRO-3 on a node, and the node's ZeRO-3 back to one GPU's stage 0 or to ZeRO-2 (shipped
     zero2.json): back at step 8 (the rerun: 4), each continues the uninterrupted run's steps (1e-5; grad_norm
     1e-4 where stage 0 meets ZeRO). DeepSpeed's bf16 stage-0 optimizer keeps fp32 masters beside the bf16
     weights: converted both ways by dpo_ds."""
-    one = bf16_stage0_one
+    one = tmp_path / "stage0_one"
+    run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, one, deepspeed=bf16_stage0(tmp_path), grad_accum=2))
     node = tmp_path / "on_to_zero3"
     back_to(one, node, 8)
     p = run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, node, deepspeed=shipped("zero3.json")),
@@ -347,23 +339,14 @@ def bf16_one_gpu(tmp_path) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def bf16_auto_one(tiny, prepared, bf16_cache, tmp_path_factory) -> Path:
-    """One GPU's run as --deepspeed auto makes it in bf16 (stage 1, fp32 gradient accumulation), 1 rank,
-    accumulation 2 (the global batch of the 2-rank runs), 12 steps."""
-    def run(out):
-        run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, out, deepspeed=bf16_one_gpu(Path(out).parent),
-                                         grad_accum=2))
-    return Path(once(tmp_path_factory, "elastic_bf16_auto_one", run))
-
-
-def test_bf16_moves_through_zero2_and_one_gpus_auto(tiny, prepared, bf16_cache, bf16_auto_one, tmp_path):
+def test_bf16_moves_through_zero2_and_one_gpus_auto(tiny, prepared, bf16_cache, tmp_path):
     """One GPU's run as --deepspeed auto makes it in bf16 (stage 1, fp32 gradient accumulation) on to a node's
     ZeRO-3 (zero3.json) and ZeRO-2 (zero2.json), and a node's ZeRO-2 run back to one GPU's auto and on to ZeRO-3:
     back at step 8, each continues the uninterrupted run's steps (1e-5; grad_norm 1e-4 across stages, whose fp32
     sums run in other orders). ZeRO-1/2 checkpoints of a tied model (DeepSpeed's BF16_Optimizer and its ZeRO-1/2
     optimizer) converted."""
-    one = bf16_auto_one
+    one = tmp_path / "one_gpu"  # 1 rank, accumulation 2: the global batch of the 2-rank runs
+    run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, one, deepspeed=bf16_one_gpu(tmp_path), grad_accum=2))
     for name, ds in (("one_to_zero3", "zero3.json"), ("one_to_zero2", "zero2.json")):
         back_to(one, tmp_path / name, 8)
         p = run_module("dpo_ds.train", *args(tiny, prepared, bf16_cache, tmp_path / name, deepspeed=shipped(ds),
